@@ -1,0 +1,26 @@
+"""The two kinds of failure the command line distinguishes.
+
+Anything raised as a `PlaitError` reaches the user as one line on stderr, with
+no traceback; its `exit_code` says whether the input was bad (2) or the run
+failed (1).
+"""
+
+
+class PlaitError(Exception):
+    """A failure plait explains in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(PlaitError):
+    """Bad input: an option, a config file, a data path. Exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(ConfigError):
+    """Bad input data: a missing path, a corpus too short for one sequence."""
+
+
+class TrainingError(PlaitError):
+    """The run itself failed (a NaN loss, a lost worker). Exit code 1."""
