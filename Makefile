@@ -1,0 +1,17 @@
+# The two commands of the README's quick start; each sets itself up from a bare clone.
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test
+
+$(STAMP): pyproject.toml scripts/setup-venv.sh
+	bash scripts/setup-venv.sh
+
+## demo: the default training run (plait train with its defaults)
+demo: $(STAMP)
+	$(VENV)/bin/plait train
+
+## test: the whole test suite
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,296 @@
+"""The run's configuration: one tree of frozen dataclasses.
+
+A `Config` is built from the defaults below, then an optional TOML file, then
+command-line overrides (`load_config`), and is checked once as it is built:
+each section checks its own fields, `Config.__post_init__` checks every rule
+that involves more than one field. Every failure is a one-line `ConfigError`
+that names the field, the value, what is allowed and the option to change.
+
+Each field carries its command-line flag and help text in its metadata, so
+the `plait train` options are generated from this file and cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from plait.errors import ConfigError
+from plait.model.gpt import PRESETS, GPTConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
+           min: float | None = None, max: float | None = None, min_open: bool = False) -> Any:
+    """A config field with its command-line flag, help text and allowed values."""
+    meta = {"help": help, "flag": flag, "choices": choices, "min": min, "max": max, "min_open": min_open}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape: a preset, with any of its numbers overridden."""
+
+    preset: str = option("tiny", "size preset", flag="--model", choices=tuple(PRESETS))
+    n_layer: int | None = option(None, "transformer blocks (default: the preset's)", min=1)
+    n_head: int | None = option(None, "attention heads (default: the preset's)", min=1)
+    n_embd: int | None = option(None, "embedding width (default: the preset's)", min=1)
+    block_size: int | None = option(None, "context length (default: the preset's)", min=1)
+    dropout: float = option(0.0, "dropout probability", min=0.0, max=0.99)
+    tie_embeddings: bool = option(True, "share the LM head's weight with the token embedding")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+
+    def gpt(self, vocab_size: int) -> GPTConfig:
+        """The model's full shape, once the tokenizer's vocabulary size is known."""
+        n_layer, n_head, n_embd, block_size = self.shape
+        return GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                         n_head=n_head, n_embd=n_embd, dropout=self.dropout,
+                         tie_embeddings=self.tie_embeddings)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(n_layer, n_head, n_embd, block_size), overrides applied to the preset."""
+        preset = PRESETS[self.preset]
+        given = (self.n_layer, self.n_head, self.n_embd, self.block_size)
+        return tuple(g if g is not None else p for g, p in zip(given, preset))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    data: str | None = option(None, "a text file or folder (default: CPython's documentation topics)")
+    data_dir: str = option("data", "folder where prepared tokens and the tokenizer are cached")
+    tokenizer: str = option("bpe", "tokenizer: byte-level BPE trained on the corpus, or raw bytes",
+                            choices=("bpe", "byte"))
+    vocab_size: int = option(2048, "BPE vocabulary size", min=257, max=65536)
+    val_fraction: float = option(0.1, "held-out share of the tokens for validation", min=0.0,
+                                 min_open=True, max=0.5)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the work is spread over processes."""
+
+    dp: int = option(1, "data-parallel replicas", min=1)
+    pp: int = option(1, "pipeline stages", min=1)
+    schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
+    num_microbatches: int = option(1, "micro-batches per step on each data-parallel rank "
+                                      "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "parallel")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: batch, schedule of the learning rate, evaluation."""
+
+    steps: int = option(200, "optimizer steps", min=1)
+    global_batch: int = option(16, "sequences per optimizer step, over all replicas", min=1)
+    seq_len: int | None = option(None, "tokens per sequence (default: the model's context length)", min=1)
+    lr: float = option(1e-3, "peak learning rate", min=0.0, min_open=True)
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr", min=0.0, max=1.0)
+    warmup_steps: int = option(20, "linear warm-up steps before the cosine decay", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings only)", min=0.0)
+    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=0.9999)
+    beta2: float = option(0.95, "AdamW beta2", min=0.0, max=0.9999)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)", min=0.0)
+    eval_every: int = option(50, "validation loss every N steps (0: only at the end)", min=0)
+    eval_batches: int = option(4, "batches of the validation split per evaluation", min=1)
+    seed: int = option(1337, "seed for initialisation and batches", min=0)
+    dtype: str = option("float32", "compute dtype (bfloat16 uses autocast)", choices=DTYPES)
+    device: str = option("auto", "device: auto picks cuda when present", choices=("auto", "cpu", "cuda"))
+    sample_tokens: int = option(120, "tokens of text sampled at the end (0: none)", min=0)
+    sample_prompt: str = option("The ", "prompt for the sample at the end")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "train")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run writes, and how often."""
+
+    out: str | None = option(None, "run directory (default: runs/<date>-<time>)")
+    checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)", min=0)
+    keep_checkpoints: int = option(2, "newest checkpoints to keep", min=1)
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "output")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        n_layer, n_head, n_embd, block_size = self.model.shape
+        if n_embd % n_head:
+            raise ConfigError(f"model.n_embd = {n_embd} is not divisible by model.n_head = {n_head}; "
+                              f"choose --n-embd a multiple of --n-head")
+        if self.train.seq_len is not None and self.train.seq_len > block_size:
+            raise ConfigError(f"train.seq_len = {self.train.seq_len} is longer than the context length "
+                              f"model.block_size = {block_size}; lower --seq-len or raise --block-size")
+        p = self.parallel
+        if self.train.global_batch % (p.dp * p.num_microbatches):
+            n = p.dp * p.num_microbatches
+            raise ConfigError(f"train.global_batch = {self.train.global_batch} does not divide into "
+                              f"dp({p.dp}) x microbatches({p.num_microbatches}) = {n}; "
+                              f"choose --global-batch a multiple of {n}")
+        if p.pp > n_layer + 2:
+            raise ConfigError(f"parallel.pp = {p.pp} is more stages than the model's {n_layer + 2} layers "
+                              f"(embedding, {n_layer} blocks, head); lower --pp or raise --n-layer")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence, the model's context length unless given."""
+        return self.train.seq_len or self.model.shape[3]
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
+            "train": TrainConfig, "output": OutputConfig}
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a field: `--n-layer` for model.n_layer, unless named."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def field_type(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a field."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if args:  # X | None
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _coerce(section: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, or say why not."""
+    kind, optional = field_type(cls, f.name)
+    where = f"{section}.{f.name} = {value!r}"
+    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
+        if optional:
+            return None
+        raise ConfigError(f"invalid {where}: a value is required ({flag_of(f)})")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"invalid {where}: must be true or false ({flag_of(f)})")
+    if kind is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ConfigError(f"invalid {where}: must be a whole number ({flag_of(f)})")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {where}: must be a whole number ({flag_of(f)})") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid {where}: must be a number ({flag_of(f)})")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid {where}: must be a number ({flag_of(f)})") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"invalid {where}: must be a string ({flag_of(f)})")
+    return value
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Check each field's range and choices; the one place these messages are made."""
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if value is None:
+            continue
+        where, flag = f"{section}.{f.name} = {value!r}", flag_of(f)
+        if meta.get("choices") and value not in meta["choices"]:
+            allowed = ", ".join(meta["choices"])
+            raise ConfigError(f"invalid {where}: must be one of {allowed} ({flag})")
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
+            bound = f"> {lo}" if meta.get("min_open") else f">= {lo}"
+            raise ConfigError(f"invalid {where}: must be {bound} ({flag})")
+        if hi is not None and value > hi:
+            raise ConfigError(f"invalid {where}: must be <= {hi} ({flag})")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Build the config: defaults, then `base`, then the TOML file at `path`, then `overrides`.
+
+    `overrides` maps "section.field" to a value (a string from the command line
+    is converted to the field's type).
+    """
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for layer in (base or {}), (read_toml(path) if path else {}):
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown config section [{section}]; known: {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section [{section}] must be a table of values")
+            raw[section].update(values)
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        raw[section][name] = value
+    built = {}
+    for section, cls in SECTIONS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in raw[section]:
+            if name not in fields:
+                raise ConfigError(f"unknown config field {section}.{name}; known: {', '.join(fields)}")
+        values = {name: _coerce(section, cls, fields[name], v) for name, v in raw[section].items()}
+        built[section] = cls(**values)
+    return Config(**built)
+
+
+def read_toml(path: str | Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as nested plain values, None left out (TOML has no null)."""
+    return {section: {k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items() if v is not None}
+            for section in SECTIONS}
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, readable by `load_config`."""
+    return tomli_w.dumps(to_dict(cfg))

@@ -1,0 +1,233 @@
+"""The training loop, top to bottom.
+
+    plait train                          # the default run
+    plait train --model small --steps 500 --global-batch 32
+    plait train --resume runs/20261125-101500 --steps 400
+
+One call of `train(cfg)`: prepare the data (cached), make the run directory,
+build the model and the Engine, then for each step take this rank's share of
+the global batch (a pure function of seed and step), run the Engine's step,
+clip, update, log; evaluate every `eval_every` steps; checkpoint every
+`checkpoint_every` steps and at the end; finally draw the loss curve and
+sample some text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.config import Config, to_toml
+from plait.data import check_length, get_batch, prepare
+from plait.engine import Engine
+from plait.errors import ConfigError, TrainingError
+from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_loss
+from plait.report import MetricsLog, plot_loss, read_metrics
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back."""
+
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    sample: str = ""
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of update `step` (0-based): linear warm-up, then cosine down to min_lr_ratio x lr."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    floor = t.lr * t.min_lr_ratio
+    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (t.lr - floor)
+
+
+def pick_device(name: str) -> torch.device:
+    """The device a run computes on: cuda when asked or, with "auto", when present."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_run_dir(cfg: Config, resume: str | None) -> Path:
+    """Create (or reopen, on resume) the run directory and prove it is writable."""
+    if resume:
+        run_dir = Path(resume)
+    elif cfg.output.out:
+        run_dir = Path(cfg.output.out)
+    else:
+        run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror}); choose another --out") from None
+    return run_dir
+
+
+def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and embeddings, not on biases and LayerNorm gains."""
+    params = list(engine.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
+def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device) -> float:
+    """Mean validation loss over `eval_batches` fixed batches of the held-out split."""
+    losses = []
+    for i in range(cfg.train.eval_batches):
+        x, y = get_batch(tokens, cfg.train.seed, i, cfg.train.global_batch, cfg.seq_len)
+        losses.append(engine.eval_step(x.to(device), y.to(device)))
+    return sum(losses) / len(losses)
+
+
+def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
+    """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint."""
+    if cfg.parallel.world_size != 1:
+        raise ConfigError(f"dp({cfg.parallel.dp}) * pp({cfg.parallel.pp}) = {cfg.parallel.world_size} "
+                          f"!= world size 1; start {cfg.parallel.world_size} processes with torchrun")
+    device = pick_device(cfg.train.device)
+    d = cfg.data
+    data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                   val_fraction=d.val_fraction)
+    check_length(data.train, cfg.seq_len, "train")
+    check_length(data.val, cfg.seq_len, "validation")
+    start = None
+    if resume:
+        start = latest_checkpoint(resume)
+        if start is None:
+            raise ConfigError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
+    run_dir = make_run_dir(cfg, resume)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    torch.manual_seed(cfg.train.seed)
+    gpt = cfg.model.gpt(data.tokenizer.vocab_size)
+    layers = build_gpt(gpt, seed=cfg.train.seed, device=device)
+    dtype = DTYPES[cfg.train.dtype]
+    if dtype == torch.float64:
+        for layer in layers:
+            layer.to(torch.float64)
+    engine = Engine(layers, gpt_loss, None, schedule=cfg.parallel.schedule,
+                    microbatches=cfg.parallel.num_microbatches,
+                    autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
+    optimizer = build_optimizer(engine, cfg)
+    tokens_per_step = cfg.train.global_batch * cfg.seq_len
+    flops = flops_per_token(gpt, cfg.seq_len)
+    log(f"model: {cfg.model.preset} {gpt.n_layer} layers x {gpt.n_embd} wide, {gpt.n_head} heads, "
+        f"vocab {gpt.vocab_size}, {count_params(layers) / 1e6:.2f} M parameters, "
+        f"{flops / 1e6:.1f} MFLOP per token (training)")
+    log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
+        f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
+
+    first_step = 0
+    if start is not None:
+        state = load_checkpoint(start)
+        engine.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["trainer"]["torch_rng"])
+        first_step = int(state["trainer"]["step"])
+        log(f"resumed from {start} at step {first_step}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=first_step if start else None)
+    result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, engine.state_dict(), optimizer.state_dict(),
+                        {"torch_rng": torch.get_rng_state()}, keep=cfg.output.keep_checkpoints)
+
+    try:
+        if first_step == 0:
+            result.val_losses[0] = evaluate(engine, data.val, cfg, device)
+            metrics.write({"step": 0, "val_loss": result.val_losses[0]})
+            log(f"step 0: validation loss {result.val_losses[0]:.4f}")
+        bar = tqdm(total=cfg.train.steps, initial=first_step, disable=not cfg.output.progress,
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        times: list[float] = []
+        for step in range(first_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(data.train, cfg.train.seed, step, cfg.train.global_batch, cfg.seq_len)
+            loss = engine.train_step(x.to(device), y.to(device))
+            grad_norm = engine.clip_grad_norm_(cfg.train.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(f"step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); "
+                                    f"the model diverged, lower --lr (now {cfg.train.lr:g}) or raise --warmup-steps")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": dt,
+                      "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step}
+            if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+                record["val_loss"] = result.val_losses[done] = evaluate(engine, data.val, cfg, device)
+            metrics.write(record)
+            result.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.2e}",
+                            refresh=False)
+            bar.update(1)
+            if "val_loss" in record and not cfg.output.progress:
+                log(f"step {done}: loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
+            if done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0:
+                checkpoint(done)
+        bar.close()
+        if first_step < cfg.train.steps or latest_checkpoint(run_dir) is None:
+            checkpoint(cfg.train.steps)
+    finally:
+        metrics.close()
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")
+    if cfg.train.sample_tokens:
+        result.sample = sample_text(layers, data.tokenizer, cfg, device)
+        (run_dir / "sample.txt").write_text(result.sample)
+        log(f"sample:\n{result.sample}")
+    summary = {
+        "steps": cfg.train.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "val_loss": {str(k): v for k, v in result.val_losses.items()},
+        "median_step_time_s": statistics.median(times) if times else None,
+        "tokens_per_s": tokens_per_step / statistics.median(times) if times else None,
+        "parameters": count_params(layers),
+        "flops_per_token": flops,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    final_val = result.val_losses.get(cfg.train.steps)
+    log(f"done: {cfg.train.steps} steps, validation loss {final_val:.4f}, run directory {run_dir}"
+        if final_val is not None else f"done: run directory {run_dir}")
+    return result
+
+
+def sample_text(layers, tokenizer, cfg: Config, device: torch.device) -> str:
+    """A few tokens of text continued from the prompt, reproducible from the seed."""
+    model = torch.nn.Sequential(*layers).eval()
+    ids = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.eot_id]
+    g = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    out = generate(model, torch.tensor([ids], device=device), cfg.train.sample_tokens,
+                   block_size=cfg.model.shape[3], generator=g)
+    return tokenizer.decode(out[0].tolist())
