@@ -63,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from plait.train import train  # torch is imported only when there is work to do
-
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     base = None
     if args.resume:
@@ -74,6 +72,8 @@ def _train(args: argparse.Namespace) -> int:
         base = read_toml(saved)
         overrides["output.out"] = args.resume
     cfg = load_config(args.config, overrides, base=base)
+    from plait.train import train  # the trainer's imports are paid only once the input is good
+
     train(cfg, resume=args.resume)
     return 0
 
