@@ -124,7 +124,7 @@ class TrainConfig:
     dtype: str = option("float32", "compute dtype (bfloat16 uses autocast)", choices=DTYPES)
     device: str = option("auto", "device: auto picks cuda when present", choices=("auto", "cpu", "cuda"))
     sample_tokens: int = option(120, "tokens of text sampled at the end (0: none)", min=0)
-    sample_prompt: str = option("The ", "prompt for the sample at the end")
+    sample_prompt: str = option("The", "prompt for the sample at the end")
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")

@@ -166,7 +166,9 @@ def build_gpt(cfg: GPTConfig, seed: int = 0, device: torch.device | str | None =
 
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every position: logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the softmax of a large vocabulary needs float32's range
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def count_params(layers: list[nn.Module]) -> int:

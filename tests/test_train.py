@@ -1,0 +1,146 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plait.cli import main
+from plait.config import load_config
+from plait.train import lr_at, train
+
+# A model small enough that a step takes milliseconds.
+SMALL = {"model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32,
+         "train.global_batch": 8, "train.eval_batches": 2, "train.sample_tokens": 8,
+         "output.progress": False}
+
+
+def quiet(*_args, **_kwargs):
+    pass
+
+
+def small_config(tmp_path, data_dir, **overrides):
+    return load_config(None, {**SMALL, "data.data_dir": data_dir, "output.out": str(tmp_path / "run"),
+                              **overrides})
+
+
+def test_tiny_preset_validation_loss_falls(tmp_path, data_dir):
+    cfg = load_config(None, {"train.steps": 40, "train.eval_every": 0, "train.seq_len": 64,
+                             "train.sample_tokens": 0, "output.progress": False,
+                             "data.data_dir": data_dir, "output.out": str(tmp_path / "run")})
+    result = train(cfg, log=quiet)
+    start, end = result.val_losses[0], result.val_losses[40]
+    assert abs(start - torch.log(torch.tensor(2048.0)).item()) < 0.2  # about ln(vocab) at init
+    assert end < start - 1.0, (start, end)
+
+
+def test_run_directory_contents(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 4, "train.eval_every": 2})
+    result = train(cfg, log=quiet)
+    run = result.run_dir
+    assert load_config(run / "config.toml") == cfg
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    assert {"loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tokens"} <= set(records[1])
+    assert records[4]["tokens"] == 4 * 8 * 32
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "sample.txt").read_text() == result.sample and result.sample.startswith("The")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_loss"] == records[4]["loss"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 6, "output.checkpoint_every": 3,
+                                              "output.keep_checkpoints": 5, "train.warmup_steps": 2,
+                                              "train.eval_every": 2})
+    full = train(cfg, log=quiet).run_dir
+    # A run that died after step 3: its later checkpoint and metrics never happened.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000006")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")  # steps 0..4: step 4 half-done
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    a = load_file(full / "checkpoints" / "step-000006" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step-000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa = torch.load(full / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=True)
+    ob = torch.load(cut / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=True)
+    for k, state in oa["state"].items():
+        assert torch.equal(state["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")}  # noqa: E731
+    ra = [strip(json.loads(x)) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rb = [strip(json.loads(x)) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert ra == rb
+
+
+def test_resume_with_more_steps_continues(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 2, "train.sample_tokens": 0})
+    run = train(cfg, log=quiet).run_dir
+    assert main(["train", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    assert load_config(run / "config.toml").train.steps == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_other_dtypes_train(tmp_path, data_dir, dtype):
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 3, "train.dtype": dtype})
+    result = train(cfg, log=quiet)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    weights = load_file(result.run_dir / "checkpoints" / "step-000003" / "model.safetensors")
+    expected = torch.float64 if dtype == "float64" else torch.float32  # autocast keeps float32 weights
+    assert weights["0.wte.weight"].dtype == expected
+
+
+def test_learning_rate_schedule():
+    cfg = load_config(None, {"train.steps": 110, "train.warmup_steps": 10, "train.lr": 1.0,
+                             "train.min_lr_ratio": 0.1})
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def _run(args, capsys):
+    code = main(["train", "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    code, err = _run(["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "run")], capsys)
+    assert (code, err) == (2, f"plait: error: --data {tmp_path / 'nope.txt'}: no such file or folder\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corpus_shorter_than_one_sequence(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("a few words only")
+    code, err = _run(["--data", str(text), "--tokenizer", "byte", "--seq-len", "64",
+                      "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert err == ("plait: error: the train split has 16 tokens, fewer than one sequence of --seq-len 64 + 1; "
+                   "give more text with --data or lower --seq-len\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_directory(tmp_path, data_dir, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = _run(["--out", str(blocker / "run"), "--data-dir", data_dir], capsys)
+    assert (code, err) == (2, f"plait: error: --out {blocker / 'run'}: cannot write there (Not a directory); "
+                              f"choose another --out\n")
+
+
+def test_nan_loss_stops_with_one_line_and_no_checkpoint(tmp_path, data_dir, capsys):
+    args = ["--n-layer", "1", "--n-embd", "32", "--seq-len", "32", "--lr", "1e6", "--warmup-steps", "0",
+            "--steps", "10", "--data-dir", data_dir, "--out", str(tmp_path / "run")]
+    code, err = _run(args, capsys)
+    assert code == 1
+    assert err.startswith("plait: error: step ") and err.count("\n") == 1
+    assert "the loss is nan" in err and "lower --lr (now 1e+06)" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.toml", "metrics.jsonl"]
