@@ -72,9 +72,15 @@ def _train(args: argparse.Namespace) -> int:
         base = read_toml(saved)
         overrides["output.out"] = args.resume
     cfg = load_config(args.config, overrides, base=base)
+    import torch.distributed as dist
+
     from plait.train import train  # the trainer's imports are paid only once the input is good
 
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -95,6 +95,10 @@ class ParallelConfig:
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     num_microbatches: int = option(1, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
+    bucket_mb: float = option(25.0, "gradient bucket size of the data-parallel all-reduce, in MiB",
+                              min=0.0, min_open=True)
+    timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
+                            min=1.0)
 
     def __post_init__(self) -> None:
         _check_fields(self, "parallel")

@@ -3,13 +3,15 @@
     plait train                          # the default run
     plait train --model small --steps 500 --global-batch 32
     plait train --resume runs/20261125-101500 --steps 400
+    torchrun --nproc-per-node 2 -m plait train --dp 2
 
-One call of `train(cfg)`: prepare the data (cached), make the run directory,
+One call of `train(cfg)`, on every rank: join the process group, prepare the
+data (cached; rank 0 first), make the run directory,
 build the model and the Engine, then for each step take this rank's share of
 the global batch (a pure function of seed and step), run the Engine's step,
 clip, update, log; evaluate every `eval_every` steps; checkpoint every
 `checkpoint_every` steps and at the end; finally draw the loss curve and
-sample some text.
+sample some text. Only rank 0 prints and writes the run's files.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from plait import distributed
 from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.config import Config, to_toml
 from plait.data import check_length, get_batch, prepare
@@ -60,12 +64,33 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def pick_device(name: str) -> torch.device:
-    """The device a run computes on: cuda when asked or, with "auto", when present."""
+    """This rank's device: cuda:LOCAL_RANK when asked or, with "auto", when present."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use --device cpu")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+        return distributed.device_for_rank()
+    return distributed.device_for_rank() if name == "cuda" else torch.device("cpu")
+
+
+def on_rank0(fn, *args):
+    """Run `fn` on rank 0 only and hand its result, or its error, to every rank.
+
+    Used for decisions that must agree everywhere (the run directory); an error
+    on rank 0 is raised on all ranks instead of leaving the others waiting.
+    """
+    result, error = None, None
+    if distributed.rank() == 0:
+        try:
+            result = fn(*args)
+        except ConfigError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise ConfigError(error)
+    return result
 
 
 def make_run_dir(cfg: Config, resume: str | None) -> Path:
@@ -96,33 +121,54 @@ def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
 
 
-def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device) -> float:
+def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device, dp_rank: int) -> float:
     """Mean validation loss over `eval_batches` fixed batches of the held-out split."""
     losses = []
     for i in range(cfg.train.eval_batches):
-        x, y = get_batch(tokens, cfg.train.seed, i, cfg.train.global_batch, cfg.seq_len)
+        x, y = get_batch(tokens, cfg.train.seed, i, cfg.train.global_batch, cfg.seq_len,
+                         share=dp_rank, num_shares=cfg.parallel.dp)
         losses.append(engine.eval_step(x.to(device), y.to(device)))
     return sum(losses) / len(losses)
 
 
 def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
-    """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint."""
-    if cfg.parallel.world_size != 1:
-        raise ConfigError(f"dp({cfg.parallel.dp}) * pp({cfg.parallel.pp}) = {cfg.parallel.world_size} "
-                          f"!= world size 1; start {cfg.parallel.world_size} processes with torchrun")
+    """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint.
+
+    Called on every rank of the job (torchrun starts them); in a single process
+    it needs no launcher.
+    """
     device = pick_device(cfg.train.device)
+    distributed.init(backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.parallel.timeout)
+    mesh = distributed.make_mesh(dp=cfg.parallel.dp, pp=cfg.parallel.pp)
+    rank = distributed.rank()
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    main = rank == 0
+    if not main:
+        log = lambda *_a, **_k: None  # noqa: E731 - one process speaks for the job
     d = cfg.data
-    data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                   val_fraction=d.val_fraction)
-    check_length(data.train, cfg.seq_len, "train")
-    check_length(data.val, cfg.seq_len, "validation")
-    start = None
-    if resume:
-        start = latest_checkpoint(resume)
-        if start is None:
-            raise ConfigError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
-    run_dir = make_run_dir(cfg, resume)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    def prepare_data():
+        data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
+                       val_fraction=d.val_fraction)
+        check_length(data.train, cfg.seq_len, "train")
+        check_length(data.val, cfg.seq_len, "validation")
+        return data
+
+    if dist.is_initialized():  # rank 0 tokenizes once; the others then load its cache
+        on_rank0(lambda: prepare_data() and None)
+    data = prepare_data()
+
+    def open_run_dir():
+        start = None
+        if resume:
+            start = latest_checkpoint(resume)
+            if start is None:
+                raise ConfigError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
+        run_dir = make_run_dir(cfg, resume)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        return run_dir, start
+
+    run_dir, start = on_rank0(open_run_dir)
 
     torch.manual_seed(cfg.train.seed)
     gpt = cfg.model.gpt(data.tokenizer.vocab_size)
@@ -131,8 +177,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     if dtype == torch.float64:
         for layer in layers:
             layer.to(torch.float64)
-    engine = Engine(layers, gpt_loss, None, schedule=cfg.parallel.schedule,
-                    microbatches=cfg.parallel.num_microbatches,
+    engine = Engine(layers, gpt_loss, mesh, schedule=cfg.parallel.schedule,
+                    microbatches=cfg.parallel.num_microbatches, bucket_mb=cfg.parallel.bucket_mb,
                     autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
     optimizer = build_optimizer(engine, cfg)
     tokens_per_step = cfg.train.global_batch * cfg.seq_len
@@ -142,6 +188,10 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
         f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
+    p = cfg.parallel
+    log(f"layout: dp={p.dp} x pp={p.pp} on {distributed.world_size()} process(es), {device.type}; "
+        f"global batch {cfg.train.global_batch} = {cfg.train.global_batch // (p.dp * p.num_microbatches)} "
+        f"sequences x {p.num_microbatches} micro-batches x {p.dp} replicas")
 
     first_step = 0
     if start is not None:
@@ -151,19 +201,22 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         torch.set_rng_state(state["trainer"]["torch_rng"])
         first_step = int(state["trainer"]["step"])
         log(f"resumed from {start} at step {first_step}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=first_step if start else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=first_step if start else None) if main else None
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, engine.state_dict(), optimizer.state_dict(),
-                        {"torch_rng": torch.get_rng_state()}, keep=cfg.output.keep_checkpoints)
+        # Replicas are identical: rank 0 writes the whole model.
+        if main:
+            save_checkpoint(run_dir, step, engine.state_dict(), optimizer.state_dict(),
+                            {"torch_rng": torch.get_rng_state()}, keep=cfg.output.keep_checkpoints)
 
     try:
         if first_step == 0:
-            result.val_losses[0] = evaluate(engine, data.val, cfg, device)
-            metrics.write({"step": 0, "val_loss": result.val_losses[0]})
+            result.val_losses[0] = evaluate(engine, data.val, cfg, device, dp_rank)
+            if main:
+                metrics.write({"step": 0, "val_loss": result.val_losses[0]})
             log(f"step 0: validation loss {result.val_losses[0]:.4f}")
-        bar = tqdm(total=cfg.train.steps, initial=first_step, disable=not cfg.output.progress,
+        bar = tqdm(total=cfg.train.steps, initial=first_step, disable=not (main and cfg.output.progress),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         times: list[float] = []
         for step in range(first_step, cfg.train.steps):
@@ -171,7 +224,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = get_batch(data.train, cfg.train.seed, step, cfg.train.global_batch, cfg.seq_len)
+            x, y = get_batch(data.train, cfg.train.seed, step, cfg.train.global_batch, cfg.seq_len,
+                             share=dp_rank, num_shares=cfg.parallel.dp)
             loss = engine.train_step(x.to(device), y.to(device))
             grad_norm = engine.clip_grad_norm_(cfg.train.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -185,8 +239,9 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": dt,
                       "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step}
             if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
-                record["val_loss"] = result.val_losses[done] = evaluate(engine, data.val, cfg, device)
-            metrics.write(record)
+                record["val_loss"] = result.val_losses[done] = evaluate(engine, data.val, cfg, device, dp_rank)
+            if main:
+                metrics.write(record)
             result.losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", lr=f"{lr:.2e}",
                             refresh=False)
@@ -199,7 +254,10 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         if first_step < cfg.train.steps or latest_checkpoint(run_dir) is None:
             checkpoint(cfg.train.steps)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+    if not main:
+        return result
 
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")

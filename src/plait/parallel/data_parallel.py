@@ -1,0 +1,195 @@
+"""Data parallelism: bucketed gradient all-reduce, overlapped with backward.
+
+Every data-parallel rank holds the same parameters and computes gradients on
+its own share of the batch. `GradientSync` then sums the gradients over the
+`dp` process group so that every replica takes the same optimizer step.
+
+How (and why):
+- Gradients live in flat buckets. Each parameter's `.grad` is a view into
+  its bucket's buffer, so autograd accumulates straight into what is sent:
+  no copy in, no copy out.
+- Buckets are filled in reverse registration order, the order in which
+  backward produces gradients, so the last layers' bucket is ready first.
+- A hook on each parameter (`register_post_accumulate_grad_hook`) counts
+  the bucket down; when its last gradient is in, the bucket's all-reduce is
+  launched asynchronously and runs while backward goes on.
+- Buckets are launched strictly in index order on every rank: collectives
+  must be issued in the same order everywhere or the group deadlocks.
+- A parameter may get no gradient on some rank (or on all). Each bucket
+  carries one "used" flag per parameter in its tail, summed with the
+  gradients: a parameter no rank used gets `.grad = None` afterwards, just
+  as in one process; one that only some ranks used gets the reduced sum.
+- With `sync` off (gradient accumulation), hooks only record use; nothing
+  is sent until the last micro-batch.
+
+The caller scales the loss so that the SUM over ranks is the mean over the
+global batch (see Engine), which saves a pass over every buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    flat: torch.Tensor  # (numel of all params + one used-flag per param,)
+    views: list[torch.Tensor]
+    numel: int
+    used: list[bool] = field(default_factory=list)
+    pending: int = 0
+    work: object = None  # the all-reduce's future, completed after its timing is recorded
+    launched_at: float = 0.0
+    done_at: float = 0.0
+
+
+@dataclass
+class SyncStats:
+    """Timings of the last synchronised step, in seconds."""
+
+    comm_s: float = 0.0  # launch to completion, summed over buckets
+    exposed_s: float = 0.0  # what the step waited for after backward
+    buckets: int = 0
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of the all-reduce time that ran behind backward."""
+        return 1.0 - self.exposed_s / self.comm_s if self.comm_s > 0 else 0.0
+
+
+class GradientSync:
+    """Sums the gradients of `params` over `group`, bucket by bucket, during backward.
+
+    Args:
+        params: the parameters of this rank's model (tied ones listed once).
+        group: the data-parallel process group.
+        bucket_bytes: target bucket size; a parameter larger than this gets
+            a bucket of its own.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int):
+        self.group = group
+        self.sync = True
+        self.stats = SyncStats()
+        params = [p for p in dict.fromkeys(params) if p.requires_grad]
+        broadcast_parameters(params, group)
+        self.buckets = self._make_buckets(params, bucket_bytes)
+        self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
+        for bucket in self.buckets:
+            for slot, p in enumerate(bucket.params):
+                self._where[p] = (bucket, slot)
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self._next = 0
+
+    @staticmethod
+    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+        groups: list[list[nn.Parameter]] = []
+        size = 0
+        for p in reversed(params):  # backward's order
+            fits = groups and size + p.numel() * p.element_size() <= bucket_bytes
+            same_kind = groups and (p.dtype, p.device) == (groups[-1][0].dtype, groups[-1][0].device)
+            if not (fits and same_kind):
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += p.numel() * p.element_size()
+        buckets = []
+        for ps in groups:
+            numel = sum(p.numel() for p in ps)
+            flat = torch.zeros(numel + len(ps), dtype=ps[0].dtype, device=ps[0].device)
+            views, offset = [], 0
+            for p in ps:
+                views.append(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            buckets.append(_Bucket(ps, flat, views, numel, used=[False] * len(ps)))
+        return buckets
+
+    def prepare(self) -> None:
+        """Before a step's first backward: point every `.grad` at its bucket view.
+
+        A gradient the optimizer set to None starts from zero; one still held
+        (accumulating over several steps) is kept and counts as used.
+        """
+        for bucket in self.buckets:
+            fresh = all(p.grad is None for p in bucket.params)
+            if fresh:
+                bucket.flat.zero_()
+            else:
+                bucket.flat[bucket.numel:].zero_()
+            for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+                held = p.grad is not None
+                if held and p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+                elif not held and not fresh:
+                    view.zero_()
+                p.grad = view
+                bucket.used[slot] = held
+            bucket.pending = len(bucket.params)
+            bucket.work = None
+        self._next = 0
+        self.stats = SyncStats(buckets=len(self.buckets))
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        bucket, slot = self._where[p]
+        bucket.used[slot] = True
+        if not self.sync:
+            return
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+
+    def _launch_ready(self, everything: bool = False) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not (everything or bucket.pending == 0):
+                return
+            self._launch(bucket)
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.flat[bucket.numel:] = torch.tensor(bucket.used, dtype=bucket.flat.dtype)
+        bucket.launched_at = time.perf_counter()
+        work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+
+        def record(_fut, bucket=bucket):
+            bucket.done_at = time.perf_counter()
+
+        bucket.work = work.get_future().then(record)
+
+    def finish(self) -> None:
+        """After the last backward: launch what is left, wait for everything, apply use flags."""
+        t0 = time.perf_counter()
+        self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
+        for bucket in self.buckets:
+            bucket.work.wait()
+        t1 = time.perf_counter()
+        comm = 0.0
+        for bucket in self.buckets:
+            comm += bucket.done_at - bucket.launched_at
+            flags = bucket.flat[bucket.numel:].tolist()
+            for p, flag in zip(bucket.params, flags):
+                if flag == 0:  # no rank produced a gradient for it: as in one process
+                    p.grad = None
+        self.stats.comm_s, self.stats.exposed_s = comm, t1 - t0
+
+
+def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Make every replica start from the group's first rank's values (one collective per dtype)."""
+    src = dist.get_global_rank(group, 0)
+    by_kind: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        by_kind.setdefault((p.dtype, p.device), []).append(p)
+    with torch.no_grad():
+        for ps in by_kind.values():
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            dist.broadcast(flat, src=src, group=group)
+            offset = 0
+            for p in ps:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()

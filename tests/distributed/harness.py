@@ -1,0 +1,77 @@
+"""The one way multi-process tests start their workers.
+
+`spawn(fn, world_size, *args)` starts `world_size` fresh processes with the
+environment torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR=127.0.0.1 and a port found free at run time), one thread each;
+each calls `plait.init()` and then `fn(*args)`. It returns every rank's
+result, in rank order, or raises with the failing rank's traceback. A run
+that outlives `timeout` is killed and reported as a hang, never waited on.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, results, args, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import plait
+
+    try:
+        plait.init(timeout_s=timeout_s)
+        value = fn(*args)
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        results.put((rank, buf.getvalue(), None))
+    except BaseException:  # noqa: BLE001 - everything goes back to the test
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0) -> list:
+    """Run `fn(*args)` on `world_size` local processes in one gloo group; their results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, collective_timeout_s),
+                         daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world_size:
+            try:
+                rank, payload, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue_module.Empty:
+                missing = sorted(set(range(world_size)) - set(got))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (a hang)") from None
+            if error is not None:
+                raise RuntimeError(f"rank {rank} failed:\n{error}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [torch.load(io.BytesIO(got[r]), weights_only=False) for r in range(world_size)]
