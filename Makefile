@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test
+.PHONY: demo test bench-dp
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	bash scripts/setup-venv.sh
@@ -15,3 +15,7 @@ demo: $(STAMP)
 ## test: the whole test suite
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+## bench-dp: plait's data parallelism against torch DDP (prints a table; a few minutes)
+bench-dp: $(STAMP)
+	$(VENV)/bin/python benchmarks/data_parallel.py

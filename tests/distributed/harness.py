@@ -62,10 +62,15 @@ def spawn(fn, world_size: int, *args, timeout: float = 240.0, collective_timeout
     try:
         while len(got) < world_size:
             try:
-                rank, payload, error = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                rank, payload, error = results.get(timeout=1.0)
             except queue_module.Empty:
                 missing = sorted(set(range(world_size)) - set(got))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (a hang)") from None
+                dead = [r for r in missing if procs[r].exitcode is not None]
+                if dead:
+                    raise RuntimeError(f"ranks {dead} exited (code {procs[dead[0]].exitcode}) without a result") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (a hang)") from None
+                continue
             if error is not None:
                 raise RuntimeError(f"rank {rank} failed:\n{error}")
             got[rank] = payload

@@ -36,6 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 
+FIRST_BUCKET_BYTES = 1 << 20
+
+
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]
@@ -92,7 +95,9 @@ class GradientSync:
         groups: list[list[nn.Parameter]] = []
         size = 0
         for p in reversed(params):  # backward's order
-            fits = groups and size + p.numel() * p.element_size() <= bucket_bytes
+            # The first bucket is kept small so that sending starts early in backward.
+            cap = min(bucket_bytes, FIRST_BUCKET_BYTES) if len(groups) == 1 else bucket_bytes
+            fits = groups and size + p.numel() * p.element_size() <= cap
             same_kind = groups and (p.dtype, p.device) == (groups[-1][0].dtype, groups[-1][0].device)
             if not (fits and same_kind):
                 groups.append([])
