@@ -1,27 +1,33 @@
 """The Engine: one training step of a layer list, whatever the layout.
 
-A step takes this rank's share of the global batch, splits it into
-`microbatches` equal micro-batches, runs forward and backward on each, and
-leaves in every parameter's `.grad` exactly the gradient of the mean loss over
-the whole global batch, as one process running
-`loss_fn(nn.Sequential(*layers)(x), y).backward()` would.
+A step takes this data-parallel rank's share of the global batch, splits it
+into `microbatches` equal micro-batches and runs this rank's part of the
+pipeline schedule on them. Afterwards every parameter's `.grad` holds exactly
+the gradient of the mean loss over the whole global batch, as one process
+running `loss_fn(nn.Sequential(*layers)(x), y).backward()` would.
 
-This module composes the parallel pieces on a mesh: with a "dp" axis of more
-than one rank, gradients are summed over the replicas by `GradientSync`
-while backward runs. With no mesh (one process) a step is plain gradient
-accumulation over the micro-batches.
+It composes the pieces on a mesh with axes "pp" and "dp":
+- partition.py cuts the layers into pp x virtual_stages stages;
+- schedule.py gives this rank's list of actions;
+- pipeline.py executes them (with pp = 1 the list is F0 B0 F1 B1 ...:
+  plain gradient accumulation);
+- data_parallel.py sums each stage's gradients over its dp replicas while
+  the last micro-batch's backward runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from plait.parallel.data_parallel import GradientSync
+from plait.parallel.partition import Partition, partition
+from plait.parallel.pipeline import PipelineExecutor
+from plait.parallel.schedule import make_schedule, rank_stages
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,36 +36,55 @@ class Engine:
     """Runs training and evaluation steps of `layers` on a device mesh.
 
     Args:
-        layers: the model as an ordered list of modules (or an nn.Sequential).
+        layers: the model as an ordered list of modules (or an nn.Sequential);
+            each takes and returns one tensor.
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
-        mesh: the DeviceMesh to run on; None for one process.
-        schedule: the pipeline schedule ("gpipe", "1f1b", "interleaved-1f1b").
-        microbatches: micro-batches per step on this rank; with one pipeline
-            stage this is gradient accumulation.
-        autocast_dtype: run forward passes under `torch.autocast` in this
-            dtype (e.g. torch.bfloat16); None for the parameters' own dtype.
+        mesh: a DeviceMesh with axes "pp" and "dp" (plait.make_mesh); None for one process.
+        schedule: "gpipe", "1f1b" or "interleaved-1f1b" (used when pp > 1).
+        microbatches: micro-batches per step on this data-parallel rank; with
+            one pipeline stage this is gradient accumulation.
+        virtual_stages: stages per pipeline rank (interleaved-1f1b).
+        partition_method: how layers are cut into stages: "uniform", "params", "profile".
+        split: manual cut indices, overriding `partition_method`.
+        autocast_dtype: run forwards under `torch.autocast` in this dtype
+            (e.g. torch.bfloat16); None for the parameters' own dtype.
         bucket_mb: gradient bucket size in MiB for the data-parallel all-reduce.
     """
 
-    def __init__(self, layers: list[nn.Module] | nn.Sequential, loss_fn: LossFn, mesh=None, *,
-                 schedule: str = "1f1b", microbatches: int = 1,
-                 autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0):
-        self.layers = list(layers)
-        self.module = nn.Sequential(*self.layers)
+    def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
+                 schedule: str = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
+                 partition_method: str = "uniform", split: Sequence[int] | None = None,
+                 autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
+                 sample_input: torch.Tensor | None = None):
+        layers = list(layers)
         self.loss_fn = loss_fn
         self.mesh = mesh
-        self.schedule = schedule
         self.num_microbatches = microbatches
         self.autocast_dtype = autocast_dtype
         self.dp_size = mesh["dp"].size() if mesh is not None else 1
         self.pp_size = mesh["pp"].size() if mesh is not None else 1
-        if self.pp_size > 1:
-            raise NotImplementedError("pipeline stages (pp > 1) are not built yet")
+        self.pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
+        if self.pp_size == 1:
+            schedule, virtual_stages = "1f1b", 1  # one stage: F0 B0 F1 B1 ... is accumulation
+        self.schedule = schedule
+        num_stages = self.pp_size * virtual_stages
+        self.partition: Partition = partition(layers, num_stages, partition_method, split, sample_input)
+        # This rank's stages, and the global index of each layer it holds (for state_dict keys).
+        self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages)
+        self.layer_ids = [j for s in self.stage_ids for j in self.partition.stage_layers(s)]
+        self.layers = {j: layers[j] for j in self.layer_ids}
+        stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
+        self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
+        pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
+        self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast)
+        self.train_actions = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
+        self.eval_actions = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)[self.pp_rank]
+        self.is_last_stage = num_stages - 1 in self.stage_ids
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
+        self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
         self.grad_sync = None
         if self.dp_group is not None:
-            self.grad_sync = GradientSync(list(self.module.parameters()), self.dp_group,
-                                          bucket_bytes=int(bucket_mb * 2**20))
+            self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -71,61 +96,64 @@ class Engine:
         m = self.num_microbatches
         if inputs.size(0) % m:
             raise ValueError(f"a batch of {inputs.size(0)} rows does not split into {m} micro-batches")
-        return zip(inputs.chunk(m), targets.chunk(m))
+        return list(inputs.chunk(m)), list(targets.chunk(m))
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward over this rank's share; returns the global mean loss.
 
-        Gradients are accumulated into `.grad` (call the optimizer's
-        zero_grad between steps, as usual).
+        Every rank of the job calls it with its data-parallel share (pipeline
+        ranks of one replica get the same share). Gradients are accumulated
+        into `.grad` (call the optimizer's zero_grad between steps, as usual).
         """
         self.module.train()
         m, sync = self.num_microbatches, self.grad_sync
         if sync is not None:
             sync.prepare()
-        total = torch.zeros((), device=inputs.device, dtype=torch.float64)
-        for i, (x, y) in enumerate(self._split(inputs, targets)):
-            if sync is not None:
-                sync.sync = i == m - 1  # accumulate locally; send once, during the last backward
-            with self._autocast():
-                loss = self.loss_fn(self.module(x), y)
-            # Equal micro-batches and equal shares: the mean over the global batch is
-            # the sum over ranks and micro-batches of loss / (m * dp).
-            (loss / (m * self.dp_size)).backward()
-            total += loss.detach().double()
+
+        def on_backward(action):
+            if sync is not None:  # accumulate locally; send during each stage's last backward
+                sync.sync = action.microbatch == m - 1
+
+        # Equal micro-batches and equal shares: the mean over the global batch is the
+        # sum over replicas and micro-batches of loss / (m * dp).
+        total = self.executor.run(self.train_actions, *self._split(inputs, targets),
+                                  loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
         if sync is not None:
             sync.finish()
-        return self._global_mean(total / m)
-
-    def _global_mean(self, local: torch.Tensor) -> float:
-        """The mean of a per-rank mean over the data-parallel replicas."""
-        if self.dp_group is not None:
-            local = local.clone()
-            dist.all_reduce(local, group=self.dp_group)
-            local /= self.dp_size
-        return local.item()
+        return self._global_mean(total)
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """The mean loss over this rank's share, forward only."""
+        """The global mean loss over the batch, forward only."""
         self.module.eval()
-        total = torch.zeros((), device=inputs.device, dtype=torch.float64)
-        for x, y in self._split(inputs, targets):
-            with self._autocast():
-                total += self.loss_fn(self.module(x), y).double()
-        return self._global_mean(total / self.num_microbatches)
+        total = self.executor.run(self.eval_actions, *self._split(inputs, targets), loss_scale=1.0)
+        return self._global_mean(total)
+
+    def _global_mean(self, total: torch.Tensor) -> float:
+        """Mean loss over the global batch from the last stages' sums of micro-batch losses."""
+        mean = total / self.num_microbatches
+        if self.mesh is not None and dist.get_world_size() > 1:
+            # Only last-stage ranks hold a loss; summing over all ranks and dividing
+            # by dp gives every rank the same global mean.
+            dist.all_reduce(mean)
+            mean /= self.dp_size
+        return mean.item()
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the gradients by their global norm over all ranks; returns the norm before clipping.
 
         With max_norm <= 0 nothing is clipped and the norm is still returned.
-        Replicas hold identical gradients after a step, so the local norm is
-        the global one.
+        Replicas hold identical gradients after a step, so the norm is summed
+        over the pipeline ranks only.
         """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        device = next(self.module.parameters()).device
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            sq += torch.linalg.vector_norm(g.double()) ** 2
+        if self.pp_group is not None:
+            dist.all_reduce(sq, group=self.pp_group)
+        norm = sq.sqrt()
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
@@ -138,12 +166,19 @@ class Engine:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters with their `nn.Sequential(*layers)` names."""
-        return self.module.named_parameters()
+        seen = set()
+        for j in self.layer_ids:
+            for name, p in self.layers[j].named_parameters():
+                if p not in seen:
+                    seen.add(p)
+                    yield f"{j}.{name}", p
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's part of the model, keyed as in `nn.Sequential(*layers).state_dict()`."""
-        return self.module.state_dict()
+        return {f"{j}.{k}": v for j in self.layer_ids for k, v in self.layers[j].state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load this rank's part (keys as in `state_dict`)."""
-        self.module.load_state_dict(state)
+        """Load this rank's part; `state` may hold the whole model (other layers' keys are ignored)."""
+        for j in self.layer_ids:
+            prefix = f"{j}."
+            self.layers[j].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
