@@ -298,7 +298,7 @@ def test_format_grid_aligns_and_marks():
     (("1f1b", 0, 4), "pp must be >= 1 (got 0)"),
     (("gpipe", 2, 0), "num_microbatches must be >= 1 (got 0)"),
     (("1f1b", 2, 4, 2), "1f1b runs one stage per rank, so virtual must be 1 (got 2); use interleaved-1f1b for virtual > 1"),
-    (("forward-only", 2, 4, 0), "forward-only runs one stage per rank, so virtual must be 1 (got 0); use interleaved-1f1b for virtual > 1"),
+    (("forward-only", 2, 4, 0), "forward-only needs virtual >= 1 (got 0)"),
     (("interleaved-1f1b", 2, 4, 1), "interleaved-1f1b needs virtual >= 2 (got 1); use 1f1b for one stage per rank"),
     (("interleaved-1f1b", 4, 6, 2), "interleaved-1f1b needs micro-batches (6) to be a multiple of pp (4); use 4 or 8"),
     (("interleaved-1f1b", 4, 2, 2), "interleaved-1f1b needs micro-batches (2) to be a multiple of pp (4); use 4"),
@@ -309,3 +309,11 @@ def test_bad_arguments(args, message):
             fn(*args)
         assert str(info.value) == message
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("pp,m,virtual", [(2, 3, 2), (4, 5, 2), (3, 4, 3)])
+def test_forward_only_covers_interleaved_layouts(pp, m, virtual):
+    sched = make_schedule("forward-only", pp, m, virtual)
+    assert [str(a) for a in sched[0]][: m + 1] == [f"0F{i}" for i in range(m)] + [f"{pp}F0"]
+    sim = simulate(sched, pp, m, virtual)  # validates and proves it deadlock-free
+    assert sum(len(t) for t in sim.timeline.values()) == pp * virtual * m

@@ -64,6 +64,10 @@ def _check_args(name: str, pp: int, num_microbatches: int, virtual: int) -> None
         raise ScheduleError(f"pp must be >= 1 (got {pp})")
     if num_microbatches < 1:
         raise ScheduleError(f"num_microbatches must be >= 1 (got {num_microbatches})")
+    if name == "forward-only":
+        if virtual < 1:
+            raise ScheduleError(f"forward-only needs virtual >= 1 (got {virtual})")
+        return
     if name != "interleaved-1f1b":
         if virtual != 1:
             raise ScheduleError(
@@ -138,7 +142,10 @@ def make_schedule(name: str, pp: int, num_microbatches: int, virtual: int = 1) -
         return {r: _one_f_one_b(r, pp, m) for r in range(pp)}
     if name == "interleaved-1f1b":
         return {r: _interleaved(r, pp, m, virtual) for r in range(pp)}
-    return {r: [Action(r, i, "F") for i in range(m)] for r in range(pp)}
+    # Forward-only (evaluation) works on any layout: each rank goes through its
+    # stages in order, all micro-batches each. Every action then depends only on
+    # lower (stage, micro-batch) pairs, so no order of ranks can deadlock.
+    return {r: [Action(s, i, "F") for s in rank_stages(r, pp, virtual) for i in range(m)] for r in range(pp)}
 
 
 def theoretical_bubble(name: str, pp: int, num_microbatches: int, virtual: int = 1) -> float:

@@ -1,0 +1,113 @@
+"""Pipeline parallelism is exact: every schedule ends where one process on the whole batch ends,
+and its gradients are torch.distributed.pipelining's for the same schedule and stages."""
+
+import pytest
+import torch
+from torch import nn
+
+import plait
+from plait import distributed
+from plait.model import GPTConfig, build_gpt, gpt_loss
+from tests.distributed.harness import spawn
+
+CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=6, n_head=2, n_embd=16, tie_embeddings=False)
+STEPS = 2
+
+
+def global_batch(step, rows):
+    g = torch.Generator().manual_seed(300 + step)
+    x = torch.randint(0, CFG.vocab_size, (rows, CFG.block_size), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def layouts(pp):
+    """(schedule, micro-batches, virtual stages) to check for `pp` stages."""
+    out = [(name, m, 1) for name in ("gpipe", "1f1b") for m in (1, pp, 2 * pp + 1)]
+    return out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)]
+
+
+def reference(m, steps=STEPS):
+    rows = 2 * m
+    model = nn.Sequential(*[layer.double() for layer in build_gpt(CFG, seed=0)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for step in range(steps):
+        x, y = global_batch(step, rows)
+        loss = gpt_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model.state_dict(), losses
+
+
+def torch_accepts(schedule, m, pp):
+    """torch's Schedule1F1B refuses fewer micro-batches than stages; ours runs them."""
+    return not (schedule == "1f1b" and m < pp)
+
+
+def torch_pipelining_grads(schedule, m, virtual, bounds):
+    """One step of torch's own pipelining on the same stages; this rank's gradients by name."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    pp, rank = distributed.world_size(), distributed.rank()
+    layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+    stage_ids = list(range(rank, pp * virtual, pp))
+    stages = [PipelineStage(nn.Sequential(*layers[bounds[s]:bounds[s + 1]]), s, pp * virtual, torch.device("cpu"))
+              for s in stage_ids]
+    if schedule == "interleaved-1f1b":
+        runner = ScheduleInterleaved1F1B(stages, m, loss_fn=gpt_loss)
+    else:
+        runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], m, loss_fn=gpt_loss)
+    x, y = global_batch(0, 2 * m)
+    kwargs = {}
+    if rank == pp - 1:
+        kwargs = {"target": y, "losses": []}
+    runner.step(x, **kwargs) if rank == 0 else runner.step(**kwargs)
+    return {f"{j}.{name}": p.grad.clone() for s in stage_ids for j in range(bounds[s], bounds[s + 1])
+            for name, p in layers[j].named_parameters()}
+
+
+def train_pp():
+    pp = distributed.world_size()
+    mesh = plait.make_mesh(dp=1, pp=pp)
+    out = []
+    for schedule, m, virtual in layouts(pp):
+        layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+        engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual)
+        opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
+        losses, first_grads = [], None
+        for step in range(STEPS):
+            losses.append(engine.train_step(*global_batch(step, 2 * m)))
+            if step == 0:
+                first_grads = {k: p.grad.clone() for k, p in engine.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+        theirs = (torch_pipelining_grads(schedule, m, virtual, engine.partition.bounds)
+                  if torch_accepts(schedule, m, pp) else None)
+        out.append({"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
+                    "grads": first_grads, "torch_grads": theirs})
+    return out
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
+    ranks = spawn(train_pp, pp, timeout=300)
+    for n, (schedule, m, virtual) in enumerate(layouts(pp)):
+        ref_state, ref_losses = reference(m)
+        state = {}
+        for r in ranks:
+            state.update(r[n]["state"])
+        assert state.keys() == ref_state.keys()  # every layer is held by exactly one rank
+        for key, want in ref_state.items():
+            diff = (state[key] - want).abs().max().item()
+            assert diff <= 1e-9, (schedule, m, key, diff)
+        for r in ranks:
+            assert max(abs(a - b) for a, b in zip(r[n]["losses"], ref_losses)) <= 1e-12, (schedule, m)
+            if not torch_accepts(schedule, m, pp):
+                assert r[n]["torch_grads"] is None
+                continue
+            assert r[n]["grads"].keys() == r[n]["torch_grads"].keys()
+            for key, g in r[n]["grads"].items():
+                diff = (g - r[n]["torch_grads"][key]).abs().max().item()
+                assert diff <= 1e-12, (schedule, m, key, diff)
