@@ -95,6 +95,9 @@ class ParallelConfig:
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     num_microbatches: int = option(1, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
+    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more)", min=1)
+    partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
+    split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition)")
     bucket_mb: float = option(25.0, "gradient bucket size of the data-parallel all-reduce, in MiB",
                               min=0.0, min_open=True)
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
@@ -102,10 +105,32 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "parallel")
+        if self.split is not None:
+            try:
+                self.cuts
+            except ValueError:
+                raise ConfigError(f"invalid parallel.split = {self.split!r}: must be whole numbers separated "
+                                  f"by commas, e.g. 3,5 (--split)") from None
+        if self.pp > 1 and self.schedule == "interleaved-1f1b":
+            if self.virtual_stages < 2:
+                raise ConfigError(f"parallel.schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2 "
+                                  f"(got {self.virtual_stages}); set --virtual-stages 2")
+            if self.num_microbatches % self.pp:
+                raise ConfigError(f"parallel.schedule = 'interleaved-1f1b' needs micro-batches "
+                                  f"({self.num_microbatches}) to be a multiple of pp ({self.pp}); "
+                                  f"set --microbatches {self.pp * max(1, self.num_microbatches // self.pp)}")
+        elif self.virtual_stages != 1:
+            raise ConfigError(f"parallel.virtual_stages = {self.virtual_stages} needs --schedule interleaved-1f1b "
+                              f"and --pp 2 or more; set --virtual-stages 1")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.pp
+
+    @property
+    def cuts(self) -> list[int] | None:
+        """The manual cut indices of `split`, or None."""
+        return [int(c) for c in self.split.split(",")] if self.split else None
 
 
 @dataclass(frozen=True)
@@ -171,9 +196,14 @@ class Config:
             raise ConfigError(f"train.global_batch = {self.train.global_batch} does not divide into "
                               f"dp({p.dp}) x microbatches({p.num_microbatches}) = {n}; "
                               f"choose --global-batch a multiple of {n}")
-        if p.pp > n_layer + 2:
-            raise ConfigError(f"parallel.pp = {p.pp} is more stages than the model's {n_layer + 2} layers "
+        stages = p.pp * p.virtual_stages
+        if stages > n_layer + 2:
+            what = f"pp({p.pp}) x virtual_stages({p.virtual_stages}) = {stages}" if p.virtual_stages > 1 else f"parallel.pp = {p.pp}"
+            raise ConfigError(f"{what} is more stages than the model's {n_layer + 2} layers "
                               f"(embedding, {n_layer} blocks, head); lower --pp or raise --n-layer")
+        if p.cuts is not None and len(p.cuts) != stages - 1:
+            raise ConfigError(f"parallel.split = {p.split!r} has {len(p.cuts)} cut(s) but {stages} stages need "
+                              f"{stages - 1}; give --split {stages - 1} indices")
 
     @property
     def seq_len(self) -> int:

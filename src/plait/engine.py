@@ -28,6 +28,7 @@ from plait.parallel.data_parallel import GradientSync
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
 from plait.parallel.schedule import make_schedule, rank_stages
+from plait.parallel.tied import TiedGradients, find_tied
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -69,6 +70,10 @@ class Engine:
         self.schedule = schedule
         num_stages = self.pp_size * virtual_stages
         self.partition: Partition = partition(layers, num_stages, partition_method, split, sample_input)
+        if mesh is not None and partition_method == "profile" and split is None:
+            box = [self.partition]  # timings differ between ranks; every rank must cut the same way
+            dist.broadcast_object_list(box, src=0)
+            self.partition = box[0]
         # This rank's stages, and the global index of each layer it holds (for state_dict keys).
         self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages)
         self.layer_ids = [j for s in self.stage_ids for j in self.partition.stage_layers(s)]
@@ -85,6 +90,13 @@ class Engine:
         self.grad_sync = None
         if self.dp_group is not None:
             self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20))
+        self.tied = None
+        if self.pp_size > 1:
+            layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
+            tied = find_tied(layers, layer_stage, self.pp_size)
+            if tied:
+                columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
+                self.tied = TiedGradients(tied, set(self.parameters()), columns)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -120,6 +132,8 @@ class Engine:
                                   loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
         if sync is not None:
             sync.finish()
+        if self.tied is not None:
+            self.tied.sync()
         return self._global_mean(total)
 
     @torch.no_grad()
@@ -146,11 +160,14 @@ class Engine:
         Replicas hold identical gradients after a step, so the norm is summed
         over the pipeline ranks only.
         """
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         device = next(self.module.parameters()).device
         sq = torch.zeros((), dtype=torch.float64, device=device)
-        for g in grads:
-            sq += torch.linalg.vector_norm(g.double()) ** 2
+        elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
+        for p in params:
+            if p not in elsewhere:  # a tied copy counts once, on its first holder
+                sq += torch.linalg.vector_norm(p.grad.double()) ** 2
         if self.pp_group is not None:
             dist.all_reduce(sq, group=self.pp_group)
         norm = sq.sqrt()

@@ -1,0 +1,62 @@
+"""Weights shared by layers on different pipeline ranks (GPT-2's tied embedding and LM head).
+
+See [Note: tied embeddings] in model/gpt.py. In one process the embedding and
+the LM head hold one Parameter, whose gradient autograd sums. Cut into a
+pipeline, the first and last stage each hold a copy. Both copies start equal
+(they are built from one object); after every backward their gradients are
+summed over the ranks that hold them, so both copies take the same optimizer
+step and stay equal, as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def find_tied(layers: list[nn.Module], layer_stage: list[int], pp: int) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+    """Parameters held by layers on more than one pipeline rank, with those ranks (sorted).
+
+    Every rank gets the same list in the same order: it is computed from the
+    whole layer list, which every rank builds identically.
+    """
+    holders: dict[nn.Parameter, set[int]] = {}
+    order: list[nn.Parameter] = []
+    for j, layer in enumerate(layers):
+        for p in layer.parameters():
+            if p not in holders:
+                holders[p] = set()
+                order.append(p)
+            holders[p].add(layer_stage[j] % pp)
+    return [(p, tuple(sorted(holders[p]))) for p in order if len(holders[p]) > 1]
+
+
+class TiedGradients:
+    """Sums the gradients of cross-rank tied parameters over the ranks that hold them.
+
+    `pp_by_replica[d]` lists the global ranks of data-parallel replica d's
+    pipeline, in pp order (the columns of the mesh). Every rank creates every
+    group, as `dist.new_group` requires, but joins only its own.
+    """
+
+    def __init__(self, tied: list[tuple[nn.Parameter, tuple[int, ...]]], local: set[nn.Parameter],
+                 pp_by_replica: list[list[int]]):
+        me = dist.get_rank()
+        self.pairs: list[tuple[nn.Parameter, dist.ProcessGroup]] = []
+        self.owned_elsewhere: set[nn.Parameter] = set()  # counted by a lower rank in the global norm
+        for p, pp_ranks in tied:
+            for column in pp_by_replica:
+                members = [column[r] for r in pp_ranks]
+                group = dist.new_group(members)
+                if me in members and p in local:
+                    self.pairs.append((p, group))
+                    if me != members[0]:
+                        self.owned_elsewhere.add(p)
+
+    def sync(self) -> None:
+        """After backward (and after the data-parallel reduction): sum each tied gradient."""
+        for p, group in self.pairs:
+            if p.grad is None:  # this copy took no part: it still contributes zero
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=group)
