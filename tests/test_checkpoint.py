@@ -14,13 +14,14 @@ CFG = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
 def _save(run, step, keep=2):
     model = nn.Sequential(*build_gpt(CFG, seed=step))
     opt = torch.optim.AdamW(model.parameters())
-    return model, save_checkpoint(run, step, model.state_dict(), opt.state_dict(),
-                                  {"torch_rng": torch.get_rng_state()}, keep=keep)
+    shards = {"optimizer-pp0": {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}}
+    return model, save_checkpoint(run, step, model.state_dict(), shards, {"layout": {"pp": 1}}, keep=keep)
 
 
 def test_round_trip_restores_tied_weights(tmp_path):
     model, path = _save(tmp_path, 3)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, shard="optimizer-pp0")
+    assert set(state["shard"]) == {"optimizer", "torch_rng"}
     fresh = nn.Sequential(*build_gpt(CFG, seed=99))
     fresh.load_state_dict(state["model"])
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
@@ -44,18 +45,20 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     _, path = _save(tmp_path, 7)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 7
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer.pt"}
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer-pp0.pt", "trainer.pt"}
     for name, info in manifest["files"].items():
         assert info["bytes"] == (path / name).stat().st_size and len(info["sha256"]) == 64
 
 
 def test_damaged_file_is_refused(tmp_path):
     _, path = _save(tmp_path, 1)
-    data = bytearray((path / "optimizer.pt").read_bytes())
+    data = bytearray((path / "optimizer-pp0.pt").read_bytes())
     data[-10] ^= 0xFF
-    (path / "optimizer.pt").write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=r"optimizer.pt does not match its checksum"):
-        load_checkpoint(path)
+    (path / "optimizer-pp0.pt").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"optimizer-pp0.pt does not match its checksum"):
+        load_checkpoint(path, shard="optimizer-pp0")
+    with pytest.raises(ConfigError, match=r"has no optimizer-pp1.pt; it was written by another layout"):
+        load_checkpoint(path, shard="optimizer-pp1")
 
 
 def test_loading_never_unpickles_code(tmp_path):

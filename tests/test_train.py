@@ -68,8 +68,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    oa = torch.load(full / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=True)
-    ob = torch.load(cut / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=True)
+    oa = torch.load(full / "checkpoints" / "step-000006" / "optimizer-pp0.pt", weights_only=True)["optimizer"]
+    ob = torch.load(cut / "checkpoints" / "step-000006" / "optimizer-pp0.pt", weights_only=True)["optimizer"]
     for k, state in oa["state"].items():
         assert torch.equal(state["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
     strip = lambda r: {k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")}  # noqa: E731

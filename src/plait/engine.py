@@ -78,6 +78,13 @@ class Engine:
         self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages)
         self.layer_ids = [j for s in self.stage_ids for j in self.partition.stage_layers(s)]
         self.layers = {j: layers[j] for j in self.layer_ids}
+        # Keys that name a weight another key already names (the tied LM head), for checkpoints.
+        first_key: dict[nn.Parameter, str] = {}
+        self.tied_keys: dict[str, str] = {}
+        for j, layer in enumerate(layers):
+            for name, p in layer.named_parameters(remove_duplicate=False):
+                self.tied_keys.update({f"{j}.{name}": first_key[p]} if p in first_key else {})
+                first_key.setdefault(p, f"{j}.{name}")
         stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]

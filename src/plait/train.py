@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait import distributed
-from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_training_state
 from plait.config import Config, to_toml
 from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
@@ -177,9 +177,12 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     if dtype == torch.float64:
         for layer in layers:
             layer.to(torch.float64)
-    engine = Engine(layers, gpt_loss, mesh, schedule=cfg.parallel.schedule,
-                    microbatches=cfg.parallel.num_microbatches, bucket_mb=cfg.parallel.bucket_mb,
-                    autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
+    p = cfg.parallel
+    micro_rows = cfg.train.global_batch // (p.dp * p.num_microbatches)
+    engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
+                    virtual_stages=p.virtual_stages, partition_method=p.partition, split=p.cuts,
+                    bucket_mb=p.bucket_mb, autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                    sample_input=torch.zeros(micro_rows, cfg.seq_len, dtype=torch.long, device=device))
     optimizer = build_optimizer(engine, cfg)
     tokens_per_step = cfg.train.global_batch * cfg.seq_len
     flops = flops_per_token(gpt, cfg.seq_len)
@@ -188,27 +191,23 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
         f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
-    p = cfg.parallel
     log(f"layout: dp={p.dp} x pp={p.pp} on {distributed.world_size()} process(es), {device.type}; "
-        f"global batch {cfg.train.global_batch} = {cfg.train.global_batch // (p.dp * p.num_microbatches)} "
-        f"sequences x {p.num_microbatches} micro-batches x {p.dp} replicas")
+        f"global batch {cfg.train.global_batch} = {micro_rows} sequences x {p.num_microbatches} "
+        f"micro-batches x {p.dp} replicas")
+    if p.pp > 1:
+        names = ["embedding", *(f"block {i}" for i in range(gpt.n_layer)), "head"]
+        log(f"pipeline: {p.schedule}, {p.pp * p.virtual_stages} stages on {p.pp} ranks, cut by {engine.partition.method} "
+            f"(share of {p.partition} cost):\n{engine.partition.describe(names)}")
 
     first_step = 0
     if start is not None:
-        state = load_checkpoint(start)
-        engine.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["trainer"]["torch_rng"])
-        first_step = int(state["trainer"]["step"])
+        first_step = restore_training_state(start, engine, optimizer)
         log(f"resumed from {start} at step {first_step}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=first_step if start else None) if main else None
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
     def checkpoint(step: int) -> None:
-        # Replicas are identical: rank 0 writes the whole model.
-        if main:
-            save_checkpoint(run_dir, step, engine.state_dict(), optimizer.state_dict(),
-                            {"torch_rng": torch.get_rng_state()}, keep=cfg.output.keep_checkpoints)
+        save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints)
 
     try:
         if first_step == 0:
@@ -251,7 +250,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
             if done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0:
                 checkpoint(done)
         bar.close()
-        if first_step < cfg.train.steps or latest_checkpoint(run_dir) is None:
+        if first_step < cfg.train.steps:
             checkpoint(cfg.train.steps)
     finally:
         if metrics is not None:
@@ -262,6 +261,9 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")
     if cfg.train.sample_tokens:
+        if cfg.parallel.pp > 1:  # rank 0 holds only its stages: take the whole model from the checkpoint
+            final = load_checkpoint(latest_checkpoint(run_dir), verify=False)["model"]
+            torch.nn.Sequential(*layers).load_state_dict(final)
         result.sample = sample_text(layers, data.tokenizer, cfg, device)
         (run_dir / "sample.txt").write_text(result.sample)
         log(f"sample:\n{result.sample}")
