@@ -25,6 +25,7 @@ sides cache it, so later steps send data only.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -58,6 +59,7 @@ class PipelineExecutor:
         self.loss_fn = loss_fn
         self.autocast = autocast
         self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
+        self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[stage_rank(stage, self.pp_size)]
@@ -126,6 +128,7 @@ class PipelineExecutor:
         saved: dict[tuple[int, int], tuple] = {}
         posted: dict[int, tuple] = {}
         total = torch.zeros((), dtype=torch.float64, device=device)
+        self.compute_s = 0.0
         grad_ctx = contextlib.nullcontext() if training else torch.no_grad()
         with grad_ctx:
             for n, action in enumerate(actions):
@@ -137,12 +140,14 @@ class PipelineExecutor:
                 if got is not None:
                     got[0].wait()
                 received = got[1] if got is not None else None
+                t0 = time.perf_counter()
                 if action.kind == "F":
                     total += self._forward(action, received, inputs, targets, saved, loss_scale, training, key)
                 else:
                     if on_backward is not None:
                         on_backward(action)
                     self._backward(action, received, saved, key)
+                self.compute_s += time.perf_counter() - t0
         for work, _ in self._pending:
             work.wait()
         self._pending = []
