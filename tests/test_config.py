@@ -32,8 +32,21 @@ BAD = [
     (["--seq-len", "256"], "train.seq_len = 256 is longer than the context length model.block_size = 128; "
                            "lower --seq-len or raise --block-size"),
     (["--global-batch", "10", "--microbatches", "4"],
-     "train.global_batch = 10 does not divide into dp(1) x microbatches(4) = 4; choose --global-batch a multiple of 4"),
-    (["--pp", "9"], "parallel.pp = 9 is more stages than the model's 6 layers (embedding, 4 blocks, head); "
+     "train.global_batch = 10 does not divide into dp(2) x microbatches(4) = 8; choose --global-batch a multiple of 8"),
+    (["--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b and --pp 2 or more; "
+                                "set --virtual-stages 1"),
+    (["--schedule", "interleaved-1f1b"], "parallel.schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2 "
+                                         "(got 1); set --virtual-stages 2"),
+    (["--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--microbatches", "3", "--global-batch", "12"],
+     "parallel.schedule = 'interleaved-1f1b' needs micro-batches (3) to be a multiple of pp (2); set --microbatches 2"),
+    (["--split", "2,x"], "invalid parallel.split = '2,x': must be whole numbers separated by commas, e.g. 3,5 (--split)"),
+    (["--split", "2,4"], "parallel.split = '2,4' has 2 cut(s) but 2 stages need 1; give --split 1 indices"),
+    (["--nnodes", "2"], "launch.nnodes = 2 needs the rendezvous address of node 0; give --rdzv HOST:PORT"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv", "h:1"], "invalid launch.node_rank = 2: must be < launch.nnodes = 2 (--node-rank)"),
+    (["--nnodes", "2", "--rdzv", "nohost"], "invalid launch.rdzv = 'nohost': must be HOST:PORT, e.g. 10.0.0.1:29400 (--rdzv)"),
+    (["--nnodes", "3", "--rdzv", "h:1"], "dp(2) * pp(2) = 4 workers do not split over launch.nnodes = 3 machines; "
+                                         "choose --dp and --pp whose product is a multiple of --nnodes"),
+    (["--pp", "9", "--dp", "1"], "parallel.pp = 9 is more stages than the model's 6 layers (embedding, 4 blocks, head); "
                     "lower --pp or raise --n-layer"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1; see 'plait --help'"),
     (["--config", "/nonexistent/run.toml"], "--config /nonexistent/run.toml: no such file"),
@@ -54,7 +67,7 @@ def test_bad_values_give_one_line_and_exit_code_2(args, message, capsys):
     ("[train]\nstep = 3\n", "unknown config field train.step; known: steps, global_batch, seq_len, lr, "
                            "min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_every, "
                            "eval_batches, seed, dtype, device, sample_tokens, sample_prompt"),
-    ("[trainer]\nsteps = 3\n", "unknown config section [trainer]; known: model, data, parallel, train, output"),
+    ("[trainer]\nsteps = 3\n", "unknown config section [trainer]; known: model, data, parallel, launch, train, output"),
     ("[model]\ntie_embeddings = 'yes please'\n",
      "invalid model.tie_embeddings = 'yes please': must be true or false (--tie-embeddings)"),
     ("steps = = 3\n", None),  # not TOML: the message quotes the parser's reason

@@ -10,7 +10,7 @@ from plait.config import load_config
 from plait.train import lr_at, train
 
 # A model small enough that a step takes milliseconds.
-SMALL = {"model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32,
+SMALL = {"parallel.dp": 1, "parallel.pp": 1, "parallel.num_microbatches": 1, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32,
          "train.global_batch": 8, "train.eval_batches": 2, "train.sample_tokens": 8,
          "output.progress": False}
 
@@ -25,7 +25,8 @@ def small_config(tmp_path, data_dir, **overrides):
 
 
 def test_tiny_preset_validation_loss_falls(tmp_path, data_dir):
-    cfg = load_config(None, {"train.steps": 40, "train.eval_every": 0, "train.seq_len": 64,
+    cfg = load_config(None, {"parallel.dp": 1, "parallel.pp": 1, "parallel.num_microbatches": 1,
+                             "train.steps": 40, "train.eval_every": 0, "train.seq_len": 64,
                              "train.sample_tokens": 0, "output.progress": False,
                              "data.data_dir": data_dir, "output.out": str(tmp_path / "run")})
     result = train(cfg, log=quiet)
@@ -62,7 +63,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
     shutil.rmtree(cut / "checkpoints" / "step-000006")
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     (cut / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")  # steps 0..4: step 4 half-done
-    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0  # the saved layout: one process
     a = load_file(full / "checkpoints" / "step-000006" / "model.safetensors")
     b = load_file(cut / "checkpoints" / "step-000006" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -106,7 +107,7 @@ def test_learning_rate_schedule():
 
 
 def _run(args, capsys):
-    code = main(["train", "--no-progress", *args])
+    code = main(["train", "--no-progress", "--dp", "1", "--pp", "1", "--microbatches", "1", *args])
     return code, capsys.readouterr().err
 
 

@@ -1,13 +1,19 @@
 """The `plait` command.
 
+    plait train [--config F.toml] [--resume RUN_DIR] [options]
+    plait verify [options]                   the layout next to a one-process float64 reference
+    plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
+
 Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
-explain (any `PlaitError`) is one line on stderr, with no traceback.
+explain (any `PlaitError`) is one line on stderr, with no traceback; in a
+job of several workers only rank 0 says it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -52,48 +58,96 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     train = sub.add_parser("train", help="train a model",
-                           description="Train a GPT. With no options: the tiny model on CPython's "
-                                       "documentation, about a minute on 2 CPU cores.")
+                           description="Train a GPT. With no options: the parallel demo, dp=2 x pp=2 on 4 "
+                                       "local processes, the tiny model on CPython's documentation.")
     train.add_argument("--config", metavar="FILE.toml", help="a TOML file of options, by section; "
                                                              "command-line options override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint "
                                                            "(its saved config, overridden by any options given)")
     _add_config_options(train)
+    verify = sub.add_parser("verify", help="check a layout against one process in float64",
+                            description="Run a few steps of the given layout on a small float64 copy of the "
+                                        "model next to a one-process reference; print the largest "
+                                        "differences and a verdict (exit 0 pass, 1 fail).")
+    verify.add_argument("--config", metavar="FILE.toml", help="a TOML file of options")
+    verify.add_argument("--verify-steps", type=int, default=3, metavar="N", help="steps to compare (default: 3)")
+    _add_config_options(verify)
+    slurm = sub.add_parser("slurm", help="print an sbatch script for a Slurm cluster",
+                           description="Print an sbatch script that runs `plait train` on Slurm: one task per "
+                                       "node, the rendezvous on the first node. Train options go after --.")
+    slurm.add_argument("--nodes", type=int, required=True, metavar="N")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, metavar="G")
+    slurm.add_argument("--partition", metavar="NAME")
+    slurm.add_argument("--time", metavar="HH:MM:SS")
+    slurm.add_argument("--job-name", default="plait", metavar="NAME")
+    slurm.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS")
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _config_from(args: argparse.Namespace):
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     base = None
-    if args.resume:
+    if getattr(args, "resume", None):
         saved = Path(args.resume) / "config.toml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; give the directory of a plait run")
         base = read_toml(saved)
         overrides["output.out"] = args.resume
-    cfg = load_config(args.config, overrides, base=base)
-    import torch.distributed as dist
+    return load_config(args.config, overrides, base=base)
 
-    from plait.train import train  # the trainer's imports are paid only once the input is good
 
-    try:
-        train(cfg, resume=args.resume)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _run_here_or_launch(cfg, command: str, argv: list[str], work) -> int:
+    """Run `work()` in this process if it is a worker (or the job is one process); else start the workers."""
+    from plait.launch import launch, under_launcher
+
+    if under_launcher() or (cfg.parallel.world_size == 1 and cfg.launch.nnodes == 1):
+        import torch.distributed as dist
+
+        try:
+            return work()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return launch(cfg, command, argv)
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from plait.launch import slurm_script
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    cfg = _config_from(build_parser().parse_args(["train", *train_args]))  # bad train options fail now
+    if cfg.parallel.world_size != args.nodes * args.gpus_per_node:
+        raise ConfigError(f"dp({cfg.parallel.dp}) * pp({cfg.parallel.pp}) = {cfg.parallel.world_size} != "
+                          f"{args.nodes} nodes x {args.gpus_per_node} GPUs = {args.nodes * args.gpus_per_node}; "
+                          f"choose --dp and --pp to fill the allocation")
+    print(slurm_script(args.nodes, args.gpus_per_node, train_args, args.partition, args.time, args.job_name))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "slurm":
+            return _slurm(args)
+        cfg = _config_from(args)
+        rest = argv[1:]
         if args.command == "train":
-            return _train(args)
-        raise AssertionError(args.command)
+            from plait.train import train  # the trainer's imports are paid only once the input is good
+
+            def run_training() -> int:
+                train(cfg, resume=args.resume)
+                return 0
+
+            return _run_here_or_launch(cfg, "train", rest, run_training)
+        from plait.verify import verify
+
+        return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps=args.verify_steps))
     except PlaitError as e:
-        print(f"plait: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0 or not e.shared:
+            print(f"plait: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)

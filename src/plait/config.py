@@ -90,10 +90,10 @@ class DataConfig:
 class ParallelConfig:
     """How the work is spread over processes."""
 
-    dp: int = option(1, "data-parallel replicas", min=1)
-    pp: int = option(1, "pipeline stages", min=1)
+    dp: int = option(2, "data-parallel replicas", min=1)
+    pp: int = option(2, "pipeline ranks", min=1)
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
-    num_microbatches: int = option(1, "micro-batches per step on each data-parallel rank "
+    num_microbatches: int = option(4, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
     virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more)", min=1)
     partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
@@ -131,6 +131,32 @@ class ParallelConfig:
     def cuts(self) -> list[int] | None:
         """The manual cut indices of `split`, or None."""
         return [int(c) for c in self.split.split(",")] if self.split else None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the workers run: this machine, or several through torch's c10d rendezvous."""
+
+    nnodes: int = option(1, "machines in the job (each runs its share of dp x pp workers)", min=1)
+    node_rank: int = option(0, "this machine's index, 0 .. nnodes-1 (node 0 hosts the rendezvous)", min=0)
+    rdzv: str | None = option(None, "HOST:PORT of the rendezvous on node 0 (default: 127.0.0.1 and a free port)")
+    max_restarts: int = option(0, "times torch's launcher restarts the workers after one fails", min=0)
+    backend: str = option("auto", "collectives: auto picks nccl on CUDA, gloo on the CPU",
+                          choices=("auto", "gloo", "nccl"))
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "launch")
+        if self.node_rank >= self.nnodes:
+            raise ConfigError(f"invalid launch.node_rank = {self.node_rank}: must be < launch.nnodes = "
+                              f"{self.nnodes} (--node-rank)")
+        if self.nnodes > 1 and not self.rdzv:
+            raise ConfigError(f"launch.nnodes = {self.nnodes} needs the rendezvous address of node 0; "
+                              f"give --rdzv HOST:PORT")
+        if self.rdzv is not None:
+            host, _, port = self.rdzv.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"invalid launch.rdzv = {self.rdzv!r}: must be HOST:PORT, e.g. 10.0.0.1:29400 "
+                                  f"(--rdzv)")
 
 
 @dataclass(frozen=True)
@@ -179,6 +205,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -201,6 +228,10 @@ class Config:
             what = f"pp({p.pp}) x virtual_stages({p.virtual_stages}) = {stages}" if p.virtual_stages > 1 else f"parallel.pp = {p.pp}"
             raise ConfigError(f"{what} is more stages than the model's {n_layer + 2} layers "
                               f"(embedding, {n_layer} blocks, head); lower --pp or raise --n-layer")
+        if p.world_size % self.launch.nnodes:
+            raise ConfigError(f"dp({p.dp}) * pp({p.pp}) = {p.world_size} workers do not split over "
+                              f"launch.nnodes = {self.launch.nnodes} machines; choose --dp and --pp whose "
+                              f"product is a multiple of --nnodes")
         if p.cuts is not None and len(p.cuts) != stages - 1:
             raise ConfigError(f"parallel.split = {p.split!r} has {len(p.cuts)} cut(s) but {stages} stages need "
                               f"{stages - 1}; give --split {stages - 1} indices")
@@ -212,7 +243,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
-            "train": TrainConfig, "output": OutputConfig}
+                             "launch": LaunchConfig, "train": TrainConfig, "output": OutputConfig}
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -74,7 +74,7 @@ def make_mesh(dp: int = 1, pp: int = 1) -> DeviceMesh | None:
     n = world_size()
     if dp * pp != n:
         raise ConfigError(f"dp({dp}) * pp({pp}) = {dp * pp} != world size {n}; "
-                          f"choose --dp and --pp whose product is {n}, or start {dp * pp} processes")
+                          f"choose --dp and --pp whose product is {n}, or start {dp * pp} processes", shared=True)
     if not dist.is_initialized():
         return None
     return init_device_mesh(device_for_rank().type, (pp, dp), mesh_dim_names=("pp", "dp"))

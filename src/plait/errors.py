@@ -7,9 +7,17 @@ failed (1).
 
 
 class PlaitError(Exception):
-    """A failure plait explains in one line."""
+    """A failure plait explains in one line.
+
+    `shared=True` marks an error that every rank of a job raises alike (a
+    check of the layout, a decision broadcast from rank 0): only rank 0 prints it.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
 
 
 class ConfigError(PlaitError):

@@ -89,7 +89,7 @@ def on_rank0(fn, *args):
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
     if error is not None:
-        raise ConfigError(error)
+        raise ConfigError(error, shared=True)
     return result
 
 
@@ -138,7 +138,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     it needs no launcher.
     """
     device = pick_device(cfg.train.device)
-    distributed.init(backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.parallel.timeout)
+    backend = cfg.launch.backend if cfg.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    distributed.init(backend=backend, timeout_s=cfg.parallel.timeout)
     mesh = distributed.make_mesh(dp=cfg.parallel.dp, pp=cfg.parallel.pp)
     rank = distributed.rank()
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--global-batch", "8",
+ARGS = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--global-batch", "8",
         "--steps", "4", "--eval-batches", "1", "--sample-tokens", "4", "--dtype", "float64", "--no-progress"]
 
 
@@ -69,8 +69,59 @@ def test_resume_under_a_pipeline_is_exact(tmp_path, data_dir):
 
 
 def test_layout_that_does_not_fill_the_job_is_refused(tmp_path, data_dir):
-    proc = subprocess.run([sys.executable, "-m", "plait", "train", *ARGS, "--dp", "2", "--data-dir", data_dir,
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "plait", "train", *ARGS, "--dp", "4", "--data-dir", data_dir,
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("plait: error:")]
+    assert lines == ["plait: error: dp(4) * pp(1) = 4 != world size 2; choose --dp and --pp whose "
+                     "product is 2, or start 4 processes"]
+
+
+def plait(args, timeout=300):
+    """`python -m plait ...` as a plain command: it starts its own workers through torch's launcher."""
+    return subprocess.run([sys.executable, "-m", "plait", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_plain_command_launches_its_workers(single_run, tmp_path, data_dir):
+    out = tmp_path / "run"
+    proc = plait(["train", *ARGS, "--dp", "2", "--pp", "2", "--microbatches", "2", "--data-dir", data_dir,
+                  "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout: dp=2 x pp=2 on 4 process(es)" in proc.stdout
+    assert_same_model(final_model(single_run), final_model(out))
+
+
+def test_two_nodes_on_one_machine(single_run, tmp_path, data_dir):
+    from tests.distributed.harness import free_port
+
+    rdzv = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "plait", "train", *ARGS, "--dp", "2", "--pp", "2", "--microbatches", "2",
+            "--data-dir", data_dir, "--out", str(out), "--nnodes", "2", "--rdzv", rdzv]
+    nodes = [subprocess.Popen([*args, "--node-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    try:
+        results = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in results]
+    assert sum(stdout.count("model: ") for stdout, _ in results) == 1
+    assert_same_model(final_model(single_run), final_model(out))
+
+
+def test_bad_data_under_the_launcher_is_one_line_and_exit_2(tmp_path):
+    proc = plait(["train", *ARGS, "--dp", "2", "--pp", "1", "--data", str(tmp_path / "missing.txt"),
+                  "--out", str(tmp_path / "run")])
     assert proc.returncode == 2
-    assert proc.stderr == ("plait: error: dp(2) * pp(1) = 2 != world size 1; choose --dp and --pp whose "
-                           "product is 1, or start 2 processes\n")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("plait: error:")]
+    assert lines == [f"plait: error: --data {tmp_path / 'missing.txt'}: no such file or folder"]
+
+
+def test_verify_passes_for_a_hybrid_layout():
+    proc = plait(["verify", "--dp", "2", "--pp", "2", "--microbatches", "2", "--global-batch", "8",
+                  "--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--n-layer", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plait verify: dp=2 x pp=2, interleaved-1f1b, 2 micro-batches, 3 steps" in proc.stdout
+    assert proc.stdout.rstrip().endswith("verdict: PASS (tolerance 1e-09)")

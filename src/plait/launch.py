@@ -1,0 +1,101 @@
+"""Starting the workers: torch's own elastic launcher, and Slurm scripts that call it.
+
+    plait train --dp 2 --pp 2                       # 4 local workers, started by torch.distributed
+    plait train --nnodes 2 --node-rank 0 --rdzv 10.0.0.1:29400 --dp 2 --pp 2   # on each machine
+    torchrun --nproc-per-node 4 -m plait train --dp 2 --pp 2                 # the same, by hand
+
+`plait <command>` run as a plain command with a layout of more than one
+process hands itself to `torch.distributed.launcher.api.elastic_launch`
+(what `torchrun` runs): it starts this node's share of the workers, each
+running the same command line, with torch's c10d rendezvous. A worker sees
+torchrun's environment (RANK, WORLD_SIZE, ...) and trains in place. No
+spawner, rendezvous or port scheme of our own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import uuid
+
+from plait.config import Config
+from plait.errors import PlaitError
+
+
+def under_launcher() -> bool:
+    """True in a worker started by torchrun, elastic_launch or srun-with-torchrun."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(cfg: Config, command: str, argv: list[str]) -> int:
+    """Start this node's workers, each running `python -m plait <command> <argv>`; their exit code.
+
+    On one node the rendezvous is on 127.0.0.1 with a port the system picks;
+    on several, at `--rdzv` (node 0 hosts the store).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    lc = cfg.launch
+    world = cfg.parallel.world_size
+    nproc = world // lc.nnodes
+    # A fresh rendezvous store per restart round: the shared one lets a restarted
+    # gloo worker read its dead peer's old address (see the team's notes).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # Share the cores: more threads than cores per worker only thrash.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    multi = lc.nnodes > 1
+    config = LaunchConfig(
+        min_nodes=lc.nnodes,
+        max_nodes=lc.nnodes,
+        nproc_per_node=nproc,
+        run_id=f"plait-{lc.rdzv}" if multi else f"plait-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=lc.rdzv if multi else "127.0.0.1:0",
+        rdzv_configs={"is_host": lc.node_rank == 0} if multi else {},
+        max_restarts=lc.max_restarts,
+        monitor_interval=0.2,
+        start_method="spawn",
+        local_addr=lc.rdzv.rsplit(":", 1)[0] if multi and lc.node_rank == 0 else None,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "plait", command, *argv)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        return 2 if codes == {2} else 1
+    except Exception as e:  # the launcher's own failures (rendezvous timeout, ...)
+        raise PlaitError(f"the launcher failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return 0
+
+
+def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partition: str | None = None,
+                 time: str | None = None, job_name: str = "plait", cpus_per_task: int | None = None) -> str:
+    """An sbatch script: one task per node, each starting that node's workers with the
+    rendezvous on the allocation's first node."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus_per_node}"]
+    if cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if time:
+        lines.append(f"#SBATCH --time={time}")
+    lines += [
+        "#SBATCH --output=%x-%j.out",
+        "set -euo pipefail",
+        "",
+        "# The first node of the allocation hosts torch's c10d rendezvous. The port is",
+        "# derived from the job id, so two jobs sharing a node do not collide.",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "port=$((20000 + SLURM_JOB_ID % 20000))",
+        "",
+        "srun --kill-on-bad-exit=1 bash -c 'exec plait train \\",
+        '    --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$0:$1" "${@:2}"\' \\',
+        '    "$head" "$port" ' + " ".join(shlex.quote(a) for a in train_args),
+        "",
+    ]
+    return "\n".join(lines)
+
