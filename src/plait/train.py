@@ -195,6 +195,11 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     log(f"layout: dp={p.dp} x pp={p.pp} on {distributed.world_size()} process(es), {device.type}; "
         f"global batch {cfg.train.global_batch} = {micro_rows} sequences x {p.num_microbatches} "
         f"micro-batches x {p.dp} replicas")
+    if mesh is not None:
+        holders = [f"{r}: dp {r % p.dp} stage{'s' if p.virtual_stages > 1 else ''} "
+                   f"{','.join(str(st) for st in range(r // p.dp, p.pp * p.virtual_stages, p.pp))}"
+                   for r in range(p.world_size)]
+        log("ranks: " + "; ".join(holders))
     if p.pp > 1:
         names = ["embedding", *(f"block {i}" for i in range(gpt.n_layer)), "head"]
         log(f"pipeline: {p.schedule}, {p.pp * p.virtual_stages} stages on {p.pp} ranks, cut by {engine.partition.method} "
