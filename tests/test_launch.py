@@ -47,3 +47,30 @@ def test_verify_report_fails_on_a_difference():
     assert _report(cfg, gpt, 2, losses, [bent], lines.append) == 1
     assert lines[-1] == "verdict: FAIL (tolerance 1e-09)"
     assert "largest parameter difference 1.0e-06 (1.attn.c_attn.weight)" in lines[-2]
+
+
+def test_rendezvous_store_listens_on_the_given_address_only():
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from plait import launch
+
+    params = RendezvousParameters(backend=launch.RDZV_BACKEND, endpoint="127.0.0.1:0", run_id="t",
+                                  min_nodes=1, max_nodes=1, is_host=True)
+    handler = launch._c10d_bound_to_endpoint(params)
+    assert handler.get_backend() == launch.RDZV_BACKEND
+    host, port = launch._LISTENERS[-1].getsockname()
+    assert host == "127.0.0.1" and port > 0  # not 0.0.0.0 or ::, and a port the system picked
+
+
+def test_worker_store_listens_on_master_addr_only(monkeypatch):
+    from datetime import timedelta
+
+    from plait import distributed
+    from tests.distributed.harness import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    store = distributed._make_store(0, 1, timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert distributed._LISTENERS[-1].getsockname()[0] == "127.0.0.1"

@@ -11,6 +11,7 @@ stage's gradient all-reduce stays local while activations cross nodes.
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -20,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from plait.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 120.0
+_LISTENERS: list[socket.socket] = []  # keeps the store's listening socket open for the process's life
 
 
 def device_for_rank() -> torch.device:
@@ -61,7 +63,33 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    timeout = timedelta(seconds=timeout_s)
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend, store=_make_store(rank_, world, timeout), rank=rank_, world_size=world,
+                            timeout=timeout, **kwargs)
+
+
+def _make_store(rank_: int, world: int, timeout: timedelta) -> dist.Store:
+    """The TCPStore the process group meets in, listening on MASTER_ADDR only.
+
+    Left to itself a TCPStore server listens on every interface; rank 0 binds
+    the listening socket to the address it was given and hands it over.
+    Under a launcher that shares its own rendezvous store with the workers
+    (torchrun's default), every rank is a client of that store instead, and
+    keys are prefixed by the restart round: a restarted worker must not read
+    its dead peer's address from the round before (see the team's notes on
+    torchrun restarts).
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(addr, port, world, False, timeout=timeout)
+        return dist.PrefixStore(f"plait-round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if rank_ == 0:
+        listener = socket.create_server((addr, port))
+        _LISTENERS.append(listener)
+        return dist.TCPStore(addr, port, world, True, timeout=timeout, master_listen_fd=listener.fileno(),
+                             wait_for_workers=False)
+    return dist.TCPStore(addr, port, world, False, timeout=timeout)
 
 
 def make_mesh(dp: int = 1, pp: int = 1) -> DeviceMesh | None:

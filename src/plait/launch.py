@@ -17,11 +17,54 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
 import sys
 import uuid
+from datetime import timedelta
 
 from plait.config import Config
 from plait.errors import PlaitError
+
+
+_LISTENERS: list[socket.socket] = []  # the rendezvous store's listening socket, open for the launcher's life
+RDZV_BACKEND = "plait-c10d"
+
+
+def _c10d_bound_to_endpoint(params):
+    """torch's c10d rendezvous, with its store listening on the endpoint's address only.
+
+    torch's own "c10d" backend creates a TCPStore that listens on every
+    interface. This is the same backend and handler, fed a store whose
+    listening socket was bound to the address given (port 0: one the system
+    picks) before TCPStore took it over.
+    """
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
+    timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
+    if params.get_as_bool("is_host", True):
+        listener = socket.create_server((host, port))
+        _LISTENERS.append(listener)
+        store = TCPStore(host, listener.getsockname()[1], is_master=True, multi_tenant=True, timeout=timeout,
+                         master_listen_fd=listener.fileno(), wait_for_workers=False)
+    else:
+        store = TCPStore(host, port, is_master=False, timeout=timeout)
+
+    class Backend(C10dRendezvousBackend):
+        @property
+        def name(self) -> str:  # the registry checks a handler answers to the name it was asked by
+            return RDZV_BACKEND
+
+    return create_handler(store, Backend(store, params.run_id), params)
+
+
+def _register_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(RDZV_BACKEND, _c10d_bound_to_endpoint)  # again is a no-op
 
 
 def under_launcher() -> bool:
@@ -33,7 +76,9 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
     """Start this node's workers, each running `python -m plait <command> <argv>`; their exit code.
 
     On one node the rendezvous is on 127.0.0.1 with a port the system picks;
-    on several, at `--rdzv` (node 0 hosts the store).
+    on several, at `--rdzv` (node 0 hosts the store). Every listening socket
+    (the rendezvous store, the workers' store, gloo's) is bound to the address
+    given, not to all interfaces.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -47,15 +92,16 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
     # Share the cores: more threads than cores per worker only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    _register_rendezvous()
     multi = lc.nnodes > 1
     config = LaunchConfig(
         min_nodes=lc.nnodes,
         max_nodes=lc.nnodes,
         nproc_per_node=nproc,
         run_id=f"plait-{lc.rdzv}" if multi else f"plait-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
+        rdzv_backend=RDZV_BACKEND,
         rdzv_endpoint=lc.rdzv if multi else "127.0.0.1:0",
-        rdzv_configs={"is_host": lc.node_rank == 0} if multi else {},
+        rdzv_configs={"is_host": lc.node_rank == 0},
         max_restarts=lc.max_restarts,
         monitor_interval=0.2,
         start_method="spawn",
