@@ -29,16 +29,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from plait.errors import ConfigError
+from plait.fsync import fsync
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -86,19 +79,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     files = {}
     for name in ["model.safetensors", *(f"{n}.pt" for n in shards), "trainer.pt"]:
         path = tmp / name
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync(path)
         files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": 1, "step": step, "files": files, "tied": aliases}
     with open(tmp / "manifest.json", "w") as fh:
         json.dump(manifest, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync(tmp)
     if final.exists():  # a rerun of the same step replaces it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync(root)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

@@ -15,6 +15,7 @@ import numpy as np
 
 from plait.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from plait.errors import ConfigError, DataError
+from plait.fsync import fsync
 
 # Part of the cache key: bump it whenever what `prepare` writes changes.
 FORMAT_VERSION = 1
@@ -104,14 +105,6 @@ def _cache_key(docs: list[str], kind: str, vocab_size: int, val_fraction: float)
     return h.hexdigest()[:16]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build(tmp: Path, docs: list[str], source: str, kind: str, vocab_size: int,
            val_fraction: float, key: str) -> None:
     tok = train_bpe(docs, vocab_size) if kind == "bpe" else byte_tokenizer()
@@ -133,7 +126,7 @@ def _build(tmp: Path, docs: list[str], source: str, kind: str, vocab_size: int,
     # On disk before the rename, so after a power cut a folder that looks
     # complete (meta.json present) really is.
     for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
-        _fsync(tmp / name)
+        fsync(tmp / name)
 
 
 def _load(folder: Path) -> PreparedData:
