@@ -1,26 +1,30 @@
-"""Checkpoints: written whole or not at all, loaded without running any code.
+"""Checkpoints: written whole or not at all, loaded on any layout, never running code.
 
 A checkpoint is a folder `checkpoints/step-000200/` holding
 
-    model.safetensors   the whole model, keyed as nn.Sequential(*layers), whatever the layout
-    optimizer-pp0.pt    per pipeline rank: its optimizer state and random-number-generator state
-    trainer.pt          step and layout
-    manifest.json       step, layout, file sizes and SHA-256 checksums; written last
+    model-pp00.safetensors  each pipeline rank's layers, keyed as nn.Sequential(*layers) keys them
+    optim-pp00.pt           its optimizer state, keyed by those same parameter names, and its RNG state
+    trainer.pt              step and the layout that wrote it
+    manifest.json           step, layout, tied keys, each file's size and SHA-256; written last
 
-It is written under a temporary name, every file is fsynced, and only then is
-the folder renamed into place, so a crash leaves either the complete folder
-or none. A folder without a manifest is never loaded. Loading uses
-safetensors and `torch.load(weights_only=True)`: a checkpoint cannot execute
-code.
+Every key is the parameter's name in the whole model, so what is saved does
+not depend on how the layers were split: a run saved at dp=2 x pp=2 resumes
+at dp=1 x pp=4 by reading the keys its stages need. The first data-parallel
+replica writes (replicas are identical), each pipeline rank its own files,
+into `.step-000200.tmp`; when all have fsynced, rank 0 writes the manifest
+and renames the folder into place. A folder without a manifest, or whose
+files do not match their checksums, is skipped in favour of an older one.
+Loading uses safetensors and `torch.load(weights_only=True)`: nothing in a
+checkpoint can execute.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from plait.errors import ConfigError
+from plait.faults import maybe_die
 from plait.fsync import fsync
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,62 +47,87 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Split a state dict into distinct tensors and aliases (tied weights) -> the key they alias."""
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first_key: dict[tuple[int, int], str] = {}
+def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys that alias a tensor already kept (a tied weight within one rank): safetensors
+    refuses shared storage, and the manifest's `tied` map restores them."""
+    kept, seen = {}, set()
     for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if ident in first_key:
-            aliases[key] = first_key[ident]
-        else:
-            first_key[ident] = key
-            unique[key] = t.detach().contiguous().cpu()
-    return unique, aliases
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident not in seen:
+            seen.add(ident)
+            kept[key] = t.detach().contiguous().cpu()
+    return kept
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
-                    shards: dict[str, dict[str, Any]], trainer_state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write a complete checkpoint for `step` and keep only the newest `keep`.
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
-    `shards` maps a name (e.g. "optimizer-pp0") to what one rank needs back
-    (tensors, numbers, strings and containers of them); each becomes `<name>.pt`.
-    """
+
+def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer,
+                        keep: int = 2) -> Path:
+    """Write a complete checkpoint of step `step`; called on every rank, returns once it is in place."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors, aliases = unique_tensors(model_state)
-    save_file(tensors, tmp / "model.safetensors")
-    for name, shard in shards.items():
-        torch.save(shard, tmp / f"{name}.pt")
-    torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
-    files = {}
-    for name in ["model.safetensors", *(f"{n}.pt" for n in shards), "trainer.pt"]:
-        path = tmp / name
-        fsync(path)
-        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format": 1, "step": step, "files": files, "tied": aliases}
-    with open(tmp / "manifest.json", "w") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync(tmp)
-    if final.exists():  # a rerun of the same step replaces it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+        tmp.mkdir()
+    _barrier()
+    first_replica = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
+    if first_replica:
+        r = engine.pp_rank
+        save_file(_unique(engine.state_dict()), tmp / f"model-pp{r:02d}.safetensors")
+        torch.save({"optimizer": optimizer_state_by_name(engine, optimizer), "torch_rng": torch.get_rng_state()},
+                   tmp / f"optim-pp{r:02d}.pt")
+        fsync(tmp / f"model-pp{r:02d}.safetensors")
+        fsync(tmp / f"optim-pp{r:02d}.pt")
+    maybe_die("in-checkpoint", step)
+    _barrier()
+    if rank0:
+        layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
+                  "schedule": engine.schedule}
+        torch.save({"step": step, "layout": layout}, tmp / "trainer.pt")
+        fsync(tmp / "trainer.pt")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {"format": 2, "step": step, "layout": layout, "tied": engine.tied_keys, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        fsync(tmp / "manifest.json")
+        fsync(tmp)
+        if final.exists():  # a rerun of the same step replaces it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync(root)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
     return final
 
 
+def optimizer_state_by_name(engine, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's per-parameter state keyed by parameter name (a tied copy by its first name)."""
+    names = {p: engine.tied_keys.get(n, n) for n, p in engine.named_parameters()}
+    sd = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {names[params[i]]: s for i, s in sd["state"].items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state_by_name(engine, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load name-keyed optimizer state into this rank's optimizer, whatever layout saved it."""
+    names = {p: engine.tied_keys.get(n, n) for n, p in engine.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: saved["state"][names[p]] for i, p in enumerate(params) if names[p] in saved["state"]}
+    groups, index = [], 0
+    for group, kept in zip(optimizer.param_groups, saved["param_groups"]):
+        groups.append({**kept, "params": list(range(index, index + len(group["params"])))})
+        index += len(group["params"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (those with a manifest), oldest first."""
+    """Checkpoints with a manifest, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -106,92 +136,78 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest checkpoint with a manifest, or None (see `newest_intact` for checksums)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, shard: str | None = None, verify: bool = True) -> dict[str, Any]:
-    """Read a checkpoint folder: {"model", "shard", "trainer", "manifest"}.
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if every file the manifest lists is there with its checksum, else what is wrong."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    for name, info in manifest["files"].items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != info["bytes"] or _sha256(path / name) != info["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
-    `shard` names the per-rank file to read (e.g. "optimizer-pp0"). With
-    `verify`, checksums are compared with the manifest first; tied keys are
-    restored as aliases of the tensor they share.
+
+def newest_intact(run_dir: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Path | None:
+    """The newest checkpoint whose files all match the manifest; damaged ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"plait: warning: skipping checkpoint {path}: {problem}")
+    return None
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read a checkpoint folder: {"model", "optimizer", "rng", "trainer", "manifest"}.
+
+    "model" is the whole model keyed as nn.Sequential(*layers) (tied keys
+    restored as aliases); "optimizer" the name-keyed optimizer state of every
+    pipeline rank merged; "rng" each pipeline rank's RNG state by pp rank.
     """
     path = Path(path)
+    if verify and (problem := verify_checkpoint(path)) is not None:
+        raise ConfigError(f"checkpoint {path}: {problem}; the file is damaged, resume from an older checkpoint")
     manifest = json.loads((path / "manifest.json").read_text())
-    if shard is not None and f"{shard}.pt" not in manifest["files"]:
-        raise ConfigError(f"checkpoint {path} has no {shard}.pt; it was written by another layout")
-    if verify:
-        for name, info in manifest["files"].items():
-            if name.endswith(".pt") and name not in (f"{shard}.pt", "trainer.pt"):
-                continue  # other ranks' shards: theirs to check
-            if _sha256(path / name) != info["sha256"]:
-                raise ConfigError(f"checkpoint {path}: {name} does not match its checksum; "
-                                  f"the file is damaged, resume from an older checkpoint")
-    model = load_file(path / "model.safetensors")
+    model: dict[str, torch.Tensor] = {}
+    optim: dict[str, Any] = {"state": {}, "param_groups": None}
+    rng = {}
+    for part in sorted(path.glob("model-pp*.safetensors")):
+        model.update(load_file(part))
+    for part in sorted(path.glob("optim-pp*.pt")):
+        saved = torch.load(part, weights_only=True)
+        optim["state"].update(saved["optimizer"]["state"])
+        optim["param_groups"] = saved["optimizer"]["param_groups"]
+        rng[int(part.stem.removeprefix("optim-pp"))] = saved["torch_rng"]
     for alias, key in manifest.get("tied", {}).items():
-        model[alias] = model[key]
-    return {
-        "model": model,
-        "shard": torch.load(path / f"{shard}.pt", weights_only=True) if shard is not None else None,
-        "trainer": torch.load(path / "trainer.pt", weights_only=True),
-        "manifest": manifest,
-    }
-
-
-def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer,
-                        keep: int) -> None:
-    """Checkpoint a run; called on every rank.
-
-    Replicas are identical, so the first data-parallel replica speaks for all:
-    each of its pipeline ranks hands its layers, optimizer state and RNG state
-    to global rank 0, which writes the checkpoint (the whole model in one
-    file, keyed as one process would key it). Returns once it is on disk.
-    """
-    shard_name = f"optimizer-pp{engine.pp_rank}"
-    shard = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    model = {k: v.detach().cpu() for k, v in engine.state_dict().items()}
-    parts = [(model, shard_name, shard)]
-    if engine.pp_size > 1 and engine.mesh["dp"].get_local_rank() == 0:
-        parts = [None] * engine.pp_size if dist.get_rank() == 0 else None
-        dist.gather_object((model, shard_name, _to_cpu(shard)), parts, dst=0, group=engine.mesh.get_group("pp"))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        whole, shards = {}, {}
-        for part_model, name, part_shard in parts:
-            whole.update(part_model)
-            shards[name] = part_shard
-        for alias, key in engine.tied_keys.items():  # copies of one weight on two ranks: save it once
-            if alias in whole and key in whole:
-                whole[alias] = whole[key]
-        layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
-                  "schedule": engine.schedule}
-        save_checkpoint(run_dir, step, whole, shards, {"layout": layout}, keep=keep)
-    if dist.is_initialized():
-        dist.barrier()
+        if alias not in model and key in model:
+            model[alias] = model[key]
+    return {"model": model, "optimizer": optim, "rng": rng, "manifest": manifest,
+            "trainer": torch.load(path / "trainer.pt", weights_only=True)}
 
 
 def restore_training_state(path: str | Path, engine, optimizer: torch.optim.Optimizer) -> int:
-    """Load a checkpoint into this rank's engine and optimizer; returns its step."""
-    state = load_checkpoint(path, shard=f"optimizer-pp{engine.pp_rank}")
-    saved = state["trainer"].get("layout", {})
-    here = {"pp": engine.pp_size, "bounds": list(engine.partition.bounds)}
-    if {k: saved.get(k) for k in here} != here:
-        raise ConfigError(f"checkpoint {path} was written with pp={saved.get('pp')} and stages cut at "
-                          f"{saved.get('bounds')}, this run has pp={here['pp']} cut at {here['bounds']}; "
-                          f"resume with the same --pp, --virtual-stages and --split")
+    """Load a checkpoint into this rank's engine and optimizer, on any layout; returns its step."""
+    state = load_checkpoint(path)
+    mine = engine.state_dict()
+    for key, value in mine.items():
+        saved = state["model"].get(key)
+        if saved is None or saved.shape != value.shape:
+            got = "no such weight" if saved is None else f"{list(saved.shape)}"
+            raise ConfigError(f"checkpoint {path} holds a different model: {key} is {got} there, "
+                              f"{list(value.shape)} here; resume with the run's own model options")
     engine.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["shard"]["optimizer"])
-    torch.set_rng_state(state["shard"]["torch_rng"])
+    load_optimizer_state_by_name(engine, optimizer, state["optimizer"])
+    # The RNG of the same pipeline rank when the layout is unchanged (dropout then
+    # resumes exactly); otherwise rank 0's.
+    torch.set_rng_state(state["rng"].get(engine.pp_rank, state["rng"][0])
+                        if state["trainer"]["layout"]["pp"] == engine.pp_size else state["rng"][0])
     return int(state["trainer"]["step"])
-
-
-def _to_cpu(obj):
-    """A copy of a nested state with every tensor on the CPU, for sending as an object."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

@@ -99,6 +99,7 @@ def _config_from(args: argparse.Namespace):
 def _run_here_or_launch(cfg, command: str, argv: list[str], work) -> int:
     """Run `work()` in this process if it is a worker (or the job is one process); else start the workers."""
     from plait.launch import launch, under_launcher
+    from plait.train import default_run_dir
 
     if under_launcher() or (cfg.parallel.world_size == 1 and cfg.launch.nnodes == 1):
         import torch.distributed as dist
@@ -108,6 +109,8 @@ def _run_here_or_launch(cfg, command: str, argv: list[str], work) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+    if command == "train" and cfg.output.out is None:
+        argv = [*argv, "--out", default_run_dir()]  # one run directory for every worker, and every restart
     return launch(cfg, command, argv)
 
 

@@ -18,12 +18,14 @@ It composes the pieces on a mesh with axes "pp" and "dp":
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.errors import TrainingError, peer_failure
 from plait.parallel.data_parallel import GradientSync
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
@@ -88,7 +90,7 @@ class Engine:
         stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
-        self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast)
+        self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe)
         self.train_actions = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
         self.eval_actions = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
@@ -96,7 +98,8 @@ class Engine:
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
         self.grad_sync = None
         if self.dp_group is not None:
-            self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20))
+            self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
+                                          describe=self.describe)
         self.tied = None
         if self.pp_size > 1:
             layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
@@ -104,6 +107,10 @@ class Engine:
             if tied:
                 columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
                 self.tied = TiedGradients(tied, set(self.parameters()), columns)
+
+    def describe(self, rank: int) -> str:
+        """A global rank with its mesh coordinates, for messages: "rank 3 (dp=1, pp=1)"."""
+        return f"rank {rank} (dp={rank % self.dp_size}, pp={rank // self.dp_size})"
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -156,7 +163,13 @@ class Engine:
         if self.mesh is not None and dist.get_world_size() > 1:
             # Only last-stage ranks hold a loss; summing over all ranks and dividing
             # by dp gives every rank the same global mean.
-            dist.all_reduce(mean)
+            t0 = time.monotonic()
+            try:
+                dist.all_reduce(mean)
+            except RuntimeError as e:
+                raise TrainingError(f"{self.describe(dist.get_rank())} waited {time.monotonic() - t0:.0f} s in "
+                                    f"the loss all-reduce over all {dist.get_world_size()} ranks: "
+                                    f"{peer_failure(e)}") from None
             mean /= self.dp_size
         return mean.item()
 

@@ -32,3 +32,12 @@ class DataError(ConfigError):
 
 class TrainingError(PlaitError):
     """The run itself failed (a NaN loss, a lost worker). Exit code 1."""
+
+
+def peer_failure(e: BaseException) -> str:
+    """The gist of a communication error from gloo or NCCL, without source paths and advice."""
+    import re
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../pair.cc:537] Read error ..." -> "Read error ..."
+    return text.split(". This is typically")[0]

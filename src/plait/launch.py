@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import uuid
 from datetime import timedelta
 
 from plait.config import Config
-from plait.errors import PlaitError
+from plait.errors import ConfigError, PlaitError
 
 
 _LISTENERS: list[socket.socket] = []  # the rendezvous store's listening socket, open for the launcher's life
@@ -91,7 +92,7 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Share the cores: more threads than cores per worker only thrash.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     _register_rendezvous()
     multi = lc.nnodes > 1
     config = LaunchConfig(
@@ -107,14 +108,35 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
         start_method="spawn",
         local_addr=lc.rdzv.rsplit(":", 1)[0] if multi and lc.node_rank == 0 else None,
     )
+    if multi and lc.node_rank == 0:
+        _check_port_free(lc.rdzv)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", command, *argv)
     except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        return 2 if codes == {2} else 1
+        killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
+        # A worker killed by a signal is the cause; its neighbours' errors (which name it) are the effect.
+        first_rank, first = min(killed.items()) if killed else e.get_first_failure()
+        if first.exitcode in (1, 2):  # the worker said what went wrong itself; the rest were stopped
+            return first.exitcode
+        dp = cfg.parallel.dp
+        how = (f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
+               else f"exited with code {first.exitcode}")
+        hint = "" if lc.max_restarts else "; with --max-restarts N it would carry on from the newest checkpoint"
+        raise PlaitError(f"worker rank {first_rank} (dp={first_rank % dp}, pp={first_rank // dp}) {how}; "
+                         f"the other workers were stopped{hint}") from None
     except Exception as e:  # the launcher's own failures (rendezvous timeout, ...)
         raise PlaitError(f"the launcher failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return 0
+
+
+def _check_port_free(endpoint: str) -> None:
+    """Refuse a rendezvous address this node cannot listen on, before starting anything."""
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        socket.create_server((host, int(port))).close()
+    except OSError as e:
+        raise ConfigError(f"--rdzv {endpoint}: cannot listen there ({e.strerror}); choose a free port, "
+                          f"or an address of this machine") from None
 
 
 def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partition: str | None = None,

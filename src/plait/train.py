@@ -31,7 +31,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait import distributed
-from plait.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_training_state
+from plait.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
+                              restore_training_state, save_training_state)
+from plait.faults import maybe_die
 from plait.config import Config, to_toml
 from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
@@ -93,14 +95,14 @@ def on_rank0(fn, *args):
     return result
 
 
+def default_run_dir() -> str:
+    """runs/<date>-<time>, the run directory when --out is not given."""
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
 def make_run_dir(cfg: Config, resume: str | None) -> Path:
     """Create (or reopen, on resume) the run directory and prove it is writable."""
-    if resume:
-        run_dir = Path(resume)
-    elif cfg.output.out:
-        run_dir = Path(cfg.output.out)
-    else:
-        run_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(resume or cfg.output.out or default_run_dir())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -159,10 +161,16 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         on_rank0(lambda: prepare_data() and None)
     data = prepare_data()
 
+    # After torch's launcher restarts the workers (--max-restarts), carry on from the
+    # run's newest checkpoint by ourselves; with none yet, start the run over.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if resume is None and restarted and cfg.output.out and list_checkpoints(cfg.output.out):
+        resume = cfg.output.out
+
     def open_run_dir():
         start = None
         if resume:
-            start = latest_checkpoint(resume)
+            start = newest_intact(resume)
             if start is None:
                 raise ConfigError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
         run_dir = make_run_dir(cfg, resume)
@@ -209,7 +217,11 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     if start is not None:
         first_step = restore_training_state(start, engine, optimizer)
         log(f"resumed from {start} at step {first_step}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=first_step if start else None) if main else None
+    if start is not None:
+        keep_until = first_step
+    else:
+        keep_until = -1 if restarted else None  # a restart with no checkpoint begins the log again
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=keep_until) if main else None
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
     def checkpoint(step: int) -> None:
@@ -255,6 +267,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
                 log(f"step {done}: loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
             if done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0:
                 checkpoint(done)
+            maybe_die("after-step", done)
         bar.close()
         if first_step < cfg.train.steps:
             checkpoint(cfg.train.steps)

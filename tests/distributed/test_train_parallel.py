@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from plait.checkpoint import load_checkpoint
 
 ARGS = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--global-batch", "8",
         "--steps", "4", "--eval-batches", "1", "--sample-tokens", "4", "--dtype", "float64", "--no-progress"]
@@ -22,7 +22,7 @@ def torchrun(nproc, args, timeout=300):
 
 
 def final_model(run, step=4):
-    return load_file(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+    return load_checkpoint(run / "checkpoints" / f"step-{step:06d}")["model"]
 
 
 @pytest.fixture(scope="module")

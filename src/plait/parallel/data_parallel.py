@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.errors import TrainingError, peer_failure
+
 
 FIRST_BUCKET_BYTES = 1 << 20
 
@@ -76,8 +78,10 @@ class GradientSync:
             a bucket of its own.
     """
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int):
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
+                 describe=lambda r: f"rank {r}"):
         self.group = group
+        self.describe = describe
         self.sync = True
         self.stats = SyncStats()
         params = [p for p in dict.fromkeys(params) if p.requires_grad]
@@ -171,8 +175,14 @@ class GradientSync:
         """After the last backward: launch what is left, wait for everything, apply use flags."""
         t0 = time.perf_counter()
         self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
-        for bucket in self.buckets:
-            bucket.work.wait()
+        for n, bucket in enumerate(self.buckets):
+            try:
+                bucket.work.wait()
+            except RuntimeError as e:
+                peers = ", ".join(self.describe(r) for r in dist.get_process_group_ranks(self.group))
+                raise TrainingError(f"{self.describe(dist.get_rank())} waited {time.perf_counter() - t0:.0f} s in "
+                                    f"the gradient all-reduce of bucket {n + 1} of {len(self.buckets)} with "
+                                    f"{peers}: {peer_failure(e)}") from None
         t1 = time.perf_counter()
         comm = 0.0
         for bucket in self.buckets:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.errors import TrainingError, peer_failure
 from plait.parallel.schedule import Action, stage_rank
 
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
@@ -48,10 +49,13 @@ class PipelineExecutor:
         pp_ranks: global rank of each pipeline rank, in pp order (this replica's).
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
         autocast: a callable returning the context to run forwards in.
+        describe: global rank -> how to name it in errors, e.g. "rank 3 (dp=1, pp=1)".
     """
 
     def __init__(self, stages: dict[int, nn.Module], num_stages: int, pp_ranks: list[int],
-                 loss_fn: Callable, autocast: Callable[[], contextlib.AbstractContextManager]):
+                 loss_fn: Callable, autocast: Callable[[], contextlib.AbstractContextManager],
+                 describe: Callable[[int], str] = lambda r: f"rank {r}"):
+        self.describe = describe
         self.stages = stages
         self.num_stages = num_stages
         self.pp_ranks = pp_ranks
@@ -69,6 +73,18 @@ class PipelineExecutor:
 
     # ---- communication -------------------------------------------------------------
 
+    def _wait(self, work, what: str, microbatch: int, peer: int, sending: bool = False) -> None:
+        """Wait for a transfer; if the peer is gone or silent past the timeout, say so in our terms."""
+        t0 = time.monotonic()
+        try:
+            work.wait()
+        except RuntimeError as e:
+            me = self.describe(dist.get_rank())
+            verb, prep = ("send", "to") if sending else ("receive", "from")
+            reason = peer_failure(e)
+            raise TrainingError(f"{me} waited {time.monotonic() - t0:.0f} s to {verb} {what} of micro-batch "
+                                f"{microbatch} {prep} {self.describe(peer)}: {reason}") from None
+
     def _send(self, tensor: torch.Tensor, to_stage: int, stage: int, microbatch: int, what: int, key) -> None:
         if what == _ACT and (stage, key) not in self._shapes:
             if tensor.dim() > _HEADER_LEN - 2:
@@ -77,11 +93,14 @@ class PipelineExecutor:
             header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
             header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
             self._pending.append((dist.isend(header.to(tensor.device), self._peer(to_stage),
-                                             tag=self._tag(stage, microbatch, _HEADER)), header))
+                                             tag=self._tag(stage, microbatch, _HEADER)), header,
+                                  "the activation shape", microbatch, self._peer(to_stage)))
             self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
         tensor = tensor.contiguous()
         work = dist.isend(tensor, self._peer(to_stage), tag=self._tag(stage, microbatch, what))
-        self._pending.append((work, tensor))  # the tensor must live until the send is done
+        # The tensor must live until the send is done.
+        self._pending.append((work, tensor, "forward activations" if what == _ACT else "backward gradients",
+                              microbatch, self._peer(to_stage)))
 
     def _post_recv(self, action: Action, key, device: torch.device, block: bool):
         """Post the receive `action` needs; returns (work, buffer), or None if it needs nothing
@@ -100,14 +119,15 @@ class PipelineExecutor:
             if not block or what == _GRAD:
                 return None
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
-            dist.irecv(header, self._peer(src_stage), tag=self._tag(s - 1, i, _HEADER)).wait()
+            self._wait(dist.irecv(header, self._peer(src_stage), tag=self._tag(s - 1, i, _HEADER)),
+                       "the activation shape", i, self._peer(src_stage))
             header = header.cpu()
             ndim = int(header[1])
             self._shapes[shape_key] = (torch.Size(header[2:2 + ndim].tolist()), _DTYPES[int(header[0])])
         shape, dtype = self._shapes[shape_key]
         buf = torch.empty(shape, dtype=dtype, device=device)
         tag = self._tag(src_stage, i, what) if what == _ACT else self._tag(s + 1, i, what)
-        return dist.irecv(buf, self._peer(src_stage), tag=tag), buf
+        return dist.irecv(buf, self._peer(src_stage), tag=tag), buf, what, self._peer(src_stage)
 
     # ---- execution -----------------------------------------------------------------
 
@@ -138,7 +158,9 @@ class PipelineExecutor:
                     if ahead is not None:
                         posted[n + 1] = ahead
                 if got is not None:
-                    got[0].wait()
+                    work, _, what, peer = got
+                    self._wait(work, "forward activations" if what == _ACT else "backward gradients",
+                               action.microbatch, peer)
                 received = got[1] if got is not None else None
                 t0 = time.perf_counter()
                 if action.kind == "F":
@@ -148,8 +170,8 @@ class PipelineExecutor:
                         on_backward(action)
                     self._backward(action, received, saved, key)
                 self.compute_s += time.perf_counter() - t0
-        for work, _ in self._pending:
-            work.wait()
+        for work, _, what, microbatch, peer in self._pending:
+            self._wait(work, what, microbatch, peer, sending=True)
         self._pending = []
         return total
 
