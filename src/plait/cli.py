@@ -3,6 +3,7 @@
     plait train [--config F.toml] [--resume RUN_DIR] [options]
     plait verify [options]                   the layout next to a one-process float64 reference
     plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
+    plait export RUN_DIR OUT [--format safetensors|hf]   the newest checkpoint, for use elsewhere
 
 Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
 explain (any `PlaitError`) is one line on stderr, with no traceback; in a
@@ -81,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", metavar="HH:MM:SS")
     slurm.add_argument("--job-name", default="plait", metavar="NAME")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS")
+    export = sub.add_parser("export", help="write a run's newest checkpoint as one file or a Hugging Face folder",
+                            description="Export the newest complete checkpoint of a run: as one safetensors "
+                                        "file that plait.export.load_exported reads (OUT is a file), or as a "
+                                        "folder that transformers' GPT2LMHeadModel.from_pretrained loads, "
+                                        "with the tokenizer (OUT is a new or empty folder).")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds config.toml, checkpoints/)")
+    export.add_argument("out", metavar="OUT", help="the file (safetensors) or folder (hf) to write")
+    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors: one plait file; hf: a Hugging Face GPT-2 folder (default: safetensors)")
     return parser
 
 
@@ -127,6 +137,19 @@ def _slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from plait.export import export_hf, export_safetensors  # torch is paid for only once the input is good
+
+    if args.format == "hf":
+        out = export_hf(args.run_dir, args.out, log=lambda note: print(f"plait: note: {note}", file=sys.stderr))
+        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        print(f"wrote Hugging Face GPT-2 folder {out} ({files})")
+    else:
+        out = export_safetensors(args.run_dir, args.out)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; read it with plait.export.load_exported)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "slurm":
             return _slurm(args)
+        if args.command == "export":
+            return _export(args)
         cfg = _config_from(args)
         rest = argv[1:]
         if args.command == "train":

@@ -1,0 +1,129 @@
+"""plait export: a plait safetensors file, and a Hugging Face GPT-2 folder that transformers loads."""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from plait.checkpoint import latest_checkpoint, load_checkpoint
+from plait.cli import main
+from plait.config import load_config
+from plait.data.corpus import prepare
+from plait.export import export_hf, export_safetensors, load_exported
+from plait.model.gpt import build_gpt
+from plait.train import train
+
+transformers = pytest.importorskip("transformers")
+
+TINY = {"parallel.dp": 1, "parallel.pp": 1, "parallel.num_microbatches": 1, "model.n_layer": 2,
+        "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32, "train.steps": 2, "train.global_batch": 4,
+        "train.eval_batches": 1, "train.sample_tokens": 0, "output.progress": False}
+
+
+def quiet(*_args, **_kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """Two trained runs: "tied" (the defaults, BPE) and "untied" (separate head, byte tokenizer)."""
+    root = tmp_path_factory.mktemp("export-runs")
+    found = {}
+    for name, extra in [("tied", {}), ("untied", {"model.tie_embeddings": False, "data.tokenizer": "byte"})]:
+        cfg = load_config(None, {**TINY, "data.data_dir": data_dir, "output.out": str(root / name), **extra})
+        found[name] = train(cfg, log=quiet).run_dir
+    return found
+
+
+def plait_model(run_dir) -> nn.Sequential:
+    """The model as plait itself rebuilds it from the newest checkpoint."""
+    state = load_checkpoint(latest_checkpoint(run_dir))["model"]
+    cfg = load_config(run_dir / "config.toml")
+    model = nn.Sequential(*build_gpt(cfg.model.gpt(state["0.wte.weight"].shape[0])))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def random_tokens(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_safetensors_round_trip_is_bit_identical(runs, tmp_path):
+    reference = plait_model(runs["tied"])
+    out = export_safetensors(runs["tied"], tmp_path / "model.safetensors")
+    layers = load_exported(out)
+    assert layers[-1].lm_head.weight is layers[0].wte.weight  # the tie survives the file
+    idx = random_tokens(layers[0].wte.num_embeddings)
+    with torch.no_grad():
+        assert torch.equal(nn.Sequential(*layers).eval()(idx), reference(idx))
+
+
+@pytest.mark.parametrize("name", ["tied", "untied"])
+def test_hf_logits_match_plait(runs, tmp_path, name):
+    reference = plait_model(runs[name])
+    out = export_hf(runs[name], tmp_path / "hf", log=quiet)
+    model, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    model.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tied = name == "tied"
+    assert (model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()) == tied
+    assert model.config.tie_word_embeddings == tied
+    idx = random_tokens(model.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = reference(idx), model(idx).logits
+    assert theirs.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_hf_tokenizer_encodes_as_plait(runs, tmp_path):
+    cfg = load_config(runs["tied"] / "config.toml")
+    ours = prepare(cfg.data.data, cfg.data.data_dir, vocab_size=cfg.data.vocab_size).tokenizer
+    out = export_hf(runs["tied"], tmp_path / "hf", log=quiet)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "The quick brown fox jumps over the lazy dog.<|endoftext|>  def f(x): return x ** 2\n"
+    assert theirs.encode(text) == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
+    assert theirs.eos_token_id == ours.eot_id == transformers.AutoConfig.from_pretrained(out).eos_token_id
+
+
+def test_byte_tokenizer_run_writes_no_tokenizer_files(runs, tmp_path):
+    notes = []
+    out = export_hf(runs["untied"], tmp_path / "hf", log=notes.append)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert len(notes) == 1 and "no tokenizer files" in notes[0]
+
+
+def test_cli_export_both_formats(runs, tmp_path, capsys):
+    assert main(["export", str(runs["tied"]), str(tmp_path / "m.safetensors")]) == 0
+    assert len(load_exported(tmp_path / "m.safetensors")) == 4
+    (tmp_path / "empty").mkdir()  # an existing empty folder is fine
+    assert main(["export", str(runs["tied"]), str(tmp_path / "empty"), "--format", "hf"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'm.safetensors'} (")
+    assert lines[1] == (f"wrote Hugging Face GPT-2 folder {tmp_path / 'empty'} "
+                        f"(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_cli_errors(runs, tmp_path, capsys):
+    no_ckpt = tmp_path / "fresh"
+    no_ckpt.mkdir()
+    shutil.copy(runs["tied"] / "config.toml", no_ckpt)
+    assert main(["export", str(no_ckpt), str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err == (f"plait: error: {no_ckpt}: no complete checkpoint in {no_ckpt}/checkpoints; "
+                                       f"train the run until it saves one, or give another run\n")
+
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err == (f"plait: error: {tmp_path / 'nowhere'}: no config.toml there; "
+                                       f"give the directory of a plait run\n")
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main(["export", str(runs["tied"]), str(full), "--format", "hf"]) == 2
+    assert capsys.readouterr().err == f"plait: error: {full} exists and is not empty; give a new or empty folder\n"
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+    assert main(["export", str(runs["tied"]), str(full), "--format", "onnx"]) == 2
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
