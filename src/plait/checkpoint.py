@@ -47,16 +47,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop keys that alias a tensor already kept (a tied weight within one rank): safetensors
-    refuses shared storage, and the manifest's `tied` map restores them."""
-    kept, seen = {}, set()
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a state dict into distinct tensors and aliases (a tied weight) -> the key they alias.
+
+    safetensors refuses tensors that share storage; the aliases go in metadata instead.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_key: dict[tuple, str] = {}
     for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident not in seen:
-            seen.add(ident)
-            kept[key] = t.detach().contiguous().cpu()
-    return kept
+        if ident in first_key:
+            aliases[key] = first_key[ident]
+        else:
+            first_key[ident] = key
+            unique[key] = t.detach().contiguous().cpu()
+    return unique, aliases
 
 
 def _barrier() -> None:
@@ -78,7 +84,7 @@ def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch
     first_replica = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
     if first_replica:
         r = engine.pp_rank
-        save_file(_unique(engine.state_dict()), tmp / f"model-pp{r:02d}.safetensors")
+        save_file(unique_tensors(engine.state_dict())[0], tmp / f"model-pp{r:02d}.safetensors")
         torch.save({"optimizer": optimizer_state_by_name(engine, optimizer), "torch_rng": torch.get_rng_state()},
                    tmp / f"optim-pp{r:02d}.pt")
         fsync(tmp / f"model-pp{r:02d}.safetensors")

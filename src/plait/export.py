@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from plait.checkpoint import latest_checkpoint, load_checkpoint, unique_tensors
+from plait.checkpoint import load_checkpoint, newest_intact, unique_tensors
 from plait.config import load_config
 from plait.data.tokenizer import EOT, byte_tokenizer
 from plait.errors import ConfigError
@@ -35,7 +35,7 @@ def _read_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir}: no config.toml there; give the directory of a plait run")
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = newest_intact(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}; "
                           f"train the run until it saves one, or give another run")

@@ -135,7 +135,8 @@ def _check_port_free(endpoint: str) -> None:
     try:
         socket.create_server((host, int(port))).close()
     except OSError as e:
-        raise ConfigError(f"--rdzv {endpoint}: cannot listen there ({e.strerror}); choose a free port, "
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]
+        raise ConfigError(f"--rdzv {endpoint}: cannot listen there ({reason}); choose a free port, "
                           f"or an address of this machine") from None
 
 
