@@ -149,7 +149,7 @@ def test_crash_leaves_nothing(tmp_path, text_dir, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus, "_fsync", crash)
+    monkeypatch.setattr(corpus, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(text_dir), tmp_path, tokenizer="byte")
     assert os.listdir(tmp_path) == []
