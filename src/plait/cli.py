@@ -4,6 +4,8 @@
     plait verify [options]                   the layout next to a one-process float64 reference
     plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
     plait export RUN_DIR OUT [--format safetensors|hf]   the newest checkpoint, for use elsewhere
+    plait schedule NAME --stages P --microbatches M [--virtual V] [--out CHART.png]
+                                             simulate a pipeline schedule: grid, bubble, chart
 
 Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
 explain (any `PlaitError`) is one line on stderr, with no traceback; in a
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from plait.config import SECTIONS, field_type, flag_of, load_config, read_toml
 from plait.errors import ConfigError, PlaitError
+from plait.parallel.schedule import SCHEDULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT", help="the file (safetensors) or folder (hf) to write")
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="safetensors: one plait file; hf: a Hugging Face GPT-2 folder (default: safetensors)")
+    schedule = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its timeline",
+                              description="Simulate a pipeline schedule on an idealised machine (a rank waits "
+                                          "only for its inputs) and print each rank's actions, the makespan, "
+                                          "the bubble (simulated and theoretical) and the peak micro-batches "
+                                          "in flight; with --out, draw the timeline as a PNG.")
+    schedule.add_argument("name", metavar="NAME", help=f"the schedule: {', '.join(SCHEDULES)}")
+    schedule.add_argument("--stages", type=int, required=True, metavar="P", help="pipeline ranks (pp)")
+    schedule.add_argument("--microbatches", type=int, required=True, metavar="M", help="micro-batches per step")
+    schedule.add_argument("--virtual", type=int, default=1, metavar="V",
+                          help="stages per rank, for interleaved-1f1b (default: 1)")
+    schedule.add_argument("--forward-cost", type=float, default=1.0, metavar="X",
+                          help="time of one micro-batch's forward through one rank's layers, shared "
+                               "evenly by its virtual stages (default: 1)")
+    schedule.add_argument("--backward-cost", type=float, default=2.0, metavar="X",
+                          help="time of one micro-batch's backward through one rank's layers (default: 2)")
+    schedule.add_argument("--comm-cost", type=float, default=0.0, metavar="X",
+                          help="time added to every activation or gradient crossing ranks (default: 0)")
+    schedule.add_argument("--out", metavar="CHART.png", help="draw the timeline into this PNG")
     return parser
 
 
@@ -150,6 +171,47 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    """`plait schedule`: simulate, print the grid and the figures, optionally draw the chart."""
+    from plait.parallel.schedule import ScheduleError, format_grid, make_schedule, simulate, theoretical_bubble
+
+    for flag, value in (("--forward-cost", args.forward_cost), ("--backward-cost", args.backward_cost)):
+        if not value > 0:  # also refuses nan
+            raise ConfigError(f"{flag} must be > 0 (got {value:g})")
+    if not args.comm_cost >= 0:
+        raise ConfigError(f"--comm-cost must be >= 0 (got {args.comm_cost:g})")
+    try:
+        plan = make_schedule(args.name, args.stages, args.microbatches, args.virtual)
+        # Costs are per rank, so a chart of an interleaved layout has the same
+        # work as its plain 1f1b one and the makespans compare directly.
+        sim = simulate(plan, args.stages, args.microbatches, args.virtual,
+                       args.forward_cost / args.virtual, args.backward_cost / args.virtual, args.comm_cost)
+        theory = theoretical_bubble(args.name, args.stages, args.microbatches, args.virtual)
+    except ScheduleError as e:
+        # Only the summary: a grid, if any, would bury the fix-it line.
+        raise ConfigError(str(e).splitlines()[0]) from None
+    layout = f"{args.stages} stages" + (f" x {args.virtual} virtual" if args.virtual > 1 else "")
+    print(f"{args.name}: {layout}, {args.microbatches} micro-batches "
+          f"(per rank: forward {args.forward_cost:g}, backward {args.backward_cost:g}; comm {args.comm_cost:g})")
+    print(format_grid(plan))
+    print(f"makespan            {sim.makespan:g}")
+    print(f"bubble (simulated)  {sim.bubble:.4f}")
+    print(f"bubble (theory)     {theory:.4f}")
+    print("peak micro-batches in flight per rank (forwards awaiting their backward): " + " ".join(str(sim.peak_in_flight[r]) for r in sorted(plan)))
+    if args.out:
+        from plait.charts import boxes_from_simulation, draw_pipeline
+
+        title = (f"{args.name}, {layout}, {args.microbatches} micro-batches: "
+                 f"bubble {sim.bubble:.3f} simulated vs {theory:.3f} theory")
+        try:
+            draw_pipeline([("simulated", boxes_from_simulation(sim, args.virtual), "units")], args.out, title,
+                          args.stages)
+        except OSError as e:
+            raise ConfigError(f"--out {args.out}: {e.strerror or e}") from None
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -160,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return _slurm(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "schedule":
+            return _schedule(args)
         cfg = _config_from(args)
         rest = argv[1:]
         if args.command == "train":

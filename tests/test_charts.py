@@ -1,0 +1,103 @@
+"""Pipeline charts: boxes from the simulator, the PNG, and `plait schedule`."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from plait.charts import Box, boxes_from_simulation, draw_pipeline
+from plait.cli import main
+from plait.parallel.schedule import make_schedule, simulate
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def simulated(name, pp, m, virtual=1):
+    return simulate(make_schedule(name, pp, m, virtual), pp, m, virtual)
+
+
+def read_png(path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    return matplotlib.image.imread(path)
+
+
+@pytest.mark.parametrize("name,pp,m,virtual", [("1f1b", 4, 8, 1), ("interleaved-1f1b", 2, 4, 3)])
+def test_one_box_per_action_at_the_simulated_times(name, pp, m, virtual):
+    sim = simulated(name, pp, m, virtual)
+    boxes = boxes_from_simulation(sim, virtual)
+    expected = {(r, s, e, a.kind, a.stage, a.microbatch) for r, acts in sim.timeline.items() for s, e, a in acts}
+    seen = Counter()
+    for b in boxes:
+        stage, micro = (map(int, b.label.split(":")) if virtual > 1 else (b.rank, int(b.label)))
+        assert (b.rank, b.start, b.end, b.kind, stage, micro) in expected
+        assert b.chunk == stage // pp
+        seen[(stage, micro, b.kind)] += 1
+    wanted = {(s, i, k) for s in range(pp * virtual) for i in range(m) for k in "FB"}
+    assert set(seen) == wanted and set(seen.values()) == {1}
+
+
+def test_draw_pipeline_writes_a_png_that_depends_on_the_schedule(tmp_path):
+    one = tmp_path / "1f1b.png"
+    gpipe = tmp_path / "gpipe.png"
+    draw_pipeline([("simulated", boxes_from_simulation(simulated("1f1b", 4, 8)), "units")], one, "1f1b", 4)
+    draw_pipeline([("simulated", boxes_from_simulation(simulated("gpipe", 4, 8)))], gpipe, "gpipe", 4)
+    a, b = read_png(one), read_png(gpipe)
+    height, width = a.shape[:2]
+    assert a.shape == b.shape and 800 <= width <= 1600 and 200 <= height < width
+    assert a.std() > 0.05  # not one flat colour
+    assert (abs(a - b) > 0.1).any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1f1b.png", "gpipe.png"]  # no temporary left
+
+
+def test_two_panels_of_measured_and_other_kinds(tmp_path):
+    measured = [Box(0, 0.000, 0.004, "F", "0"), Box(1, 0.004, 0.008, "F", "0"), Box(1, 0.009, 0.017, "B", "0"),
+                Box(0, 0.018, 0.026, "B", "0"), Box(0, 0.004, 0.018, "wait"), Box(1, 0.008, 0.009, "send"),
+                Box(0, 0.026, 0.030, "allreduce"), Box(1, 0.026, 0.030, "allreduce"),
+                Box(0, 0.030, 0.031, "optimizer"), Box(1, 0.030, 0.031, "zero-grad")]
+    single = tmp_path / "single.png"
+    double = tmp_path / "double.png"
+    sim = boxes_from_simulation(simulated("1f1b", 2, 1))
+    draw_pipeline([("simulated", sim, "units")], single, "one panel", 2)
+    draw_pipeline([("measured", measured, "s"), ("simulated", sim, "units")], double, "two panels", 2)
+    assert read_png(double).shape[0] > read_png(single).shape[0]  # taller with a second panel
+    with pytest.raises(ValueError, match="unknown unit"):
+        draw_pipeline([("measured", measured, "hours")], tmp_path / "x.png", "bad", 2)
+
+
+def test_plait_schedule_prints_the_grid_and_bubbles_and_draws(tmp_path, capsys):
+    out = tmp_path / "chart.png"
+    assert main(["schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rank 0 | 0F0 0F1 0F2 0F3 0B0 0F4" in text
+    assert "rank 3 | 3F0 3B0 3F1 3B1" in text
+    assert "makespan            33" in text
+    assert "bubble (simulated)  0.2727" in text  # 1 - 24/33 = 3/11
+    assert "bubble (theory)     0.2727" in text
+    assert "in flight per rank (forwards awaiting their backward): 4 3 2 1" in text
+    assert read_png(out).ndim == 3
+
+
+def test_plait_schedule_interleaved_costs_are_per_rank(capsys):
+    # The same work as 1f1b, split over two chunks per rank: a smaller bubble, a shorter step.
+    assert main(["schedule", "interleaved-1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "makespan            28.5" in text
+    assert "bubble (simulated)  0.1579" in text  # 3/19
+
+
+@pytest.mark.parametrize("args,message", [
+    (["interleaved-1f1b", "--stages", "4", "--microbatches", "6", "--virtual", "2"], "multiple of pp (4)"),
+    (["1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"], "virtual must be 1"),
+    (["zigzag", "--stages", "2", "--microbatches", "2"], "unknown schedule 'zigzag'"),
+    (["1f1b", "--stages", "2", "--microbatches", "2", "--forward-cost", "0"], "--forward-cost must be > 0"),
+    (["1f1b", "--stages", "2"], "--microbatches"),
+])
+def test_plait_schedule_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert main(["schedule", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plait: error: ") and message in lines[0]
