@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT", help="the file (safetensors) or folder (hf) to write")
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="safetensors: one plait file; hf: a Hugging Face GPT-2 folder (default: safetensors)")
+    report = sub.add_parser("report", help="summarise a run: throughput, MFU, bubble, time per rank, memory",
+                            description="Print a run's summary table and write loss.png and throughput.png "
+                                        "into its directory.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
     schedule = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its timeline",
                               description="Simulate a pipeline schedule on an idealised machine (a rank waits "
                                           "only for its inputs) and print each rank's actions, the makespan, "
@@ -171,6 +175,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from plait.report import plot_loss, plot_throughput, read_metrics, summary_table
+
+    run = Path(args.run_dir)
+    if not (run / "summary.json").is_file() or not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run}: no summary.json and metrics.jsonl there; give the directory of a finished plait run")
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    records = read_metrics(run / "metrics.jsonl")
+    print(f"run {run}: {summary['steps']} steps, {summary['parameters'] / 1e6:.2f} M parameters, "
+          f"{summary['flops_per_token'] / 1e6:.1f} MFLOP per token")
+    print(summary_table(summary, records))
+    plot_loss(records, run / "loss.png")
+    plot_throughput(records, run / "throughput.png")
+    print(f"wrote {run / 'loss.png'} and {run / 'throughput.png'}")
+    return 0
+
+
 def _schedule(args: argparse.Namespace) -> int:
     """`plait schedule`: simulate, print the grid and the figures, optionally draw the chart."""
     from plait.parallel.schedule import ScheduleError, format_grid, make_schedule, simulate, theoretical_bubble
@@ -224,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "schedule":
             return _schedule(args)
+        if args.command == "report":
+            return _report(args)
         cfg = _config_from(args)
         rest = argv[1:]
         if args.command == "train":

@@ -193,6 +193,8 @@ class OutputConfig:
     checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)", min=0)
     keep_checkpoints: int = option(2, "newest checkpoints to keep", min=1)
     progress: bool = option(True, "show a progress bar")
+    trace: bool = option(False, "record per-rank timelines; write trace.json and pipeline.png")
+    trace_steps: int = option(2, "steps to record with --trace (after two of warm-up)", min=1)
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")

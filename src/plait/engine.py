@@ -146,6 +146,11 @@ class Engine:
                                   loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
         if sync is not None:
             sync.finish()
+            if self.executor.recorder is not None:
+                self.executor.recorder.add("wait", "wait for all-reduce", *sync.stats.waited)
+                for n, bucket in enumerate(sync.buckets):
+                    self.executor.recorder.add("allreduce", f"all-reduce bucket {n + 1}", bucket.launched_at,
+                                               bucket.done_at)
         if self.tied is not None:
             self.tied.sync()
         return self._global_mean(total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,98 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, title: str = "") -
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+# Dense peak FLOP/s of known accelerators by compute dtype (vendor figures, no sparsity).
+KNOWN_PEAKS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12, ("H200", "bfloat16"): 989e12,
+    ("H200", "float32"): 67e12, ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+}
+
+
+def peak_flops(device, dtype: str, processes: int) -> tuple[float, str]:
+    """The job's peak FLOP/s and where the number comes from.
+
+    A known GPU: the vendor's dense figure per device. A CPU: measured here, a
+    1024^3 float32 matrix product with this process's threads, times the
+    processes the cores can run at once.
+    """
+    import os
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (gpu, kind), flops in KNOWN_PEAKS.items():
+            if gpu in name and kind == ("float32" if dtype == "float64" else dtype):
+                return flops * processes, f"{gpu} {kind} datasheet"
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    per_process = 2 * 1024**3 / best
+    parallel = min(processes, max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
+    return per_process * parallel, f"measured matmul, {parallel} process(es) at once"
+
+
+def summary_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The run report as a text table: throughput, MFU, bubble, where each rank's time went, memory."""
+    steps = [r for r in records if "step_time" in r]
+    if not steps:
+        return "no training steps recorded"
+    median_t = statistics.median(r["step_time"] for r in steps)
+    tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"]
+    tps = tokens_per_step / median_t
+    lines = [f"{'tokens/s':<28}{tps:>14,.0f}", f"{'median step time (ms)':<28}{median_t * 1e3:>14.1f}"]
+    if summary.get("peak_flops"):
+        mfu = summary["flops_per_token"] * tps / summary["peak_flops"]
+        lines.append(f"{'MFU':<28}{mfu:>14.2%}   (peak {summary['peak_flops'] / 1e9:,.0f} GFLOP/s, "
+                     f"{summary.get('peak_source', '')})")
+    val = summary.get("val_loss") or {}
+    if val:
+        first, last = min(val, key=int), max(val, key=int)
+        lines.append(f"{'validation loss':<28}{val[first]:>14.4f} -> {val[last]:.4f} (step {first} -> {last})")
+    trace = summary.get("trace")
+    if trace:
+        sim = trace.get("bubble_simulated")
+        lines.append(f"{'bubble (traced step)':<28}{trace['bubble_measured']:>14.3f} measured, "
+                     + (f"{sim:.3f} simulated, " if sim is not None else "") + f"{trace['bubble_theory']:.3f} theory")
+        lines.append(f"{'rank':<6}{'compute %':>10}{'comm %':>9}{'idle %':>9}   (traced step {trace['traced_step']})")
+        for rank, row in sorted(trace.get("ranks", {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"{rank:<6}{row['compute']:>10.1%}{row['comm']:>9.1%}{row['idle']:>9.1%}")
+    memory = summary.get("peak_memory_mib")
+    if memory:
+        lines.append("peak memory (MiB) by rank: " + ", ".join(f"{r}: {m:,.0f}" for r, m in memory.items()))
+    return "\n".join(lines)
+
+
+def plot_throughput(records: list[dict[str, Any]], out: str | Path) -> None:
+    """Tokens/s against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["step"], r["tokens_per_s"]) for r in records if "tokens_per_s" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    if pts:
+        ax.plot(*zip(*pts), color="tab:green", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("throughput")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(out.stem + ".tmp.png")

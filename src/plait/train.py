@@ -34,12 +34,13 @@ from plait import distributed
 from plait.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               restore_training_state, save_training_state)
 from plait.faults import maybe_die
+from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config, to_toml
 from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
 from plait.errors import ConfigError, TrainingError
 from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_loss
-from plait.report import MetricsLog, plot_loss, read_metrics
+from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -224,8 +225,14 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=keep_until) if main else None
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
+    recorder = Recorder(traced_steps(cfg.train.steps, cfg.output.trace_steps) if cfg.output.trace else set())
+    if cfg.output.trace:
+        recorder.align()
+        engine.executor.recorder = recorder
+
     def checkpoint(step: int) -> None:
-        save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints)
+        with recorder.span("checkpoint", f"checkpoint {step}"):
+            save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints)
 
     try:
         if first_step == 0:
@@ -238,6 +245,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         times: list[float] = []
         for step in range(first_step, cfg.train.steps):
             t0 = time.perf_counter()
+            recorder.step = step
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -248,15 +256,18 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(f"step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); "
                                     f"the model diverged, lower --lr (now {cfg.train.lr:g}) or raise --warmup-steps")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with recorder.span("optimizer", "optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             times.append(dt)
             done = step + 1
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": dt,
                       "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step}
             if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+                recorder.step = -1  # evaluation is not part of the traced step
                 record["val_loss"] = result.val_losses[done] = evaluate(engine, data.val, cfg, device, dp_rank)
+                recorder.step = step
             if main:
                 metrics.write(record)
             result.losses.append(loss)
@@ -274,11 +285,23 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     finally:
         if metrics is not None:
             metrics.close()
+    recorder.step = -1
+    events = recorder.gather() if cfg.output.trace else None
+    memory = _peak_memory_mib(device)
     if not main:
         return result
+    trace_stats = None
+    if events:
+        trace_stats = write_outputs(events, run_dir, engine.schedule, p.dp, p.pp, p.num_microbatches,
+                                    p.virtual_stages, {"clock_spread_s": recorder.offset_spread_s,
+                                                       "layout": f"dp={p.dp} x pp={p.pp}"})
+        log(f"trace: {run_dir / 'trace.json'} and {run_dir / 'pipeline.png'}; step {trace_stats['traced_step']}: "
+            f"bubble {trace_stats['bubble_measured']:.3f} measured, {trace_stats['bubble_theory']:.3f} theory")
 
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")
+    plot_throughput(records, run_dir / "throughput.png")
+    peak, peak_source = peak_flops(device, cfg.train.dtype, distributed.world_size())
     if cfg.train.sample_tokens:
         if cfg.parallel.pp > 1:  # rank 0 holds only its stages: take the whole model from the checkpoint
             final = load_checkpoint(latest_checkpoint(run_dir), verify=False)["model"]
@@ -294,12 +317,33 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         "tokens_per_s": tokens_per_step / statistics.median(times) if times else None,
         "parameters": count_params(layers),
         "flops_per_token": flops,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "peak_memory_mib": memory,
+        "trace": trace_stats,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(summary_table(summary, records))
     final_val = result.val_losses.get(cfg.train.steps)
     log(f"done: {cfg.train.steps} steps, validation loss {final_val:.4f}, run directory {run_dir}"
         if final_val is not None else f"done: run directory {run_dir}")
     return result
+
+
+def _peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Each rank's peak memory, gathered on every rank: the GPU's allocator peak, or the process's
+    largest resident set on the CPU."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return {str(r): m for r, m in enumerate(every)}
 
 
 def sample_text(layers, tokenizer, cfg: Config, device: torch.device) -> str:

@@ -61,6 +61,7 @@ class SyncStats:
     comm_s: float = 0.0  # launch to completion, summed over buckets
     exposed_s: float = 0.0  # what the step waited for after backward
     buckets: int = 0
+    waited: tuple[float, float] = (0.0, 0.0)  # perf_counter() at the start and end of that wait
 
     @property
     def hidden_fraction(self) -> float:
@@ -191,7 +192,7 @@ class GradientSync:
             for p, flag in zip(bucket.params, flags):
                 if flag == 0:  # no rank produced a gradient for it: as in one process
                     p.grad = None
-        self.stats.comm_s, self.stats.exposed_s = comm, t1 - t0
+        self.stats.comm_s, self.stats.exposed_s, self.stats.waited = comm, t1 - t0, (t0, t1)
 
 
 def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:

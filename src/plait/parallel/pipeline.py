@@ -64,6 +64,7 @@ class PipelineExecutor:
         self.autocast = autocast
         self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
         self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
+        self.recorder = None  # a trace.Recorder while tracing
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[stage_rank(stage, self.pp_size)]
@@ -76,8 +77,12 @@ class PipelineExecutor:
     def _wait(self, work, what: str, microbatch: int, peer: int, sending: bool = False) -> None:
         """Wait for a transfer; if the peer is gone or silent past the timeout, say so in our terms."""
         t0 = time.monotonic()
+        start = time.perf_counter()
         try:
             work.wait()
+            if self.recorder is not None:
+                self.recorder.add("wait", f"{'send' if sending else 'wait for'} {what} {microbatch}", start,
+                                  time.perf_counter(), microbatch=microbatch)
         except RuntimeError as e:
             me = self.describe(dist.get_rank())
             verb, prep = ("send", "to") if sending else ("receive", "from")
@@ -169,7 +174,11 @@ class PipelineExecutor:
                     if on_backward is not None:
                         on_backward(action)
                     self._backward(action, received, saved, key)
-                self.compute_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.compute_s += t1 - t0
+                if self.recorder is not None:
+                    self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
+                                      action.stage, action.microbatch)
         for work, _, what, microbatch, peer in self._pending:
             self._wait(work, what, microbatch, peer, sending=True)
         self._pending = []

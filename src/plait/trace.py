@@ -1,0 +1,173 @@
+"""Timelines of what each rank did, from the run itself.
+
+With `--trace` every rank records timed events of a few chosen steps —
+forward and backward per (stage, micro-batch), waits for a peer's data, each
+gradient bucket's all-reduce, the optimizer step, checkpoint writes —
+against a clock that all ranks set to zero together (after a barrier; the
+spread of the ranks' exit times from a second barrier is the offset
+estimate, kept in the trace's metadata). At the end rank 0 gathers them and
+writes `trace.json` (Chrome trace events: open in Perfetto or
+chrome://tracing, one track per rank) and `pipeline.png`, the measured
+pipeline chart above the simulator's prediction for the measured costs.
+
+Recording costs two `perf_counter` calls and a tuple per event, and nothing
+at all in steps that are not traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+@dataclass
+class Event:
+    rank: int
+    step: int
+    kind: str  # "F", "B", "wait", "allreduce", "optimizer", "checkpoint"
+    name: str  # "F3", "B3", "bucket 1", ...
+    start: float  # seconds since the aligned zero
+    end: float
+    stage: int = -1
+    microbatch: int = -1
+
+
+@dataclass
+class Recorder:
+    """Collects this rank's events for the steps in `steps` (0-based)."""
+
+    steps: set[int]
+    rank: int = 0
+    zero: float = 0.0
+    step: int = -1
+    offset_spread_s: float = 0.0
+    events: list[Event] = field(default_factory=list)
+
+    def align(self) -> None:
+        """Set this rank's zero together with every other rank's."""
+        if dist.is_initialized():
+            self.rank = dist.get_rank()
+            dist.barrier()
+        self.zero = time.perf_counter()
+        if dist.is_initialized():  # how far apart the ranks leave a barrier: the clocks' uncertainty
+            dist.barrier()
+            exits = [None] * dist.get_world_size()
+            dist.all_gather_object(exits, time.perf_counter() - self.zero)
+            self.offset_spread_s = max(exits) - min(exits)
+
+    @property
+    def active(self) -> bool:
+        return self.step in self.steps
+
+    def add(self, kind: str, name: str, start: float, end: float, stage: int = -1, microbatch: int = -1) -> None:
+        """Record an event measured with time.perf_counter()."""
+        if self.step in self.steps:
+            self.events.append(Event(self.rank, self.step, kind, name, start - self.zero, end - self.zero,
+                                     stage, microbatch))
+
+    @contextlib.contextmanager
+    def span(self, kind: str, name: str, stage: int = -1, microbatch: int = -1):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(kind, name, t0, time.perf_counter(), stage, microbatch)
+
+    def gather(self) -> list[Event] | None:
+        """Every rank's events on rank 0 (None elsewhere); a collective call."""
+        if not dist.is_initialized():
+            return list(self.events)
+        parts = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(self.events, parts, dst=0)
+        return [e for part in parts for e in part] if parts is not None else None
+
+
+def traced_steps(total: int, count: int) -> set[int]:
+    """The steps to trace: `count` steps after two of warm-up (allocator, caches), within the run."""
+    first = min(2, max(0, total - count))
+    return set(range(first, min(total, first + count)))
+
+
+def write_chrome_trace(events: list[Event], path: str | Path, metadata: dict) -> None:
+    """Chrome trace event format: complete events ("X"), one process per rank, microseconds."""
+    trace = []
+    for rank in sorted({e.rank for e in events}):
+        trace.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
+    for e in events:
+        args = {"step": e.step}
+        if e.stage >= 0:
+            args.update(stage=e.stage, microbatch=e.microbatch)
+        trace.append({"name": e.name, "cat": e.kind, "ph": "X", "pid": e.rank, "tid": 0,
+                      "ts": round(e.start * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3), "args": args})
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"traceEvents": trace, "displayTimeUnit": "ms", "metadata": metadata}))
+    os.replace(tmp, path)
+
+
+def step_stats(events: list[Event], step: int, ranks: list[int]) -> dict:
+    """For one traced step over `ranks` (one pipeline): its span, each rank's compute time, the
+    measured bubble, and the median forward/backward time of each stage."""
+    mine = [e for e in events if e.step == step and e.rank in ranks]
+    start = min(e.start for e in mine if e.kind in ("F", "B"))
+    end = max(e.end for e in mine if e.kind in ("F", "B"))
+    busy = {r: sum(e.end - e.start for e in mine if e.rank == r and e.kind in ("F", "B")) for r in ranks}
+    costs: dict[tuple[str, int], list[float]] = {}
+    for e in mine:
+        if e.kind in ("F", "B"):
+            costs.setdefault((e.kind, e.stage), []).append(e.end - e.start)
+    return {"start": start, "end": end, "busy": busy,
+            "bubble": 1 - sum(busy.values()) / (len(ranks) * (end - start)),
+            "cost": {k: statistics.median(v) for k, v in costs.items()}}
+
+
+def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: int, pp: int,
+                  microbatches: int, virtual: int, metadata: dict) -> dict:
+    """trace.json and pipeline.png for a traced run; returns the figures for the run's summary."""
+    from plait.charts import Box, boxes_from_simulation, draw_pipeline
+    from plait.parallel.schedule import make_schedule, simulate, theoretical_bubble
+
+    run_dir = Path(run_dir)
+    write_chrome_trace(events, run_dir / "trace.json", metadata)
+    step = max(e.step for e in events)
+    # One pipeline: the first data-parallel replica's ranks (with pp = 1, every replica).
+    rows = [pp_rank * dp for pp_rank in range(pp)] if pp > 1 else sorted({e.rank for e in events})
+    stats = step_stats(events, step, rows)
+    t0 = stats["start"]
+    measured = [Box(rows.index(e.rank), e.start - t0, e.end - t0, e.kind,
+                    str(e.microbatch) if e.kind in ("F", "B") else "", max(e.stage, 0) // pp)
+                for e in events if e.step == step and e.rank in rows and e.end > t0]
+    num_stages = pp * virtual
+    fwd = [stats["cost"].get(("F", s), 0.0) for s in range(num_stages)]
+    bwd = [stats["cost"].get(("B", s), 0.0) for s in range(num_stages)]
+    panels = [(f"measured: step {step + 1}, replica 0", measured, "s")]
+    sim_bubble = None
+    if pp > 1 and all(fwd) and all(bwd):
+        sim = simulate(make_schedule(schedule, pp, microbatches, virtual), pp, microbatches, virtual,
+                       forward_cost=fwd, backward_cost=bwd)
+        sim_bubble = sim.bubble
+        panels.append(("simulated with the measured stage costs", boxes_from_simulation(sim, virtual), "s"))
+    theory = theoretical_bubble(schedule, pp, microbatches, virtual) if pp > 1 else 0.0
+    title = (f"{schedule if pp > 1 else 'data parallel'}, dp={dp} x pp={pp}, {microbatches} micro-batches: "
+             f"bubble {stats['bubble']:.3f} measured"
+             + (f", {sim_bubble:.3f} simulated" if sim_bubble is not None else "") + f", {theory:.3f} theory")
+    draw_pipeline(panels, run_dir / "pipeline.png", title, num_ranks=len(rows))
+    ranks = {}
+    for r in sorted({e.rank for e in events}):
+        mine = [e for e in events if e.step == step and e.rank == r]
+        span = max(e.end for e in mine) - min(e.start for e in mine)
+        compute = sum(e.end - e.start for e in mine if e.kind in ("F", "B", "optimizer"))
+        comm = sum(e.end - e.start for e in mine if e.kind == "wait")
+        ranks[str(r)] = {"compute": compute / span, "comm": comm / span, "idle": max(0.0, 1 - (compute + comm) / span)}
+    return {"traced_step": step + 1, "step_s": stats["end"] - stats["start"], "bubble_measured": stats["bubble"],
+            "ranks": ranks,
+            "bubble_simulated": sim_bubble, "bubble_theory": theory,
+            "compute_s": {str(r): v for r, v in stats["busy"].items()},
+            "clock_spread_s": metadata.get("clock_spread_s")}
