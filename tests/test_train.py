@@ -146,3 +146,15 @@ def test_nan_loss_stops_with_one_line_and_no_checkpoint(tmp_path, data_dir, caps
     assert "the loss is nan" in err and "lower --lr (now 1e+06)" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.toml", "metrics.jsonl"]
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 3, "output.tensorboard": True})
+    run = train(cfg, log=quiet).run_dir
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]

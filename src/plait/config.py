@@ -195,6 +195,7 @@ class OutputConfig:
     progress: bool = option(True, "show a progress bar")
     trace: bool = option(False, "record per-rank timelines; write trace.json and pipeline.png")
     trace_steps: int = option(2, "steps to record with --trace (after two of warm-up)", min=1)
+    tensorboard: bool = option(False, "also write the per-step metrics as TensorBoard events in RUN_DIR/tensorboard")
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")

@@ -13,10 +13,11 @@ class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, flushed as each is written.
 
     Opening it for a resumed run drops the lines past the step resumed from,
-    so the log reads as if the run had never stopped.
+    so the log reads as if the run had never stopped. With `tensorboard`, each
+    number also goes to TensorBoard event files in that folder.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: str | Path | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -25,13 +26,28 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
         self._fh = open(self.path, "a")
+        self._tb = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from plait.errors import ConfigError
+
+                raise ConfigError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
+            self._tb = SummaryWriter(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -222,7 +222,9 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         keep_until = first_step
     else:
         keep_until = -1 if restarted else None  # a restart with no checkpoint begins the log again
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=keep_until) if main else None
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=keep_until,
+                          tensorboard=run_dir / "tensorboard" if cfg.output.tensorboard else None)
+               if main else None)
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
     recorder = Recorder(traced_steps(cfg.train.steps, cfg.output.trace_steps) if cfg.output.trace else set())
