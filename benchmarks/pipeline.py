@@ -1,6 +1,6 @@
 """plait's pipeline schedules against torch.distributed.pipelining, side by side in one run.
 
-    .venv/bin/python benchmarks/pipeline.py [--rounds 3] [--steps 3] [--microbatches 2,4,8]
+    .venv/bin/python benchmarks/pipeline.py [--rounds 6] [--steps 3] [--microbatches 2,4,8]
 
 The GPT of the data-parallel benchmark (about 3.7 M parameters, float32,
 global batch 16 x 128 tokens), cut into 2 stages at the same place for both
@@ -155,7 +155,7 @@ def measure(rounds: int, steps: int, microbatches: list[int], bounds: list[int])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     parser.add_argument("--microbatches", default="2,4,8")
     args = parser.parse_args()
