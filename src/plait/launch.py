@@ -106,6 +106,7 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
         max_restarts=lc.max_restarts,
         monitor_interval=0.2,
         start_method="spawn",
+        shutdown_timeout=5,  # a worker that ignores SIGTERM (stopped, wedged) gets SIGKILL after 5 s, not 30
         local_addr=lc.rdzv.rsplit(":", 1)[0] if multi and lc.node_rank == 0 else None,
     )
     if multi and lc.node_rank == 0:

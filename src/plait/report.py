@@ -72,14 +72,8 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, title: str = "") -
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    _finish(fig, ax, out)
 
 
 # Dense peak FLOP/s of known accelerators by compute dtype (vendor figures, no sparsity).
@@ -165,6 +159,13 @@ def plot_throughput(records: list[dict[str, Any]], out: str | Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
     ax.set_title("throughput")
+    _finish(fig, ax, out)
+
+
+def _finish(fig, ax, out: str | Path) -> None:
+    """Grid, layout, and the PNG written whole or not at all."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
