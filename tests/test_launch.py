@@ -1,4 +1,3 @@
-import pytest
 
 from plait.cli import main
 from plait.config import load_config
@@ -31,7 +30,6 @@ def test_slurm_checks_the_train_options(capsys):
 
 
 def test_verify_report_fails_on_a_difference():
-    import torch
 
     cfg = load_config(None, {"parallel.dp": 1, "parallel.pp": 1, "model.n_layer": 1})
     gpt = _small_copy(cfg)

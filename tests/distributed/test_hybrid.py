@@ -1,11 +1,9 @@
 """dp x pp on one mesh, with GPT-2's tied embedding cut across stages: still one process's result."""
 
-import pytest
 import torch
 from torch import nn
 
 import plait
-from plait import distributed
 from plait.model import GPTConfig, build_gpt, gpt_loss
 from tests.distributed.harness import spawn
 
