@@ -1,4 +1,3 @@
-
 from plait.cli import main
 from plait.config import load_config
 from plait.verify import _report, _small_copy
