@@ -62,10 +62,6 @@ class Recorder:
             dist.all_gather_object(exits, time.perf_counter() - self.zero)
             self.offset_spread_s = max(exits) - min(exits)
 
-    @property
-    def active(self) -> bool:
-        return self.step in self.steps
-
     def add(self, kind: str, name: str, start: float, end: float, stage: int = -1, microbatch: int = -1) -> None:
         """Record an event measured with time.perf_counter()."""
         if self.step in self.steps:
