@@ -24,7 +24,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, say
 from plait.faults import maybe_die
 from plait.fsync import fsync
 
@@ -162,7 +161,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def newest_intact(run_dir: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Path | None:
+def newest_intact(run_dir: str | Path, warn=say) -> Path | None:
     """The newest checkpoint whose files all match the manifest; damaged ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from plait.config import SECTIONS, field_type, flag_of, load_config, read_toml
-from plait.errors import ConfigError, PlaitError
+from plait.errors import ConfigError, PlaitError, say
 from plait.parallel.schedule import SCHEDULES
 
 
@@ -166,7 +166,7 @@ def _export(args: argparse.Namespace) -> int:
     from plait.export import export_hf, export_safetensors  # torch is paid for only once the input is good
 
     if args.format == "hf":
-        out = export_hf(args.run_dir, args.out, log=lambda note: print(f"plait: note: {note}", file=sys.stderr))
+        out = export_hf(args.run_dir, args.out, log=lambda note: say(f"plait: note: {note}"))
         files = ", ".join(sorted(p.name for p in out.iterdir()))
         print(f"wrote Hugging Face GPT-2 folder {out} ({files})")
     else:
@@ -264,12 +264,32 @@ def main(argv: list[str] | None = None) -> int:
         return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps=args.verify_steps))
     except PlaitError as e:
         if int(os.environ.get("RANK", 0)) == 0 or not e.shared:
-            print(f"plait: error: {e}", file=sys.stderr)
+            say(f"plait: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("plait: interrupted", file=sys.stderr)
+        say("plait: interrupted")
         return 130
 
 
+def entry() -> None:
+    """The `plait` console command and `python -m plait`: run `main()` and exit with its code.
+
+    A worker under a launcher leaves with `os._exit` once its process group is
+    destroyed and its output flushed. A normal exit would run the interpreter's
+    and C++'s teardown, where a collective library's background threads can
+    still be alive; that teardown occasionally aborts the process
+    ("terminate called without an active exception", SIGABRT) after the work
+    is done, and the launcher then reports a finished run as failed.
+    """
+    code = main()
+    from plait.launch import under_launcher
+
+    if under_launcher():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

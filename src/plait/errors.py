@@ -5,6 +5,18 @@ no traceback; its `exit_code` says whether the input was bad (2) or the run
 failed (1).
 """
 
+import sys
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in a single write.
+
+    `print(..., file=sys.stderr)` writes the text and the newline in two calls,
+    so the lines of several workers sharing one stderr can run together.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
 
 class PlaitError(Exception):
     """A failure plait explains in one line.

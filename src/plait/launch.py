@@ -68,6 +68,36 @@ def _register_rendezvous() -> None:
     rendezvous_handler_registry.register(RDZV_BACKEND, _c10d_bound_to_endpoint)  # again is a no-op
 
 
+def _honour_shutdown_timeout() -> None:
+    """Make torch's elastic agent wait `shutdown_timeout`, not 30 s, for workers it stops.
+
+    When one worker fails, torch's process context stops the others with
+    `close()` at its default of 30 s, whatever `shutdown_timeout` says, and so
+    does `LocalElasticAgent._stop_workers`. A worker that cannot act on SIGTERM
+    (stopped, or wedged in C++) then held a failed job for 30 s before its
+    SIGKILL, both before reporting and before a restart. The agent and the
+    process context stay torch's; only the default of that one call changes.
+    """
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    if getattr(launcher_api.LocalElasticAgent, "plait", False):
+        return
+
+    class Agent(LocalElasticAgent):
+        plait = True
+
+        def _start_workers(self, worker_group):
+            started = super()._start_workers(worker_group)
+            pcontext, limit = self._pcontext, getattr(self, "_shutdown_timeout", 30)
+            if pcontext is not None:
+                close = pcontext.close
+                pcontext.close = lambda death_sig=None, timeout=limit: close(death_sig, min(timeout, limit))
+            return started
+
+    launcher_api.LocalElasticAgent = Agent
+
+
 def under_launcher() -> bool:
     """True in a worker started by torchrun, elastic_launch or srun-with-torchrun."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -94,6 +124,7 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     _register_rendezvous()
+    _honour_shutdown_timeout()
     multi = lc.nnodes > 1
     config = LaunchConfig(
         min_nodes=lc.nnodes,

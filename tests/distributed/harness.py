@@ -48,9 +48,22 @@ def _worker(fn, rank, world_size, port, results, args, timeout_s):
             dist.destroy_process_group()
 
 
+def _context():
+    """Fresh processes forked from a server that has imported torch and plait once.
+
+    A spawned process spends seconds importing torch (and torch._dynamo, which
+    the first optimizer pulls in); the fork server pays that once per session.
+    It forks before any thread or process group exists, so each child starts
+    as clean as a spawned one.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "plait", "plait.train"])
+    return ctx
+
+
 def spawn(fn, world_size: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0) -> list:
     """Run `fn(*args)` on `world_size` local processes in one gloo group; their results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, collective_timeout_s),

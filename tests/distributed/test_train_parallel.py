@@ -1,16 +1,14 @@
-"""`torchrun ... -m plait train` on any layout ends where `plait train` in one process ends."""
+"""The same training run, started every way plait can be started, ends where one process ends."""
 
 import os
 import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
-from plait.checkpoint import load_checkpoint
 
-ARGS = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--global-batch", "8",
-        "--steps", "4", "--eval-batches", "1", "--sample-tokens", "4", "--dtype", "float64", "--no-progress"]
+from tests.distributed.harness import free_port
+from tests.distributed.runs import ARGS, HYBRID, assert_same_model, model_at, plait
 
 
 def torchrun(nproc, args, timeout=300):
@@ -21,56 +19,38 @@ def torchrun(nproc, args, timeout=300):
     return proc
 
 
-def final_model(run, step=4):
-    return load_checkpoint(run / "checkpoints" / f"step-{step:06d}")["model"]
+def test_plain_command_launches_its_workers(hybrid_run, single_run):
+    stdout = (hybrid_run / "stdout.txt").read_text()
+    assert "layout: dp=2 x pp=2 on 4 process(es)" in stdout
+    assert stdout.count("model: ") == 1  # one rank speaks
+    assert_same_model(model_at(single_run), model_at(hybrid_run))
+    assert (hybrid_run / "sample.txt").read_text() == (single_run / "sample.txt").read_text()
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("single") / "run"
-    proc = subprocess.run([sys.executable, "-m", "plait", "train", *ARGS, "--data-dir", data_dir, "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-def assert_same_model(a, b):
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-9, worst
-
-
-@pytest.mark.parametrize("layout", [
-    ["--dp", "2", "--microbatches", "2"],
-    ["--pp", "2", "--microbatches", "4", "--schedule", "1f1b"],
-    ["--dp", "2", "--pp", "2", "--microbatches", "2", "--schedule", "interleaved-1f1b", "--virtual-stages", "2"],
-], ids=["dp2", "pp2-1f1b", "dp2xpp2-interleaved"])
-def test_torchrun_layout_matches_one_process(layout, single_run, tmp_path, data_dir):
-    nproc = 4 if "--dp" in layout and "--pp" in layout else 2
+def test_torchrun_interleaved_layout_matches_one_process(single_run, tmp_path, data_dir):
     out = tmp_path / "run"
-    proc = torchrun(nproc, [*ARGS, *layout, "--data-dir", data_dir, "--out", str(out)])
-    assert proc.stdout.count("model: ") == 1  # one rank speaks
-    assert_same_model(final_model(single_run), final_model(out))
+    layout = ["--dp", "2", "--pp", "2", "--microbatches", "2", "--schedule", "interleaved-1f1b",
+              "--virtual-stages", "2"]
+    proc = torchrun(4, [*ARGS, *layout, "--data-dir", data_dir, "--out", str(out)])
+    assert proc.stdout.count("model: ") == 1
+    assert_same_model(model_at(single_run), model_at(out))
     assert (out / "sample.txt").read_text() == (single_run / "sample.txt").read_text()
 
 
-def test_resume_under_a_pipeline_is_exact(tmp_path, data_dir):
-    layout = ["--pp", "2", "--microbatches", "2", "--checkpoint-every", "2", "--keep-checkpoints", "5"]
-    full = tmp_path / "full"
-    torchrun(2, [*ARGS, *layout, "--data-dir", data_dir, "--out", str(full)])
+def test_torchrun_resume_is_exact(hybrid_run, tmp_path):
     cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-000004")
-    proc = torchrun(2, ["--resume", str(cut), "--no-progress"])
-    assert "resumed from" in proc.stdout
-    a, b = final_model(full), final_model(cut)
+    shutil.copytree(hybrid_run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000006")
+    proc = torchrun(4, ["--resume", str(cut), "--no-progress"])
+    assert f"resumed from {cut}/checkpoints/step-000004 at step 4" in proc.stdout
+    a, b = model_at(hybrid_run), model_at(cut)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
 def test_layout_that_does_not_fill_the_job_is_refused(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "plait", "train", *ARGS, "--dp", "4", "--data-dir", data_dir,
+                           "-m", "plait", "train", *ARGS, "--dp", "4", "--pp", "1", "--microbatches", "1", "--data-dir", data_dir,
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("plait: error:")]
@@ -78,27 +58,11 @@ def test_layout_that_does_not_fill_the_job_is_refused(tmp_path, data_dir):
                      "product is 2, or start 4 processes"]
 
 
-def plait(args, timeout=300):
-    """`python -m plait ...` as a plain command: it starts its own workers through torch's launcher."""
-    return subprocess.run([sys.executable, "-m", "plait", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def test_plain_command_launches_its_workers(single_run, tmp_path, data_dir):
-    out = tmp_path / "run"
-    proc = plait(["train", *ARGS, "--dp", "2", "--pp", "2", "--microbatches", "2", "--data-dir", data_dir,
-                  "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "layout: dp=2 x pp=2 on 4 process(es)" in proc.stdout
-    assert_same_model(final_model(single_run), final_model(out))
-
-
 def test_two_nodes_on_one_machine(single_run, tmp_path, data_dir):
-    from tests.distributed.harness import free_port
-
     rdzv = f"127.0.0.1:{free_port()}"
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "plait", "train", *ARGS, "--dp", "2", "--pp", "2", "--microbatches", "2",
-            "--data-dir", data_dir, "--out", str(out), "--nnodes", "2", "--rdzv", rdzv]
+    args = [sys.executable, "-m", "plait", "train", *ARGS, *HYBRID, "--data-dir", data_dir, "--out", str(out),
+            "--nnodes", "2", "--rdzv", rdzv]
     nodes = [subprocess.Popen([*args, "--node-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for r in (0, 1)]
     try:
@@ -108,7 +72,7 @@ def test_two_nodes_on_one_machine(single_run, tmp_path, data_dir):
             node.kill()
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in results]
     assert sum(stdout.count("model: ") for stdout, _ in results) == 1
-    assert_same_model(final_model(single_run), final_model(out))
+    assert_same_model(model_at(single_run), model_at(out))
 
 
 def test_bad_data_under_the_launcher_is_one_line_and_exit_2(tmp_path):
