@@ -5,9 +5,11 @@ its own share of the batch. `GradientSync` then sums the gradients over the
 `dp` process group so that every replica takes the same optimizer step.
 
 How (and why):
-- Gradients live in flat buckets. Each parameter's `.grad` is a view into
-  its bucket's buffer, so autograd accumulates straight into what is sent:
-  no copy in, no copy out.
+- Gradients live in flat buckets. A step's first gradient of a parameter is
+  copied into its place in the bucket by the parameter's hook, and `.grad`
+  becomes that view, so later micro-batches accumulate straight into what is
+  sent and nothing is copied out. (Pointing `.grad` at a zeroed view before
+  backward would cost a memset and an add where one copy does.)
 - Buckets are filled in reverse registration order, the order in which
   backward produces gradients, so the last layers' bucket is ready first.
 - A hook on each parameter (`register_post_accumulate_grad_hook`) counts
@@ -121,24 +123,18 @@ class GradientSync:
         return buckets
 
     def prepare(self) -> None:
-        """Before a step's first backward: point every `.grad` at its bucket view.
+        """Before a step's first backward: reset the buckets' bookkeeping.
 
-        A gradient the optimizer set to None starts from zero; one still held
-        (accumulating over several steps) is kept and counts as used.
+        A gradient still held from before (accumulating over several steps) is
+        moved into its bucket and counts as used; a parameter whose `.grad` is
+        None gets its bucket view at its first gradient, in `_on_grad`.
         """
         for bucket in self.buckets:
-            fresh = all(p.grad is None for p in bucket.params)
-            if fresh:
-                bucket.flat.zero_()
-            else:
-                bucket.flat[bucket.numel:].zero_()
             for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
                 held = p.grad is not None
                 if held and p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)
-                elif not held and not fresh:
-                    view.zero_()
-                p.grad = view
+                    p.grad = view
                 bucket.used[slot] = held
             bucket.pending = len(bucket.params)
             bucket.work = None
@@ -147,6 +143,10 @@ class GradientSync:
 
     def _on_grad(self, p: nn.Parameter) -> None:
         bucket, slot = self._where[p]
+        view = bucket.views[slot]
+        if p.grad.data_ptr() != view.data_ptr():  # the step's first gradient: autograd's own tensor
+            view.copy_(p.grad)
+            p.grad = view
         bucket.used[slot] = True
         if not self.sync:
             return
@@ -163,6 +163,9 @@ class GradientSync:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        for view, used in zip(bucket.views, bucket.used):
+            if not used:  # this rank has no gradient for it: it adds zero (its place holds an old step's)
+                view.zero_()
         bucket.flat[bucket.numel:] = torch.tensor(bucket.used, dtype=bucket.flat.dtype)
         bucket.launched_at = time.perf_counter()
         work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
@@ -189,9 +192,11 @@ class GradientSync:
         for bucket in self.buckets:
             comm += bucket.done_at - bucket.launched_at
             flags = bucket.flat[bucket.numel:].tolist()
-            for p, flag in zip(bucket.params, flags):
+            for p, view, flag in zip(bucket.params, bucket.views, flags):
                 if flag == 0:  # no rank produced a gradient for it: as in one process
                     p.grad = None
+                elif p.grad is None:  # other ranks did: it gets the reduced gradient too
+                    p.grad = view
         self.stats.comm_s, self.stats.exposed_s, self.stats.waited = comm, t1 - t0, (t0, t1)
 
 
