@@ -1,6 +1,6 @@
 """plait's data parallelism against torch's DistributedDataParallel, side by side in one run.
 
-    .venv/bin/python benchmarks/data_parallel.py [--rounds 16] [--steps 2] [--bucket-mb 25]
+    .venv/bin/python benchmarks/data_parallel.py [--rounds 48] [--steps 1] [--bucket-mb 25]
 
 Trains the same GPT (about 3.7 M parameters, float32) on the same global
 batch, one thread per process, as: one process on the whole batch; plait
@@ -123,8 +123,8 @@ def measure(rounds: int, steps: int, bucket_mb: float, global_batch: int) -> dic
 def main() -> None:
     global GLOBAL_BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=16, help="interleaved rounds")
-    parser.add_argument("--steps", type=int, default=2, help="steps of each contender per round")
+    parser.add_argument("--rounds", type=int, default=48, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=1, help="steps of each contender per round")
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for both engines")
     parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="sequences per step (even)")
     args = parser.parse_args()
