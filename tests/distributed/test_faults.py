@@ -11,16 +11,20 @@ from plait.checkpoint import list_checkpoints
 from tests.distributed.runs import ARGS, HYBRID, assert_same_model, model_at, plait
 
 
-def test_killed_workers_are_restarted_and_the_run_ends_where_it_would_have(hybrid_run, tmp_path, data_dir):
+@pytest.mark.parametrize("fault,restarts,resumed_at", [
+    ("after-step:3:rank=2", 1, [2]),
+    # Round 0 loses rank 1 while it writes checkpoint 4 (that checkpoint gets no manifest, so the one
+    # before it is used); round 1 loses rank 2 after step 5; round 2 finishes.
+    ("in-checkpoint:4:rank=1,after-step:5:rank=2", 2, [2, 4]),
+], ids=["killed after step 3", "killed while writing checkpoint 4, then after step 5"])
+def test_killed_workers_are_restarted_and_the_run_ends_where_it_would_have(hybrid_run, tmp_path, data_dir, fault,
+                                                                          restarts, resumed_at):
     out = tmp_path / "run"
-    # Round 0 loses rank 1 while it writes checkpoint 4; round 1 loses rank 2 after step 5; round 2 finishes.
-    proc = plait(["train", *ARGS, *HYBRID, "--data-dir", data_dir, "--out", str(out), "--max-restarts", "2"],
-                 fault="in-checkpoint:4:rank=1,after-step:5:rank=2")
+    proc = plait(["train", *ARGS, *HYBRID, "--data-dir", data_dir, "--out", str(out), "--max-restarts", str(restarts)],
+                 fault=fault)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The checkpoint that was being written has no manifest: the one before it is used.
     resumed = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
-    assert resumed == [f"resumed from {out}/checkpoints/step-000002 at step 2",
-                       f"resumed from {out}/checkpoints/step-000004 at step 4"]
+    assert resumed == [f"resumed from {out}/checkpoints/step-{step:06d} at step {step}" for step in resumed_at]
     a, b = model_at(hybrid_run), model_at(out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
