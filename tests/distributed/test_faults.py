@@ -43,7 +43,7 @@ def test_without_restarts_a_killed_worker_stops_the_job_with_its_name(tmp_path, 
     # rank; one that was inside a collective names the collective and its group.
     for line in lines[:-1]:
         assert re.fullmatch(r"plait: error: rank \d \(dp=\d, pp=\d\) waited \d+ s "
-                            r"(to (send|receive) .+ (to|from) rank 2 \(dp=0, pp=1\)|in the .+ over .+): .+", line), line
+                            r"(to (send|receive) .+ (to|from) rank 2 \(dp=0, pp=1\)|in the .+ (over|with) .+): .+", line), line
     assert elapsed < 20 + 5 + 60  # the collective timeout, SIGKILL 5 s after SIGTERM, and the start-up
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # nothing half-written
 
