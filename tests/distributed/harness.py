@@ -6,6 +6,7 @@ MASTER_ADDR=127.0.0.1 and a port found free at run time), one thread each;
 each calls `plait.init()` and then `fn(*args)`. It returns every rank's
 result, in rank order, or raises with the failing rank's traceback. A run
 that outlives `timeout` is killed and reported as a hang, never waited on.
+`train_one_process` is the single-process run those workers are held to.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ import time
 import traceback
 
 import torch
+
+
+def train_one_process(layers, batches, loss_fn, make_optimizer) -> tuple[dict, list[float]]:
+    """The reference a parallel layout must reach: `layers` trained here on each whole batch in turn.
+
+    Returns the final state_dict (keys of `nn.Sequential(*layers)`) and each step's loss.
+    """
+    model = torch.nn.Sequential(*layers)
+    opt = make_optimizer(model.parameters())
+    losses = []
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model.state_dict(), losses
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from torch import nn
 import plait
 from plait import distributed
 from plait.model import GPTConfig, build_gpt, gpt_loss
-from tests.distributed.harness import spawn
+from tests.distributed.harness import spawn, train_one_process
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=2, n_head=2, n_embd=16)
 GLOBAL_BATCH, STEPS = 8, 3
@@ -27,17 +27,7 @@ def make_optimizer(params):
 def reference(steps=STEPS, extra_layers=()):
     """One process, the whole global batch each step, float64."""
     layers = [layer.double() for layer in build_gpt(CFG, seed=0)] + [m.double() for m in extra_layers]
-    model = nn.Sequential(*layers)
-    opt = make_optimizer(model.parameters())
-    losses = []
-    for step in range(steps):
-        x, y = global_batch(step)
-        loss = gpt_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return model.state_dict(), losses
+    return train_one_process(layers, map(global_batch, range(steps)), gpt_loss, make_optimizer)
 
 
 def train_dp(layouts):

@@ -8,7 +8,7 @@ from torch import nn
 import plait
 from plait import distributed
 from plait.model import GPTConfig, build_gpt, gpt_loss
-from tests.distributed.harness import spawn
+from tests.distributed.harness import spawn, train_one_process
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=6, n_head=2, n_embd=16, tie_embeddings=False)
 STEPS = 2
@@ -26,19 +26,15 @@ def layouts(pp):
     return out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)]
 
 
+def make_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
 def reference(m, steps=STEPS):
-    rows = 2 * m
-    model = nn.Sequential(*[layer.double() for layer in build_gpt(CFG, seed=0)])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses = []
-    for step in range(steps):
-        x, y = global_batch(step, rows)
-        loss = gpt_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return model.state_dict(), losses
+    """One process, the whole batch of 2 * m rows each step, float64."""
+    layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+    batches = (global_batch(step, 2 * m) for step in range(steps))
+    return train_one_process(layers, batches, gpt_loss, make_optimizer)
 
 
 def torch_accepts(schedule, m, pp):
@@ -75,7 +71,7 @@ def train_pp():
     for schedule, m, virtual in layouts(pp):
         layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual)
-        opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
+        opt = make_optimizer(engine.parameters())
         losses, first_grads = [], None
         for step in range(STEPS):
             losses.append(engine.train_step(*global_batch(step, 2 * m)))
