@@ -22,12 +22,14 @@ Columns:
 - sim: the bubble plait's simulator predicts for this schedule with the
   stage costs profiled here; theory: (p-1)/(m+p-1), for equal stages.
 - act MiB s0/s1: peak bytes of activations saved for backward on each stage,
-  counted with autograd's saved-tensor hooks (parameters excluded).
+  counted with autograd's saved-tensor hooks (parameters excluded) in one
+  untimed step of each run: the hooks cost time, so timed steps run without.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -89,7 +91,7 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
     single = plait.Engine(build_gpt(CFG, seed=0), gpt_loss)
     single_opt = torch.optim.AdamW(single.parameters(), lr=1e-4)
 
-    def run_single(i, single=single, opt=single_opt):
+    def run_single(i, counting, single=single, opt=single_opt):
         if rank == 0:
             single.train_step(*batch(i))
             opt.step()
@@ -105,8 +107,8 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-4)
             counter = SavedActivations()
 
-            def run_plait(i, engine=engine, opt=opt, counter=counter):
-                with counter():
+            def run_plait(i, counting, engine=engine, opt=opt, counter=counter):
+                with counter() if counting else contextlib.nullcontext():
                     engine.train_step(*batch(i))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -120,13 +122,24 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
             topt = torch.optim.AdamW(module.parameters(), lr=1e-4)
             tcounter = SavedActivations()
 
-            def run_torch(i, schedule=schedule, opt=topt, counter=tcounter):
+            tied = layers[0].wte.weight  # the LM head's weight too: each stage holds a copy
+
+            def run_torch(i, counting, schedule=schedule, opt=topt, counter=tcounter, tied=tied):
                 x, y = batch(i)
-                with counter():
+                with counter() if counting else contextlib.nullcontext():
                     if rank == 0:
                         schedule.step(x)
+                        loss = torch.zeros((), dtype=torch.float64)
                     else:
-                        schedule.step(target=y, losses=[])
+                        losses = []
+                        schedule.step(target=y, losses=losses)
+                        loss = torch.stack(losses).mean().detach().double()
+                # What plait's train_step also does, and a torch user must add: sum the tied
+                # embedding's gradient over the two stages (or the copies drift apart), and
+                # give every rank the step's loss.
+                dist.all_reduce(tied.grad)
+                dist.all_reduce(loss)
+                loss.item()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -139,15 +152,16 @@ def measure(rounds: int, steps: int, microbatches: list[int], bounds: list[int])
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
     busy: dict[str, list[float]] = {n: [] for n in names}
-    for n in names:  # warm-up, and torch's shape inference
-        runners[n][0](0)
+    for n in names:  # warm-up (and torch's shape inference), then one step counting activations:
+        runners[n][0](0, False)  # the counting hooks cost time, so timed steps run without them
+        runners[n][0](0, True)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             fn, _, engine = runners[n]
             for i in range(steps):
                 dist.barrier()
                 t0 = time.perf_counter()
-                fn(1 + r * steps + i)
+                fn(1 + r * steps + i, False)
                 times[n].append(time.perf_counter() - t0)
                 if engine is not None:
                     busy[n].append(engine.executor.compute_s)
