@@ -9,6 +9,9 @@ GPipe and 1F1B against torch's ScheduleGPipe and Schedule1F1B, and one
 process on the whole batch. Like the data-parallel benchmark, everything is
 measured in the same two processes, interleaved in rounds, medians reported;
 below the table, plait/torch paired round by round, which cancels the drift.
+Both engines do the same work per step: torch's runner also sums the tied
+embedding / LM-head gradient over the two stages and all-reduces the loss,
+as plait's train_step does (without the first, the two copies drift apart).
 
 Columns:
 - step (ms): median step time (forward, backward, optimizer step).
