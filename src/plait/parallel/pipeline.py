@@ -10,11 +10,17 @@ order; this module only does it. For each action:
         gradient received from stage s+1; send the input's gradient to s-1;
         then drop the micro-batch's saved activations.
 
-Communication is point-to-point `isend`/`irecv` tagged by (stage, micro-batch,
-direction), so messages match whatever order the ranks interleave them in.
-Sends never block: their handles are waited on at the end of the step. The
-receive for the next action is posted before the current one computes, so
-the transfer overlaps compute.
+Communication is point-to-point, tagged by (stage, micro-batch, direction).
+Between two actions the executor posts, in one `batch_isend_irecv`, what the
+action just computed sends and the receive the next action needs; sends are
+waited on at the end of the step. Batching matters where the backend
+coalesces: NCCL runs the point-to-point operations to one peer in order on
+one stream, so a receive posted on its own ahead of a send could wait for a
+peer that waits for that send; in one batch they run together, as in
+torch.distributed.pipelining. gloo matches messages by tag in any order but
+moves data only once the receive is posted, so there the receive of the
+action after next also joins the batch, before the current one computes, and
+its transfer overlaps compute.
 
 [Note: activation shapes] A receiver must allocate a buffer before data
 arrives. The first time a stage boundary carries an activation for a given
@@ -63,6 +69,9 @@ class PipelineExecutor:
         self.loss_fn = loss_fn
         self.autocast = autocast
         self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
+        self._outbox: list[tuple[dist.P2POp, str, int, int]] = []  # sends waiting for the next batch
+        # Whether a receive may be posted an action early (see the module docstring).
+        self.post_ahead = dist.is_initialized() and dist.get_backend() == "gloo"
         self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
         self.recorder = None  # a trace.Recorder while tracing
 
@@ -74,12 +83,13 @@ class PipelineExecutor:
 
     # ---- communication -------------------------------------------------------------
 
-    def _wait(self, work, what: str, microbatch: int, peer: int, sending: bool = False) -> None:
+    def _wait(self, works: list, what: str, microbatch: int, peer: int, sending: bool = False) -> None:
         """Wait for a transfer; if the peer is gone or silent past the timeout, say so in our terms."""
         t0 = time.monotonic()
         start = time.perf_counter()
         try:
-            work.wait()
+            for work in works:
+                work.wait()
             if self.recorder is not None:
                 self.recorder.add("wait", f"{'send' if sending else 'wait for'} {what} {microbatch}", start,
                                   time.perf_counter(), microbatch=microbatch)
@@ -97,19 +107,34 @@ class PipelineExecutor:
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
             header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
             header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
-            self._pending.append((dist.isend(header.to(tensor.device), self._peer(to_stage),
-                                             tag=self._tag(stage, microbatch, _HEADER)), header,
-                                  "the activation shape", microbatch, self._peer(to_stage)))
+            self._outbox.append((dist.P2POp(dist.isend, header.to(tensor.device), self._peer(to_stage),
+                                            tag=self._tag(stage, microbatch, _HEADER)),
+                                 "the activation shape", microbatch, self._peer(to_stage)))
             self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
-        tensor = tensor.contiguous()
-        work = dist.isend(tensor, self._peer(to_stage), tag=self._tag(stage, microbatch, what))
-        # The tensor must live until the send is done.
-        self._pending.append((work, tensor, "forward activations" if what == _ACT else "backward gradients",
-                              microbatch, self._peer(to_stage)))
+        # The op holds the tensor, which must live until the send is done.
+        self._outbox.append((dist.P2POp(dist.isend, tensor.contiguous(), self._peer(to_stage),
+                                        tag=self._tag(stage, microbatch, what)),
+                             "forward activations" if what == _ACT else "backward gradients",
+                             microbatch, self._peer(to_stage)))
 
-    def _post_recv(self, action: Action, key, device: torch.device, block: bool):
-        """Post the receive `action` needs; returns (work, buffer), or None if it needs nothing
-        or (with block=False) its shape is not known yet."""
+    def _post(self, receives: list[tuple[dist.P2POp, torch.Tensor, int, int]]) -> list:
+        """Post the outbox's sends and `receives` in one batch; returns each receive's
+        (handles, buffer, what, peer), in order. The sends' handles go to `_pending`."""
+        sends, self._outbox = self._outbox, []
+        ops = [op for op, *_ in sends] + [op for op, *_ in receives]
+        if not ops:
+            return []
+        works = dist.batch_isend_irecv(ops)
+        # A coalescing backend returns one handle for the whole batch; gloo, one per operation.
+        handles = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
+        for (_, what, microbatch, peer), h in zip(sends, handles):
+            self._pending.append((h, what, microbatch, peer))
+        return [(h, buf, what, peer) for (_, buf, what, peer), h in zip(receives, handles[len(sends):])]
+
+    def _receive(self, action: Action, key, device: torch.device, block: bool):
+        """The receive `action` needs, as (op, buffer, what, peer); None if it needs nothing
+        or (with block=False) its shape is not known yet. With block=True an unknown shape
+        is received first (after posting the outbox, which the sender may be waiting for)."""
         s, i = action.stage, action.microbatch
         if action.kind == "F":
             if s == 0:
@@ -124,7 +149,8 @@ class PipelineExecutor:
             if not block or what == _GRAD:
                 return None
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
-            self._wait(dist.irecv(header, self._peer(src_stage), tag=self._tag(s - 1, i, _HEADER)),
+            self._post([])
+            self._wait([dist.irecv(header, self._peer(src_stage), tag=self._tag(s - 1, i, _HEADER))],
                        "the activation shape", i, self._peer(src_stage))
             header = header.cpu()
             ndim = int(header[1])
@@ -132,7 +158,7 @@ class PipelineExecutor:
         shape, dtype = self._shapes[shape_key]
         buf = torch.empty(shape, dtype=dtype, device=device)
         tag = self._tag(src_stage, i, what) if what == _ACT else self._tag(s + 1, i, what)
-        return dist.irecv(buf, self._peer(src_stage), tag=tag), buf, what, self._peer(src_stage)
+        return dist.P2POp(dist.irecv, buf, self._peer(src_stage), tag=tag), buf, what, self._peer(src_stage)
 
     # ---- execution -----------------------------------------------------------------
 
@@ -157,11 +183,17 @@ class PipelineExecutor:
         grad_ctx = contextlib.nullcontext() if training else torch.no_grad()
         with grad_ctx:
             for n, action in enumerate(actions):
-                got = posted.pop(n, None) or self._post_recv(action, key, device, block=True)
-                if n + 1 < len(actions) and n + 1 not in posted:  # overlap the next transfer with this compute
-                    ahead = self._post_recv(actions[n + 1], key, device, block=False)
+                receives, wanted = [], []
+                if n not in posted:
+                    needed = self._receive(action, key, device, block=True)
+                    receives, wanted = ([needed], [n]) if needed is not None else ([], [])
+                if self.post_ahead and n + 1 < len(actions):
+                    ahead = self._receive(actions[n + 1], key, device, block=False)
                     if ahead is not None:
-                        posted[n + 1] = ahead
+                        receives.append(ahead)
+                        wanted.append(n + 1)
+                posted.update(zip(wanted, self._post(receives)))
+                got = posted.pop(n, None)
                 if got is not None:
                     work, _, what, peer = got
                     self._wait(work, "forward activations" if what == _ACT else "backward gradients",
@@ -179,8 +211,9 @@ class PipelineExecutor:
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)
-        for work, _, what, microbatch, peer in self._pending:
-            self._wait(work, what, microbatch, peer, sending=True)
+        self._post([])
+        for works, what, microbatch, peer in self._pending:
+            self._wait(works, what, microbatch, peer, sending=True)
         self._pending = []
         return total
 
