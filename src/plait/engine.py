@@ -27,6 +27,7 @@ from torch import nn
 
 from plait.errors import TrainingError, peer_failure
 from plait.parallel.data_parallel import GradientSync
+from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
 from plait.parallel.schedule import make_schedule, rank_stages
@@ -91,8 +92,13 @@ class Engine:
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
         self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe)
-        self.train_actions = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
-        self.eval_actions = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)[self.pp_rank]
+        # This rank's actions, and its plan of sends and receives around them (parallel/p2p.py).
+        train = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)
+        evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)
+        self.train_actions = train[self.pp_rank]
+        self.eval_actions = evaluate[self.pp_rank]
+        self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
+        self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
@@ -142,7 +148,7 @@ class Engine:
 
         # Equal micro-batches and equal shares: the mean over the global batch is the
         # sum over replicas and micro-batches of loss / (m * dp).
-        total = self.executor.run(self.train_actions, *self._split(inputs, targets),
+        total = self.executor.run(self.train_actions, self.train_plan, *self._split(inputs, targets),
                                   loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
         if sync is not None:
             sync.finish()
@@ -159,7 +165,7 @@ class Engine:
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The global mean loss over the batch, forward only."""
         self.module.eval()
-        total = self.executor.run(self.eval_actions, *self._split(inputs, targets), loss_scale=1.0)
+        total = self.executor.run(self.eval_actions, self.eval_plan, *self._split(inputs, targets), loss_scale=1.0)
         return self._global_mean(total)
 
     def _global_mean(self, total: torch.Tensor) -> float:

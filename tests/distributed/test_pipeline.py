@@ -64,15 +64,13 @@ def torch_pipelining_grads(schedule, m, virtual, bounds):
             for name, p in layers[j].named_parameters()}
 
 
-def train_pp(post_ahead=None, compare_with_torch=True):
+def train_pp():
     pp = distributed.world_size()
     mesh = plait.make_mesh(dp=1, pp=pp)
     out = []
     for schedule, m, virtual in layouts(pp):
         layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual)
-        if post_ahead is not None:
-            engine.executor.post_ahead = post_ahead
         opt = make_optimizer(engine.parameters())
         losses, first_grads = [], None
         for step in range(STEPS):
@@ -82,15 +80,16 @@ def train_pp(post_ahead=None, compare_with_torch=True):
             opt.step()
             opt.zero_grad()
         theirs = (torch_pipelining_grads(schedule, m, virtual, engine.partition.bounds)
-                  if compare_with_torch and torch_accepts(schedule, m, pp) else None)
+                  if torch_accepts(schedule, m, pp) else None)
         out.append({"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
                     "grads": first_grads, "torch_grads": theirs})
     return out
 
 
-def assert_each_layout_equals_one_process(ranks, pp):
-    """Every layout's parameters after STEPS steps (float64, 1e-9) and every rank's losses."""
-    for n, (schedule, m, _) in enumerate(layouts(pp)):
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
+    ranks = spawn(train_pp, pp, timeout=300)
+    for n, (schedule, m, virtual) in enumerate(layouts(pp)):
         ref_state, ref_losses = reference(m)
         state = {}
         for r in ranks:
@@ -101,14 +100,6 @@ def assert_each_layout_equals_one_process(ranks, pp):
             assert diff <= 1e-9, (schedule, m, key, diff)
         for r in ranks:
             assert max(abs(a - b) for a, b in zip(r[n]["losses"], ref_losses)) <= 1e-12, (schedule, m)
-
-
-@pytest.mark.parametrize("pp", [2, 4])
-def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
-    ranks = spawn(train_pp, pp, timeout=300)
-    assert_each_layout_equals_one_process(ranks, pp)
-    for n, (schedule, m, _) in enumerate(layouts(pp)):
-        for r in ranks:
             if not torch_accepts(schedule, m, pp):
                 assert r[n]["torch_grads"] is None
                 continue
@@ -116,10 +107,3 @@ def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
             for key, g in r[n]["grads"].items():
                 diff = (g - r[n]["torch_grads"][key]).abs().max().item()
                 assert diff <= 1e-12, (schedule, m, key, diff)
-
-
-@pytest.mark.parametrize("pp", [2, 4])
-def test_in_order_posting_as_on_nccl_equals_one_process(pp):
-    """Without receives posted an action early (what the executor does where the backend
-    coalesces point-to-point operations, as NCCL does) every schedule still completes and is exact."""
-    assert_each_layout_equals_one_process(spawn(train_pp, pp, False, False, timeout=300), pp)

@@ -11,16 +11,12 @@ order; this module only does it. For each action:
         then drop the micro-batch's saved activations.
 
 Communication is point-to-point, tagged by (stage, micro-batch, direction).
-Between two actions the executor posts, in one `batch_isend_irecv`, what the
-action just computed sends and the receive the next action needs; sends are
-waited on at the end of the step. Batching matters where the backend
-coalesces: NCCL runs the point-to-point operations to one peer in order on
-one stream, so a receive posted on its own ahead of a send could wait for a
-peer that waits for that send; in one batch they run together, as in
-torch.distributed.pipelining. gloo matches messages by tag in any order but
-moves data only once the receive is posted, so there the receive of the
-action after next also joins the batch, before the current one computes, and
-its transfer overlaps compute.
+Between actions the executor posts the batches (`batch_isend_irecv`) that
+the rank's plan lists (parallel/p2p.py): sends as soon as their action is
+done, receives as soon as the simulated schedule says their data can exist,
+so transfers overlap compute; the batch order is proven deadlock-free even
+where a backend runs one peer's operations in order (NCCL). Sends are waited
+on at the end of the step.
 
 [Note: activation shapes] A receiver must allocate a buffer before data
 arrives. The first time a stage boundary carries an activation for a given
@@ -39,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.errors import TrainingError, peer_failure
+from plait.parallel.p2p import Message, messages
 from plait.parallel.schedule import Action, stage_rank
 
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
@@ -69,9 +66,7 @@ class PipelineExecutor:
         self.loss_fn = loss_fn
         self.autocast = autocast
         self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
-        self._outbox: list[tuple[dist.P2POp, str, int, int]] = []  # sends waiting for the next batch
-        # Whether a receive may be posted an action early (see the module docstring).
-        self.post_ahead = dist.is_initialized() and dist.get_backend() == "gloo"
+        self._outbox: dict[Message, tuple[torch.Tensor, torch.Tensor | None]] = {}  # made, not yet posted
         self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
         self.recorder = None  # a trace.Recorder while tracing
 
@@ -101,75 +96,83 @@ class PipelineExecutor:
                                 f"{microbatch} {prep} {self.describe(peer)}: {reason}") from None
 
     def _send(self, tensor: torch.Tensor, to_stage: int, stage: int, microbatch: int, what: int, key) -> None:
+        """Keep an outgoing tensor (with its shape header the first time) for its batch in the plan."""
+        header = None
         if what == _ACT and (stage, key) not in self._shapes:
             if tensor.dim() > _HEADER_LEN - 2:
                 raise ValueError(f"stage {stage} outputs a {tensor.dim()}-d tensor; at most 6 dims can be sent")
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
             header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
             header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
-            self._outbox.append((dist.P2POp(dist.isend, header.to(tensor.device), self._peer(to_stage),
-                                            tag=self._tag(stage, microbatch, _HEADER)),
-                                 "the activation shape", microbatch, self._peer(to_stage)))
+            header = header.to(tensor.device)
             self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
-        # The op holds the tensor, which must live until the send is done.
-        self._outbox.append((dist.P2POp(dist.isend, tensor.contiguous(), self._peer(to_stage),
-                                        tag=self._tag(stage, microbatch, what)),
-                             "forward activations" if what == _ACT else "backward gradients",
-                             microbatch, self._peer(to_stage)))
+        self._outbox[("act" if what == _ACT else "grad", stage, to_stage, microbatch)] = (tensor.contiguous(), header)
 
-    def _post(self, receives: list[tuple[dist.P2POp, torch.Tensor, int, int]]) -> list:
-        """Post the outbox's sends and `receives` in one batch; returns each receive's
-        (handles, buffer, what, peer), in order. The sends' handles go to `_pending`."""
-        sends, self._outbox = self._outbox, []
-        ops = [op for op, *_ in sends] + [op for op, *_ in receives]
+    def _post(self, batch: list, key, device: torch.device) -> dict:
+        """Post one batch of the plan; returns message -> (handles, buffer, peer) for its receives.
+
+        The sends' handles (which keep their tensors alive) go to `_pending`. A receive
+        whose shape is not known yet first posts what is gathered (the peer may be
+        waiting for it) and waits for the shape header.
+        """
+        ops, ends, received = [], [], {}
+        for direction, message in batch:
+            what, src, dst, i = message
+            label = "forward activations" if what == "act" else "backward gradients"
+            tag = self._tag(src, i, _ACT if what == "act" else _GRAD)
+            if direction == "send":
+                tensor, header = self._outbox.pop(message)
+                peer = self._peer(dst)
+                if header is not None:
+                    ops.append(dist.P2POp(dist.isend, header, peer, tag=self._tag(src, i, _HEADER)))
+                    ends.append(("the activation shape", i, peer, None))
+                ops.append(dist.P2POp(dist.isend, tensor, peer, tag=tag))
+                ends.append((label, i, peer, None))
+                continue
+            peer = self._peer(src)
+            shape_key = (src, key) if what == "act" else (dst, key)  # a gradient has its activation's shape
+            if shape_key not in self._shapes:
+                received.update(self._issue(ops, ends))
+                ops, ends = [], []
+                header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
+                self._wait([dist.irecv(header, peer, tag=self._tag(src, i, _HEADER))], "the activation shape", i,
+                           peer)
+                header = header.cpu()
+                ndim = int(header[1])
+                self._shapes[shape_key] = (torch.Size(header[2:2 + ndim].tolist()), _DTYPES[int(header[0])])
+            shape, dtype = self._shapes[shape_key]
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
+            ends.append((label, i, peer, message))
+        received.update(self._issue(ops, ends))
+        return received
+
+    def _issue(self, ops: list, ends: list) -> dict:
         if not ops:
-            return []
+            return {}
         works = dist.batch_isend_irecv(ops)
-        # A coalescing backend returns one handle for the whole batch; gloo, one per operation.
+        # A coalescing backend (NCCL) returns one handle for the whole batch; gloo, one per operation.
         handles = [[w] for w in works] if len(works) == len(ops) else [works] * len(ops)
-        for (_, what, microbatch, peer), h in zip(sends, handles):
-            self._pending.append((h, what, microbatch, peer))
-        return [(h, buf, what, peer) for (_, buf, what, peer), h in zip(receives, handles[len(sends):])]
-
-    def _receive(self, action: Action, key, device: torch.device, block: bool):
-        """The receive `action` needs, as (op, buffer, what, peer); None if it needs nothing
-        or (with block=False) its shape is not known yet. With block=True an unknown shape
-        is received first (after posting the outbox, which the sender may be waiting for)."""
-        s, i = action.stage, action.microbatch
-        if action.kind == "F":
-            if s == 0:
-                return None
-            src_stage, what = s - 1, _ACT
-        else:
-            if s == self.num_stages - 1:
-                return None
-            src_stage, what = s + 1, _GRAD
-        shape_key = (s - 1, key) if what == _ACT else (s, key)  # a gradient has its activation's shape
-        if shape_key not in self._shapes:
-            if not block or what == _GRAD:
-                return None
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
-            self._post([])
-            self._wait([dist.irecv(header, self._peer(src_stage), tag=self._tag(s - 1, i, _HEADER))],
-                       "the activation shape", i, self._peer(src_stage))
-            header = header.cpu()
-            ndim = int(header[1])
-            self._shapes[shape_key] = (torch.Size(header[2:2 + ndim].tolist()), _DTYPES[int(header[0])])
-        shape, dtype = self._shapes[shape_key]
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        tag = self._tag(src_stage, i, what) if what == _ACT else self._tag(s + 1, i, what)
-        return dist.P2POp(dist.irecv, buf, self._peer(src_stage), tag=tag), buf, what, self._peer(src_stage)
+        received = {}
+        for op, (label, i, peer, message), h in zip(ops, ends, handles):
+            if message is None:
+                self._pending.append((h, label, i, peer))
+            else:
+                received[message] = (h, op.tensor, peer)
+        return received
 
     # ---- execution -----------------------------------------------------------------
 
-    def run(self, actions: list[Action], inputs: list[torch.Tensor], targets: list[torch.Tensor],
+    def run(self, actions: list[Action], plan: list, inputs: list[torch.Tensor], targets: list[torch.Tensor],
             loss_scale: float, on_backward: Callable[[Action], None] | None = None) -> torch.Tensor:
         """Run `actions`; returns the sum of the micro-batch losses on the last stage (0 elsewhere).
 
         `inputs`/`targets` are this rank's micro-batches (every rank gets them; only
         the first and last stage read them). Each micro-batch loss is multiplied by
-        `loss_scale` before backward. `on_backward(action)` is called just before
-        each backward (the engine uses it to switch gradient sync on for the last one).
+        `loss_scale` before backward. `plan` is this rank's p2p plan for `actions`
+        (parallel/p2p.py): the batches of sends and receives to post before each
+        action. `on_backward(action)` is called just before each backward (the
+        engine uses it to switch gradient sync on for the last one).
         Actions with kind "F" only make a forward-only run (no graph is kept).
         """
         device = inputs[0].device
@@ -177,26 +180,19 @@ class PipelineExecutor:
         training = any(a.kind == "B" for a in actions)
         self._pending = []
         saved: dict[tuple[int, int], tuple] = {}
-        posted: dict[int, tuple] = {}
+        posted: dict[Message, tuple] = {}
         total = torch.zeros((), dtype=torch.float64, device=device)
         self.compute_s = 0.0
         grad_ctx = contextlib.nullcontext() if training else torch.no_grad()
         with grad_ctx:
             for n, action in enumerate(actions):
-                receives, wanted = [], []
-                if n not in posted:
-                    needed = self._receive(action, key, device, block=True)
-                    receives, wanted = ([needed], [n]) if needed is not None else ([], [])
-                if self.post_ahead and n + 1 < len(actions):
-                    ahead = self._receive(actions[n + 1], key, device, block=False)
-                    if ahead is not None:
-                        receives.append(ahead)
-                        wanted.append(n + 1)
-                posted.update(zip(wanted, self._post(receives)))
-                got = posted.pop(n, None)
+                for batch in plan[n]:
+                    posted.update(self._post(batch, key, device))
+                needs = messages(action, self.num_stages)[0]
+                got = posted.pop(needs, None) if needs is not None else None
                 if got is not None:
-                    work, _, what, peer = got
-                    self._wait(work, "forward activations" if what == _ACT else "backward gradients",
+                    handles, _, peer = got
+                    self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
                                action.microbatch, peer)
                 received = got[1] if got is not None else None
                 t0 = time.perf_counter()
@@ -211,7 +207,9 @@ class PipelineExecutor:
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)
-        self._post([])
+        for batch in plan[len(actions)]:
+            self._post(batch, key, device)
+        assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
         for works, what, microbatch, peer in self._pending:
             self._wait(works, what, microbatch, peer, sending=True)
         self._pending = []
