@@ -97,8 +97,9 @@ class Engine:
         evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)
         self.train_actions = train[self.pp_rank]
         self.eval_actions = evaluate[self.pp_rank]
-        self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
-        self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages)[self.pp_rank]
+        lead = self.executor.lead
+        self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
+        self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None

@@ -8,6 +8,8 @@ from torch import nn
 import plait
 from plait import distributed
 from plait.model import GPTConfig, build_gpt, gpt_loss
+from plait.parallel.p2p import p2p_plan
+from plait.parallel.schedule import make_schedule
 from tests.distributed.harness import spawn, train_one_process
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=6, n_head=2, n_embd=16, tie_embeddings=False)
@@ -64,13 +66,17 @@ def torch_pipelining_grads(schedule, m, virtual, bounds):
             for name, p in layers[j].named_parameters()}
 
 
-def train_pp():
+def train_pp(lead=None, compare_with_torch=True):
     pp = distributed.world_size()
     mesh = plait.make_mesh(dp=1, pp=pp)
     out = []
     for schedule, m, virtual in layouts(pp):
         layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual)
+        if lead is not None:  # another plan than the one for this backend
+            engine.executor.lead = lead
+            engine.train_plan = p2p_plan(make_schedule(schedule, pp, m, virtual), pp, m, virtual, lead)[
+                distributed.rank()]
         opt = make_optimizer(engine.parameters())
         losses, first_grads = [], None
         for step in range(STEPS):
@@ -80,16 +86,15 @@ def train_pp():
             opt.step()
             opt.zero_grad()
         theirs = (torch_pipelining_grads(schedule, m, virtual, engine.partition.bounds)
-                  if torch_accepts(schedule, m, pp) else None)
+                  if compare_with_torch and torch_accepts(schedule, m, pp) else None)
         out.append({"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
                     "grads": first_grads, "torch_grads": theirs})
     return out
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
-    ranks = spawn(train_pp, pp, timeout=300)
-    for n, (schedule, m, virtual) in enumerate(layouts(pp)):
+def assert_each_layout_equals_one_process(ranks, pp):
+    """Every layout's parameters after STEPS steps (float64, 1e-9) and every rank's losses."""
+    for n, (schedule, m, _) in enumerate(layouts(pp)):
         ref_state, ref_losses = reference(m)
         state = {}
         for r in ranks:
@@ -100,6 +105,14 @@ def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
             assert diff <= 1e-9, (schedule, m, key, diff)
         for r in ranks:
             assert max(abs(a - b) for a, b in zip(r[n]["losses"], ref_losses)) <= 1e-12, (schedule, m)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
+    ranks = spawn(train_pp, pp, timeout=300)
+    assert_each_layout_equals_one_process(ranks, pp)
+    for n, (schedule, m, _) in enumerate(layouts(pp)):
+        for r in ranks:
             if not torch_accepts(schedule, m, pp):
                 assert r[n]["torch_grads"] is None
                 continue
@@ -107,3 +120,10 @@ def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
             for key, g in r[n]["grads"].items():
                 diff = (g - r[n]["torch_grads"][key]).abs().max().item()
                 assert diff <= 1e-12, (schedule, m, key, diff)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_the_in_order_plan_runs_every_schedule_exactly(pp):
+    """The plan NCCL gets (lead 0: receives in lockstep with their sends, no early posting)
+    runs every schedule to the same parameters as one process, here on gloo."""
+    assert_each_layout_equals_one_process(spawn(train_pp, pp, 0, False, timeout=300), pp)

@@ -82,3 +82,25 @@ def test_a_receive_after_its_action_is_refused():
     with pytest.raises(ScheduleError) as e:
         check_plan(schedule, plan, 2)
     assert str(e.value) == "rank 1 runs 1F0 before it posts the receive of its input"
+
+
+def test_gloo_plan_posts_each_receive_one_action_earlier():
+    plan = p2p_plan(make_schedule("gpipe", 2, 3), 2, 3, lead=1)
+    # Rank 1 runs 1F0 1F1 1F2 1B0 1B1 1B2: activation i+1 is received while 1F(i) computes.
+    assert plan[1][:3] == [[[("recv", act(0, 1, 0))], [("recv", act(0, 1, 1))]], [[("recv", act(0, 1, 2))]], []]
+    assert plan[0][2:5] == [[[("send", act(0, 1, 1))], [("recv", grad(1, 0, 0))]],
+                            [[("send", act(0, 1, 2))], [("recv", grad(1, 0, 1))]],
+                            [[("recv", grad(1, 0, 2))]]]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_gloo_plan_sends_as_the_in_order_one_and_receives_no_later(name):
+    for pp, m, v in cases(name):
+        schedule = make_schedule(name, pp, m, v)
+        lockstep, early = p2p_plan(schedule, pp, m, v), p2p_plan(schedule, pp, m, v, lead=1)
+        for rank in schedule:
+            def slot_of(plan, direction):
+                return {op: n for n, slot in enumerate(plan[rank]) for b in slot for op in b if op[0] == direction}
+            assert slot_of(early, "send") == slot_of(lockstep, "send")
+            late, soon = slot_of(lockstep, "recv"), slot_of(early, "recv")
+            assert late.keys() == soon.keys() and all(soon[op] == max(0, late[op] - 1) for op in late)

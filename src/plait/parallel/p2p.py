@@ -41,29 +41,35 @@ def messages(a: Action, total_stages: int) -> tuple[Message | None, list[Message
     return needs, [("grad", s, s - 1, i)] if s > 0 else []
 
 
-def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, virtual: int = 1) -> dict[int, Plan]:
+def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, virtual: int = 1,
+             lead: int = 0) -> dict[int, Plan]:
     """For every rank, the batches of sends and receives to post before each of its actions.
 
     `plan[rank][n]` lists, in order, the batches to post before action n of
     the rank's list; `plan[rank][len(actions)]` those after its last action.
-    Messages between stages on the same rank need no operation.
+    Messages between stages on the same rank need no operation. With `lead`,
+    receives go that many actions earlier, in batches of their own: for gloo,
+    whose sends never hold up later operations (so any order is safe), and
+    which moves data only once the receive is posted. The proof of
+    `check_plan` is for lead 0, the plan for in-order backends.
     """
     total = num_stages(pp, virtual)
     sim = simulate(schedule, pp, num_microbatches, virtual)
-    stamped: dict[int, dict[float, list[Op]]] = {rank: {} for rank in schedule}
+    stamped: dict[int, dict[tuple[float, str], list[Op]]] = {rank: {} for rank in schedule}
     for rank, line in sim.timeline.items():
         for _, end, a in line:
             for m in messages(a, total)[1]:
                 to = stage_rank(m[2], pp)
                 if to != rank:
-                    stamped[rank].setdefault(end, []).append(("send", m))
-                    stamped[to].setdefault(end, []).append(("recv", m))
+                    stamped[rank].setdefault((end, "send" if lead else ""), []).append(("send", m))
+                    stamped[to].setdefault((end, "recv" if lead else ""), []).append(("recv", m))
     plan = {}
     for rank, acts in schedule.items():
         starts = [start for start, _, _ in sim.timeline[rank]]
         slots: Plan = [[] for _ in range(len(acts) + 1)]
-        for t in sorted(stamped[rank]):
-            slots[bisect_left(starts, t)].append(stamped[rank][t])  # before the first action starting at t or later
+        for t, kind in sorted(stamped[rank]):
+            n = bisect_left(starts, t)  # before the first action starting at t or later
+            slots[max(0, n - lead) if kind == "recv" else n].append(stamped[rank][(t, kind)])
         plan[rank] = slots
     return plan
 

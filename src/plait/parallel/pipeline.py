@@ -67,6 +67,10 @@ class PipelineExecutor:
         self.autocast = autocast
         self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
         self._outbox: dict[Message, tuple[torch.Tensor, torch.Tensor | None]] = {}  # made, not yet posted
+        # How many actions early receives are posted (p2p_plan's `lead`): gloo runs operations in
+        # any order, so early is safe there and lets data land during compute; NCCL needs lockstep.
+        self.lead = 1 if dist.is_initialized() and dist.get_backend() == "gloo" else 0
+        self._deferred: set[Message] = set()
         self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
         self.recorder = None  # a trace.Recorder while tracing
 
@@ -108,12 +112,13 @@ class PipelineExecutor:
             self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
         self._outbox[("act" if what == _ACT else "grad", stage, to_stage, microbatch)] = (tensor.contiguous(), header)
 
-    def _post(self, batch: list, key, device: torch.device) -> dict:
+    def _post(self, batch: list, key, device: torch.device, needed: Message | None = None) -> dict:
         """Post one batch of the plan; returns message -> (handles, buffer, peer) for its receives.
 
         The sends' handles (which keep their tensors alive) go to `_pending`. A receive
         whose shape is not known yet first posts what is gathered (the peer may be
-        waiting for it) and waits for the shape header.
+        waiting for it) and waits for the shape header; posted early (lead > 0), it
+        waits instead until the action that needs it, whose producer may still need us.
         """
         ops, ends, received = [], [], {}
         for direction, message in batch:
@@ -132,6 +137,9 @@ class PipelineExecutor:
             peer = self._peer(src)
             shape_key = (src, key) if what == "act" else (dst, key)  # a gradient has its activation's shape
             if shape_key not in self._shapes:
+                if self.lead and message != needed:
+                    self._deferred.add(message)
+                    continue
                 received.update(self._issue(ops, ends))
                 ops, ends = [], []
                 header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
@@ -179,6 +187,7 @@ class PipelineExecutor:
         key = (tuple(inputs[0].shape), inputs[0].dtype)  # activation shapes follow the micro-batch shape
         training = any(a.kind == "B" for a in actions)
         self._pending = []
+        self._deferred = set()
         saved: dict[tuple[int, int], tuple] = {}
         posted: dict[Message, tuple] = {}
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -186,9 +195,12 @@ class PipelineExecutor:
         grad_ctx = contextlib.nullcontext() if training else torch.no_grad()
         with grad_ctx:
             for n, action in enumerate(actions):
-                for batch in plan[n]:
-                    posted.update(self._post(batch, key, device))
                 needs = messages(action, self.num_stages)[0]
+                for batch in plan[n]:
+                    posted.update(self._post(batch, key, device, needs))
+                if needs in self._deferred:
+                    self._deferred.discard(needs)
+                    posted.update(self._post([("recv", needs)], key, device, needs))
                 got = posted.pop(needs, None) if needs is not None else None
                 if got is not None:
                     handles, _, peer = got
