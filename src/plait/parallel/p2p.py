@@ -55,6 +55,8 @@ def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, 
     """
     total = num_stages(pp, virtual)
     sim = simulate(schedule, pp, num_microbatches, virtual)
+    # Batches are keyed by (stamp, kind): with lead 0 a stamp's sends and receives share one
+    # batch (kind ""), with a lead its receives move to a batch of their own.
     stamped: dict[int, dict[tuple[float, str], list[Op]]] = {rank: {} for rank in schedule}
     for rank, line in sim.timeline.items():
         for _, end, a in line:

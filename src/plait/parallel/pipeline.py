@@ -99,10 +99,11 @@ class PipelineExecutor:
             raise TrainingError(f"{me} waited {time.monotonic() - t0:.0f} s to {verb} {what} of micro-batch "
                                 f"{microbatch} {prep} {self.describe(peer)}: {reason}") from None
 
-    def _send(self, tensor: torch.Tensor, to_stage: int, stage: int, microbatch: int, what: int, key) -> None:
+    def _send(self, message: Message, tensor: torch.Tensor, key) -> None:
         """Keep an outgoing tensor (with its shape header the first time) for its batch in the plan."""
+        what, stage = message[0], message[1]
         header = None
-        if what == _ACT and (stage, key) not in self._shapes:
+        if what == "act" and (stage, key) not in self._shapes:
             if tensor.dim() > _HEADER_LEN - 2:
                 raise ValueError(f"stage {stage} outputs a {tensor.dim()}-d tensor; at most 6 dims can be sent")
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
@@ -110,7 +111,7 @@ class PipelineExecutor:
             header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
             header = header.to(tensor.device)
             self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
-        self._outbox[("act" if what == _ACT else "grad", stage, to_stage, microbatch)] = (tensor.contiguous(), header)
+        self._outbox[message] = (tensor.contiguous(), header)
 
     def _post(self, batch: list, key, device: torch.device, needed: Message | None = None) -> dict:
         """Post one batch of the plan; returns message -> (handles, buffer, peer) for its receives.
@@ -241,7 +242,7 @@ class PipelineExecutor:
             if training:
                 saved[(s, i)] = (x, loss * loss_scale)
             return loss.detach().double()
-        self._send(out.detach(), s + 1, s, i, _ACT, key)
+        self._send(("act", s, s + 1, i), out.detach(), key)
         if training:
             saved[(s, i)] = (x, out)
         return torch.zeros((), dtype=torch.float64, device=out.device)
@@ -254,4 +255,4 @@ class PipelineExecutor:
         else:
             torch.autograd.backward(out, received)
         if s > 0:
-            self._send(x.grad, s - 1, s, i, _GRAD, key)
+            self._send(("grad", s, s - 1, i), x.grad, key)
