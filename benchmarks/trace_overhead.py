@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/trace_overhead.py [--rounds 30] [--steps 1]
 
-The GPT of the other benchmarks (about 3.7 M parameters), dp=1 x pp=2, 1F1B
+The GPT of the other benchmarks (about 4.8 M parameters), dp=1 x pp=2, 1F1B
 with 8 micro-batches (the most events per step), two processes, one thread
 each. Every step is recorded while the recorder is on (the worst case: a
 real run records only --trace-steps steps).
@@ -26,13 +26,13 @@ import plait  # noqa: E402
 from plait.model import GPTConfig, build_gpt, gpt_loss  # noqa: E402
 from plait.trace import Recorder  # noqa: E402
 
-CFG = GPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=256)
+CFG = GPTConfig(vocab_size=3072, block_size=128, n_layer=5, n_head=4, n_embd=256)
 
 
 def measure(rounds: int, steps: int) -> dict:
     engine = plait.Engine(build_gpt(CFG, seed=0), gpt_loss, plait.make_mesh(dp=1, pp=2), schedule="1f1b",
                           microbatches=8)
-    opt = torch.optim.AdamW(engine.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(engine.parameters(), lr=1e-4, fused=True)
     recorder = Recorder(set(range(rounds)))
     recorder.align()
     g = torch.Generator().manual_seed(0)

@@ -158,3 +158,18 @@ def test_tensorboard_events_hold_the_metrics(tmp_path, data_dir):
     losses = [(e.step, e.value) for e in events.Scalars("loss")]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records if "loss" in r]
+
+
+def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
+    from plait.engine import Engine
+    from plait.model import GPTConfig, build_gpt, gpt_loss
+    from plait.train import build_optimizer
+
+    cfg = load_config(None, {"train.weight_decay": 0.25, "train.lr": 1e-3})
+    engine = Engine(build_gpt(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=0), gpt_loss)
+    opt = build_optimizer(engine, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.25 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(engine.parameters()))
