@@ -51,6 +51,7 @@ from tests.distributed.harness import spawn  # noqa: E402
 import plait  # noqa: E402
 from plait.model import GPTConfig, build_gpt, count_params, gpt_loss  # noqa: E402
 
+# The GPT of every benchmark here (the pipeline and trace benchmarks import it): see the docstring.
 CFG = GPTConfig(vocab_size=3072, block_size=128, n_layer=5, n_head=4, n_embd=256)
 GLOBAL_BATCH = 16  # sequences per step; --global-batch changes it
 

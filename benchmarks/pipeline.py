@@ -48,14 +48,14 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.data_parallel import CFG  # noqa: E402
 from tests.distributed.harness import spawn  # noqa: E402
 
 import plait  # noqa: E402
-from plait.model import GPTConfig, build_gpt, count_params, gpt_loss  # noqa: E402
+from plait.model import build_gpt, count_params, gpt_loss  # noqa: E402
 from plait.parallel.partition import layer_costs, partition  # noqa: E402
 from plait.parallel.schedule import make_schedule, simulate, theoretical_bubble  # noqa: E402
 
-CFG = GPTConfig(vocab_size=3072, block_size=128, n_layer=5, n_head=4, n_embd=256)
 GLOBAL_BATCH, PP = 16, 2
 
 

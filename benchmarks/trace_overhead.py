@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.data_parallel import CFG  # noqa: E402
 from tests.distributed.harness import spawn  # noqa: E402
 
 import plait  # noqa: E402
-from plait.model import GPTConfig, build_gpt, gpt_loss  # noqa: E402
+from plait.model import build_gpt, gpt_loss  # noqa: E402
 from plait.trace import Recorder  # noqa: E402
-
-CFG = GPTConfig(vocab_size=3072, block_size=128, n_layer=5, n_head=4, n_embd=256)
 
 
 def measure(rounds: int, steps: int) -> dict:

@@ -7,7 +7,9 @@ from plait.checkpoint import load_checkpoint
 
 from plait.cli import main
 from plait.config import load_config
-from plait.train import lr_at, train
+from plait.engine import Engine
+from plait.model import GPTConfig, build_gpt, gpt_loss
+from plait.train import build_optimizer, lr_at, train
 
 # A model small enough that a step takes milliseconds.
 SMALL = {"parallel.dp": 1, "parallel.pp": 1, "parallel.num_microbatches": 1, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32,
@@ -161,10 +163,6 @@ def test_tensorboard_events_hold_the_metrics(tmp_path, data_dir):
 
 
 def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
-    from plait.engine import Engine
-    from plait.model import GPTConfig, build_gpt, gpt_loss
-    from plait.train import build_optimizer
-
     cfg = load_config(None, {"train.weight_decay": 0.25, "train.lr": 1e-3})
     engine = Engine(build_gpt(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=0), gpt_loss)
     opt = build_optimizer(engine, cfg)
