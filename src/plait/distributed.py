@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from plait import watchdog
 from plait.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -63,10 +64,31 @@ def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        _configure_nccl()
+    # plait's own watchdog names a silent peer at `timeout_s`; the process group's timeout (after
+    # which gloo raises and NCCL's watchdog aborts the process, naming no one) comes later.
+    timeout = timedelta(seconds=timeout_s + watchdog.GRACE_S)
     rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend, store=_make_store(rank_, world, timeout), rank=rank_, world_size=world,
                             timeout=timeout, **kwargs)
+    watchdog.start(timeout_s)
+
+
+def _configure_nccl() -> None:
+    """NCCL's failure handling, set on purpose (a user's own setting wins).
+
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=3: a collective that fails or passes the
+      process group's timeout tears the process down (without the communicator
+      clean-up that can itself hang), instead of leaving it wedged. plait's
+      watchdog speaks GRACE_S before that, naming the silent peer.
+    - The flight recorder keeps the last 2000 collectives of each rank and dumps
+      them on a timeout (TORCH_FR_DUMP_TEMP_FILE, /tmp/nccl_trace_rank_<rank> by
+      default), for `python -m torch.distributed.flight_recorder.fr_trace`.
+    """
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
 
 
 def _make_store(rank_: int, world: int, timeout: timedelta) -> dist.Store:

@@ -18,20 +18,19 @@ It composes the pieces on a mesh with axes "pp" and "dp":
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.errors import TrainingError, peer_failure
 from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
 from plait.parallel.schedule import make_schedule, rank_stages
 from plait.parallel.tied import TiedGradients, find_tied
+from plait.watchdog import wait
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,6 +67,7 @@ class Engine:
         self.dp_size = mesh["dp"].size() if mesh is not None else 1
         self.pp_size = mesh["pp"].size() if mesh is not None else 1
         self.pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
+        self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         if self.pp_size == 1:
             schedule, virtual_stages = "1f1b", 1  # one stage: F0 B0 F1 B1 ... is accumulation
         self.schedule = schedule
@@ -107,6 +107,7 @@ class Engine:
         if self.dp_group is not None:
             self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
                                           describe=self.describe)
+        self._grad_norm = None  # (norm, its device tensor) of the last train_step
         self.tied = None
         if self.pp_size > 1:
             layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
@@ -151,63 +152,76 @@ class Engine:
         # sum over replicas and micro-batches of loss / (m * dp).
         total = self.executor.run(self.train_actions, self.train_plan, *self._split(inputs, targets),
                                   loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
-        if sync is not None:
-            sync.finish()
-            if self.executor.recorder is not None:
-                self.executor.recorder.add("wait", "wait for all-reduce", *sync.stats.waited)
-                for n, bucket in enumerate(sync.buckets):
-                    self.executor.recorder.add("allreduce", f"all-reduce bucket {n + 1}", bucket.launched_at,
-                                               bucket.done_at)
+        flags = sync.finish() if sync is not None else []
+        if sync is not None and self.executor.recorder is not None:
+            for name, start, end in sync.spans():
+                self.executor.recorder.add("wait" if name.startswith("wait") else "allreduce", name, start, end)
         if self.tied is not None:
-            self.tied.sync()
-        return self._global_mean(total)
+            self.tied.sync(self.describe)
+        # [Note: one read per step] The loss, the gradient norm and the used-flags come back to
+        # the host in one transfer: the step's only synchronisation with the device.
+        values = self._reduce_and_read(total, self._grad_norm_sq(), flags)
+        if sync is not None:
+            sync.apply_flags(values[2:], keep=self.tied.params if self.tied is not None else frozenset())
+        self._grad_norm = (values[1] ** 0.5, self._norm_tensor)
+        return values[0]
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The global mean loss over the batch, forward only."""
         self.module.eval()
         total = self.executor.run(self.eval_actions, self.eval_plan, *self._split(inputs, targets), loss_scale=1.0)
-        return self._global_mean(total)
+        return self._reduce_and_read(total, torch.zeros_like(total), [])[0]
 
-    def _global_mean(self, total: torch.Tensor) -> float:
-        """Mean loss over the global batch from the last stages' sums of micro-batch losses."""
-        mean = total / self.num_microbatches
+    def _grad_norm_sq(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm, on the device.
+
+        Replicas hold identical gradients, so only the first replica counts; a tied
+        copy counts once, on its first holder.
+        """
+        device = next(self.module.parameters()).device
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        if self.dp_rank != 0:
+            return sq
+        elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
+        for p in self.parameters():
+            if p.grad is not None and p not in elsewhere:
+                sq += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+        return sq
+
+    def _reduce_and_read(self, loss_sum: torch.Tensor, norm_sq: torch.Tensor, flags: list[torch.Tensor]) -> list:
+        """Sum the micro-batch losses and the norm's shares over all ranks; read them and `flags`.
+
+        Returns [global mean loss, squared gradient norm, *flags]. Only last-stage ranks
+        hold a loss: summing over every rank and dividing by dp gives every rank the
+        same global mean.
+        """
+        both = torch.stack([loss_sum / self.num_microbatches, norm_sq])
         if self.mesh is not None and dist.get_world_size() > 1:
-            # Only last-stage ranks hold a loss; summing over all ranks and dividing
-            # by dp gives every rank the same global mean.
-            t0 = time.monotonic()
-            try:
-                dist.all_reduce(mean)
-            except RuntimeError as e:
-                raise TrainingError(f"{self.describe(dist.get_rank())} waited {time.monotonic() - t0:.0f} s in "
-                                    f"the loss all-reduce over all {dist.get_world_size()} ranks: "
-                                    f"{peer_failure(e)}") from None
-            mean /= self.dp_size
-        return mean.item()
+            work = dist.all_reduce(both, async_op=True)
+            me = self.describe(dist.get_rank())
+            wait(work, lambda s: f"{me} waited {s:.0f} s in the loss all-reduce over all "
+                                 f"{dist.get_world_size()} ranks")
+            both[0] /= self.dp_size
+        self._norm_tensor = both[1].sqrt()
+        values = torch.cat([both, *(f.double() for f in flags)]).tolist()
+        return values
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the gradients by their global norm over all ranks; returns the norm before clipping.
 
-        With max_norm <= 0 nothing is clipped and the norm is still returned.
-        Replicas hold identical gradients after a step, so the norm is summed
-        over the pipeline ranks only.
+        The norm was computed and read by the last `train_step`; with max_norm <= 0
+        nothing is clipped. The scaling stays on the device (no synchronisation).
         """
-        params = [p for p in self.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
-        device = next(self.module.parameters()).device
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
-        for p in params:
-            if p not in elsewhere:  # a tied copy counts once, on its first holder
-                sq += torch.linalg.vector_norm(p.grad.double()) ** 2
-        if self.pp_group is not None:
-            dist.all_reduce(sq, group=self.pp_group)
-        norm = sq.sqrt()
+        if self._grad_norm is None:
+            raise RuntimeError("clip_grad_norm_ needs a train_step first")
+        norm, norm_tensor = self._grad_norm
         if max_norm > 0:
-            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(scale.to(g.dtype))
-        return norm.item()
+            scale = torch.clamp(max_norm / (norm_tensor + 1e-6), max=1.0)
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        return norm
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (a tied weight once), for any torch.optim optimizer."""

@@ -10,8 +10,10 @@ writes `trace.json` (Chrome trace events: open in Perfetto or
 chrome://tracing, one track per rank) and `pipeline.png`, the measured
 pipeline chart above the simulator's prediction for the measured costs.
 
-Recording costs two `perf_counter` calls and a tuple per event, and nothing
-at all in steps that are not traced.
+Times are marks of plait.timing (the host clock on the CPU, CUDA events on a
+GPU, where the clock would time kernel launches), read after the run.
+Recording costs two marks and a tuple per event, and nothing at all in steps
+that are not traced.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+
+from plait.timing import Clock
 
 
 @dataclass
@@ -41,47 +46,63 @@ class Event:
 
 @dataclass
 class Recorder:
-    """Collects this rank's events for the steps in `steps` (0-based)."""
+    """Collects this rank's events for the steps in `steps` (0-based).
+
+    Times are marks of `clock` (plait.timing: CUDA events on a GPU), kept as they
+    are during the step and turned into seconds since the aligned zero only when
+    the events are read, after the run.
+    """
 
     steps: set[int]
+    clock: Clock = field(default_factory=Clock)
     rank: int = 0
-    zero: float = 0.0
+    zero: object = 0.0
     step: int = -1
     offset_spread_s: float = 0.0
-    events: list[Event] = field(default_factory=list)
+    _raw: list[tuple] = field(default_factory=list)
 
     def align(self) -> None:
         """Set this rank's zero together with every other rank's."""
         if dist.is_initialized():
             self.rank = dist.get_rank()
             dist.barrier()
-        self.zero = time.perf_counter()
+        if self.clock.cuda:
+            torch.cuda.synchronize()  # the zero event then completes as the host leaves the barrier
+        self.zero = self.clock.mark()
+        host_zero = time.perf_counter()
         if dist.is_initialized():  # how far apart the ranks leave a barrier: the clocks' uncertainty
             dist.barrier()
             exits = [None] * dist.get_world_size()
-            dist.all_gather_object(exits, time.perf_counter() - self.zero)
+            dist.all_gather_object(exits, time.perf_counter() - host_zero)
             self.offset_spread_s = max(exits) - min(exits)
 
-    def add(self, kind: str, name: str, start: float, end: float, stage: int = -1, microbatch: int = -1) -> None:
-        """Record an event measured with time.perf_counter()."""
+    def add(self, kind: str, name: str, start, end, stage: int = -1, microbatch: int = -1) -> None:
+        """Record an event between two marks of `clock`."""
         if self.step in self.steps:
-            self.events.append(Event(self.rank, self.step, kind, name, start - self.zero, end - self.zero,
-                                     stage, microbatch))
+            self._raw.append((self.step, kind, name, start, end, stage, microbatch))
 
     @contextlib.contextmanager
     def span(self, kind: str, name: str, stage: int = -1, microbatch: int = -1):
-        t0 = time.perf_counter()
+        start = self.clock.mark()
         try:
             yield
         finally:
-            self.add(kind, name, t0, time.perf_counter(), stage, microbatch)
+            self.add(kind, name, start, self.clock.mark(), stage, microbatch)
+
+    @property
+    def events(self) -> list[Event]:
+        """The recorded events in seconds since the aligned zero (on a GPU, waits for their events)."""
+        since = lambda mark: self.clock.seconds(self.zero, mark)  # noqa: E731
+        return [Event(self.rank, step, kind, name, since(start), since(end), stage, microbatch)
+                for step, kind, name, start, end, stage, microbatch in self._raw]
 
     def gather(self) -> list[Event] | None:
         """Every rank's events on rank 0 (None elsewhere); a collective call."""
+        events = self.events
         if not dist.is_initialized():
-            return list(self.events)
+            return events
         parts = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(self.events, parts, dst=0)
+        dist.gather_object(events, parts, dst=0)
         return [e for part in parts for e in part] if parts is not None else None
 
 

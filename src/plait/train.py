@@ -34,6 +34,7 @@ from plait import distributed
 from plait.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               restore_training_state, save_training_state)
 from plait.faults import maybe_die
+from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config, to_toml
 from plait.data import check_length, get_batch, prepare
@@ -233,7 +234,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
                if main else None)
     result = TrainResult(run_dir=run_dir, steps=cfg.train.steps)
 
-    recorder = Recorder(traced_steps(cfg.train.steps, cfg.output.trace_steps) if cfg.output.trace else set())
+    recorder = Recorder(traced_steps(cfg.train.steps, cfg.output.trace_steps) if cfg.output.trace else set(),
+                        clock=Clock(device))
     if cfg.output.trace:
         recorder.align()
         engine.executor.recorder = recorder

@@ -3,7 +3,9 @@
 `spawn(fn, world_size, *args)` starts `world_size` fresh processes with the
 environment torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR=127.0.0.1 and a port found free at run time), one thread each;
-each calls `plait.init()` and then `fn(*args)`. It returns every rank's
+each installs NCCL's completion rule on gloo (tests/distributed/deferred.py:
+an async result lands only when its own Work is waited on), calls
+`plait.init()` and then `fn(*args)`. It returns every rank's
 result, in rank order, or raises with the failing rank's traceback. A run
 that outlives `timeout` is killed and reported as a hang, never waited on.
 `train_one_process` is the single-process run those workers are held to.
@@ -45,14 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, results, args, timeout_s):
+def _worker(fn, rank, world_size, port, results, args, timeout_s, deferred_completion):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     import plait
+    from tests.distributed import deferred
 
+    if deferred_completion:
+        deferred.install()
     try:
         plait.init(timeout_s=timeout_s)
         value = fn(*args)
@@ -75,17 +80,22 @@ def _context():
     as clean as a spawned one.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "plait", "plait.train"])
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "plait", "plait.train",
+                                "tests.distributed.deferred"])
     return ctx
 
 
-def spawn(fn, world_size: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0) -> list:
-    """Run `fn(*args)` on `world_size` local processes in one gloo group; their results by rank."""
+def spawn(fn, world_size: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0,
+          deferred_completion: bool = True) -> list:
+    """Run `fn(*args)` on `world_size` local processes in one gloo group; their results by rank.
+
+    `deferred_completion=False` runs on plain gloo (only to show what the rule catches).
+    """
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, collective_timeout_s),
-                         daemon=True) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, collective_timeout_s,
+                                               deferred_completion), daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     got: dict[int, bytes] = {}

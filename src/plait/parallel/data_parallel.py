@@ -21,6 +21,8 @@ How (and why):
   carries one "used" flag per parameter in its tail, summed with the
   gradients: a parameter no rank used gets `.grad = None` afterwards, just
   as in one process; one that only some ranks used gets the reduced sum.
+  The flags stay on the device; the Engine reads them in the same transfer
+  as the step's loss, the step's one host synchronisation.
 - With `sync` off (gradient accumulation), hooks only record use; nothing
   is sent until the last micro-batch.
 
@@ -30,14 +32,14 @@ global batch (see Engine), which saves a pass over every buffer.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.errors import TrainingError, peer_failure
+from plait.timing import Clock
+from plait.watchdog import wait
 
 
 FIRST_BUCKET_BYTES = 1 << 20
@@ -51,9 +53,14 @@ class _Bucket:
     numel: int
     used: list[bool] = field(default_factory=list)
     pending: int = 0
-    work: object = None  # the all-reduce's future, completed after its timing is recorded
-    launched_at: float = 0.0
-    done_at: float = 0.0
+    work: object = None  # the all-reduce's Work: the only thing whose wait orders its result (NCCL)
+    launched: object = None  # timing marks (plait.timing): launch and completion of the all-reduce
+    done: object = None
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """The used-flags after the all-reduce: how many ranks produced each parameter's gradient."""
+        return self.flat[self.numel:]
 
 
 @dataclass
@@ -63,7 +70,6 @@ class SyncStats:
     comm_s: float = 0.0  # launch to completion, summed over buckets
     exposed_s: float = 0.0  # what the step waited for after backward
     buckets: int = 0
-    waited: tuple[float, float] = (0.0, 0.0)  # perf_counter() at the start and end of that wait
 
     @property
     def hidden_fraction(self) -> float:
@@ -86,8 +92,8 @@ class GradientSync:
         self.group = group
         self.describe = describe
         self.sync = True
-        self.stats = SyncStats()
         params = [p for p in dict.fromkeys(params) if p.requires_grad]
+        self.clock = Clock(params[0].device if params else "cpu")
         broadcast_parameters(params, group)
         self.buckets = self._make_buckets(params, bucket_bytes)
         self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
@@ -96,6 +102,7 @@ class GradientSync:
                 self._where[p] = (bucket, slot)
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self._next = 0
+        self._waited = (None, None)  # marks around finish()'s wait
 
     @staticmethod
     def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
@@ -139,7 +146,6 @@ class GradientSync:
             bucket.pending = len(bucket.params)
             bucket.work = None
         self._next = 0
-        self.stats = SyncStats(buckets=len(self.buckets))
 
     def _on_grad(self, p: nn.Parameter) -> None:
         bucket, slot = self._where[p]
@@ -163,41 +169,63 @@ class GradientSync:
             self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        for view, used in zip(bucket.views, bucket.used):
+        # The flags are written on the device, one fill per parameter this rank did not use:
+        # a host list copied in would be a blocking copy into a CUDA bucket on every launch.
+        bucket.flags.fill_(1)
+        for slot, (view, used) in enumerate(zip(bucket.views, bucket.used)):
             if not used:  # this rank has no gradient for it: it adds zero (its place holds an old step's)
                 view.zero_()
-        bucket.flat[bucket.numel:] = torch.tensor(bucket.used, dtype=bucket.flat.dtype)
-        bucket.launched_at = time.perf_counter()
-        work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+                bucket.flags[slot] = 0
+        bucket.launched = self.clock.mark()
+        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        bucket.done = self.clock.mark_done(bucket.work)
 
-        def record(_fut, bucket=bucket):
-            bucket.done_at = time.perf_counter()
+    def finish(self) -> list[torch.Tensor]:
+        """After the last backward: launch what is left and wait for every bucket.
 
-        bucket.work = work.get_future().then(record)
-
-    def finish(self) -> None:
-        """After the last backward: launch what is left, wait for everything, apply use flags."""
-        t0 = time.perf_counter()
+        Waiting on each all-reduce's own Work orders its result before whatever
+        reads the gradients next (on NCCL the compute stream waits; the host
+        does not). Returns each bucket's flags, still on the device: the caller
+        reads them with the step's loss and hands them to `apply_flags`.
+        """
+        start = self.clock.mark()
         self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
+        me = self.describe(dist.get_rank())
+        peers = ", ".join(self.describe(r) for r in dist.get_process_group_ranks(self.group))
         for n, bucket in enumerate(self.buckets):
-            try:
-                bucket.work.wait()
-            except RuntimeError as e:
-                peers = ", ".join(self.describe(r) for r in dist.get_process_group_ranks(self.group))
-                raise TrainingError(f"{self.describe(dist.get_rank())} waited {time.perf_counter() - t0:.0f} s in "
-                                    f"the gradient all-reduce of bucket {n + 1} of {len(self.buckets)} with "
-                                    f"{peers}: {peer_failure(e)}") from None
-        t1 = time.perf_counter()
-        comm = 0.0
-        for bucket in self.buckets:
-            comm += bucket.done_at - bucket.launched_at
-            flags = bucket.flat[bucket.numel:].tolist()
-            for p, view, flag in zip(bucket.params, bucket.views, flags):
-                if flag == 0:  # no rank produced a gradient for it: as in one process
-                    p.grad = None
-                elif p.grad is None:  # other ranks did: it gets the reduced gradient too
+            wait(bucket.work, lambda s, n=n: f"{me} waited {s:.0f} s in the gradient all-reduce of bucket "
+                                             f"{n + 1} of {len(self.buckets)} with {peers}")
+        self._waited = (start, self.clock.mark())
+        for bucket in self.buckets:  # a parameter other ranks used gets the reduced gradient too
+            for p, view in zip(bucket.params, bucket.views):
+                if p.grad is None:
                     p.grad = view
-        self.stats.comm_s, self.stats.exposed_s, self.stats.waited = comm, t1 - t0, (t0, t1)
+        return [bucket.flags for bucket in self.buckets]
+
+    def apply_flags(self, flags: list[float], keep: set[nn.Parameter] = frozenset()) -> None:
+        """Given every bucket's flags read back (concatenated): a parameter no rank used loses its
+        (zero) gradient, as in one process, unless it is in `keep` (a tied weight, whose other
+        copy's gradient it now holds)."""
+        offset = 0
+        for bucket in self.buckets:
+            for p, flag in zip(bucket.params, flags[offset:offset + len(bucket.params)]):
+                if flag == 0 and p not in keep:
+                    p.grad = None
+            offset += len(bucket.params)
+
+    @property
+    def stats(self) -> SyncStats:
+        """The last step's communication time and what of it backward hid (reads its timing marks)."""
+        start, end = self._waited
+        if start is None:
+            return SyncStats(buckets=len(self.buckets))
+        comm = sum(self.clock.seconds(b.launched, b.done) for b in self.buckets)
+        return SyncStats(comm_s=comm, exposed_s=self.clock.seconds(start, end), buckets=len(self.buckets))
+
+    def spans(self) -> list[tuple[str, object, object]]:
+        """The last step's timed spans, as (name, start mark, end mark), for the trace."""
+        out = [("wait for all-reduce", *self._waited)] if self._waited[0] is not None else []
+        return out + [(f"all-reduce bucket {n + 1}", b.launched, b.done) for n, b in enumerate(self.buckets)]
 
 
 def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:

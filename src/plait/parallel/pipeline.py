@@ -18,25 +18,26 @@ so transfers overlap compute; the batch order is proven deadlock-free even
 where a backend runs one peer's operations in order (NCCL). Sends are waited
 on at the end of the step.
 
-[Note: activation shapes] A receiver must allocate a buffer before data
-arrives. The first time a stage boundary carries an activation for a given
-input shape, the sender first sends a small header (ndim, dims, dtype); both
-sides cache it, so later steps send data only.
+Activation shapes are learned once per input shape, before the first step,
+by a probe along the pipeline ([Note: activation shapes] in p2p.py), so
+both ends of every message post identical batches. Waits go through
+plait.watchdog (a silent peer is named on any backend); times are marks of
+plait.timing (CUDA events on a GPU), read only after the step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.errors import TrainingError, peer_failure
-from plait.parallel.p2p import Message, messages
+from plait.parallel.p2p import Message, messages, shape_plan
 from plait.parallel.schedule import Action, stage_rank
+from plait.timing import Clock
+from plait.watchdog import wait
 
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 _HEADER_LEN = 8  # dtype index, ndim, up to 6 dims
@@ -65,13 +66,14 @@ class PipelineExecutor:
         self.pp_size = len(pp_ranks)
         self.loss_fn = loss_fn
         self.autocast = autocast
-        self._shapes: dict[tuple, tuple[torch.Size, torch.dtype]] = {}
-        self._outbox: dict[Message, tuple[torch.Tensor, torch.Tensor | None]] = {}  # made, not yet posted
+        # input key -> {stage s: (shape, dtype) of what s sends to s+1}; a gradient has its activation's shape
+        self._shapes: dict[tuple, dict[int, tuple[torch.Size, torch.dtype]]] = {}
+        self._outbox: dict[Message, torch.Tensor] = {}  # made, not yet posted
         # How many actions early receives are posted (p2p_plan's `lead`): gloo runs operations in
         # any order, so early is safe there and lets data land during compute; NCCL needs lockstep.
         self.lead = 1 if dist.is_initialized() and dist.get_backend() == "gloo" else 0
-        self._deferred: set[Message] = set()
-        self.compute_s = 0.0  # time in forward/backward during the last run (not waiting)
+        self.clock: Clock | None = None  # made at the first run, on the inputs' device
+        self._compute: list[tuple] = []  # marks around each forward/backward of the last run
         self.recorder = None  # a trace.Recorder while tracing
 
     def _peer(self, stage: int) -> int:
@@ -80,83 +82,44 @@ class PipelineExecutor:
     def _tag(self, stage: int, microbatch: int, what: int) -> int:
         return (microbatch * self.num_stages + stage) * 3 + what
 
+    @property
+    def compute_s(self) -> float:
+        """Time in forward/backward during the last run (not waiting); read after the step."""
+        return sum(self.clock.seconds(a, b) for a, b in self._compute)
+
     # ---- communication -------------------------------------------------------------
 
     def _wait(self, works: list, what: str, microbatch: int, peer: int, sending: bool = False) -> None:
-        """Wait for a transfer; if the peer is gone or silent past the timeout, say so in our terms."""
-        t0 = time.monotonic()
-        start = time.perf_counter()
-        try:
-            for work in works:
-                work.wait()
-            if self.recorder is not None:
-                self.recorder.add("wait", f"{'send' if sending else 'wait for'} {what} {microbatch}", start,
-                                  time.perf_counter(), microbatch=microbatch)
-        except RuntimeError as e:
-            me = self.describe(dist.get_rank())
-            verb, prep = ("send", "to") if sending else ("receive", "from")
-            reason = peer_failure(e)
-            raise TrainingError(f"{me} waited {time.monotonic() - t0:.0f} s to {verb} {what} of micro-batch "
-                                f"{microbatch} {prep} {self.describe(peer)}: {reason}") from None
+        """Wait for a transfer; a peer that is gone or silent past the timeout is named in our terms."""
+        start = self.clock.mark() if self.recorder is not None else None
+        me = self.describe(dist.get_rank())
+        verb, prep = ("send", "to") if sending else ("receive", "from")
+        for work in works:
+            wait(work, lambda s: f"{me} waited {s:.0f} s to {verb} {what} of micro-batch {microbatch} "
+                                 f"{prep} {self.describe(peer)}", peer)
+        if start is not None:
+            self.recorder.add("wait", f"{'send' if sending else 'wait for'} {what} {microbatch}", start,
+                              self.clock.mark(), microbatch=microbatch)
 
-    def _send(self, message: Message, tensor: torch.Tensor, key) -> None:
-        """Keep an outgoing tensor (with its shape header the first time) for its batch in the plan."""
-        what, stage = message[0], message[1]
-        header = None
-        if what == "act" and (stage, key) not in self._shapes:
-            if tensor.dim() > _HEADER_LEN - 2:
-                raise ValueError(f"stage {stage} outputs a {tensor.dim()}-d tensor; at most 6 dims can be sent")
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-            header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
-            header[2:2 + tensor.dim()] = torch.tensor(tensor.shape)
-            header = header.to(tensor.device)
-            self._shapes[(stage, key)] = (tensor.shape, tensor.dtype)
-        self._outbox[message] = (tensor.contiguous(), header)
-
-    def _post(self, batch: list, key, device: torch.device, needed: Message | None = None) -> dict:
+    def _post(self, batch: list, shapes: dict, device: torch.device) -> dict:
         """Post one batch of the plan; returns message -> (handles, buffer, peer) for its receives.
 
-        The sends' handles (which keep their tensors alive) go to `_pending`. A receive
-        whose shape is not known yet first posts what is gathered (the peer may be
-        waiting for it) and waits for the shape header; posted early (lead > 0), it
-        waits instead until the action that needs it, whose producer may still need us.
+        The sends' handles (which keep their tensors alive until the end of the step) go to `_pending`.
         """
-        ops, ends, received = [], [], {}
+        ops, ends = [], []
         for direction, message in batch:
             what, src, dst, i = message
             label = "forward activations" if what == "act" else "backward gradients"
             tag = self._tag(src, i, _ACT if what == "act" else _GRAD)
             if direction == "send":
-                tensor, header = self._outbox.pop(message)
                 peer = self._peer(dst)
-                if header is not None:
-                    ops.append(dist.P2POp(dist.isend, header, peer, tag=self._tag(src, i, _HEADER)))
-                    ends.append(("the activation shape", i, peer, None))
-                ops.append(dist.P2POp(dist.isend, tensor, peer, tag=tag))
+                ops.append(dist.P2POp(dist.isend, self._outbox.pop(message), peer, tag=tag))
                 ends.append((label, i, peer, None))
-                continue
-            peer = self._peer(src)
-            shape_key = (src, key) if what == "act" else (dst, key)  # a gradient has its activation's shape
-            if shape_key not in self._shapes:
-                if self.lead and message != needed:
-                    self._deferred.add(message)
-                    continue
-                received.update(self._issue(ops, ends))
-                ops, ends = [], []
-                header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
-                self._wait([dist.irecv(header, peer, tag=self._tag(src, i, _HEADER))], "the activation shape", i,
-                           peer)
-                header = header.cpu()
-                ndim = int(header[1])
-                self._shapes[shape_key] = (torch.Size(header[2:2 + ndim].tolist()), _DTYPES[int(header[0])])
-            shape, dtype = self._shapes[shape_key]
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
-            ends.append((label, i, peer, message))
-        received.update(self._issue(ops, ends))
-        return received
-
-    def _issue(self, ops: list, ends: list) -> dict:
+            else:
+                peer = self._peer(src)
+                shape, dtype = shapes[src if what == "act" else dst]
+                ops.append(dist.P2POp(dist.irecv, torch.empty(shape, dtype=dtype, device=device), peer, tag=tag))
+                ends.append((label, i, peer, message))
         if not ops:
             return {}
         works = dist.batch_isend_irecv(ops)
@@ -169,6 +132,48 @@ class PipelineExecutor:
             else:
                 received[message] = (h, op.tensor, peer)
         return received
+
+    def _probe_shapes(self, key, first_input: torch.Tensor) -> dict:
+        """Learn what crosses each stage boundary for inputs like `first_input`: see p2p.shape_plan.
+
+        Each stage runs once on one micro-batch (zeros of the received shape after
+        stage 0), without autograd and with the RNG state put back afterwards, so
+        the step that follows draws exactly the random numbers it would have.
+        """
+        me = stage_rank(min(self.stages), self.pp_size)
+        shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}
+        device = first_input.device
+        out = None
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for step in shape_plan(self.pp_size, self.num_stages // self.pp_size)[me]:
+                if isinstance(step, tuple):  # ("run", s)
+                    s = step[1]
+                    if s == self.num_stages - 1:  # the last stage's output crosses nothing
+                        continue
+                    x = first_input if s == 0 else out
+                    with self.autocast():
+                        out = self.stages[s](x)
+                    shapes[s] = (out.shape, out.dtype)
+                    continue
+                direction, (_, src, dst, _) = step[0]
+                header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
+                if direction == "send":
+                    if out.dim() > _HEADER_LEN - 2:
+                        raise ValueError(f"stage {src} outputs a {out.dim()}-d tensor; at most 6 dims can be sent")
+                    header[0], header[1] = _DTYPES.index(out.dtype), out.dim()
+                    header[2:2 + out.dim()] = torch.tensor(out.shape, device=device)
+                    peer, op = self._peer(dst), dist.isend
+                else:
+                    peer, op = self._peer(src), dist.irecv
+                works = dist.batch_isend_irecv([dist.P2POp(op, header, peer, tag=self._tag(src, 0, _HEADER))])
+                self._wait(works, "the activation shape", 0, peer, sending=direction == "send")
+                if direction == "recv":  # once per input shape, before the first step: this read is not in a step
+                    ndim, dims = int(header[1]), header[2:].tolist()
+                    shapes[src] = (torch.Size(dims[:ndim]), _DTYPES[int(header[0])])
+                    out = torch.zeros(shapes[src][0], dtype=shapes[src][1], device=device)
+        self._shapes[key] = shapes
+        return shapes
 
     # ---- execution -----------------------------------------------------------------
 
@@ -185,50 +190,51 @@ class PipelineExecutor:
         Actions with kind "F" only make a forward-only run (no graph is kept).
         """
         device = inputs[0].device
+        if self.clock is None:
+            self.clock = Clock(device)
         key = (tuple(inputs[0].shape), inputs[0].dtype)  # activation shapes follow the micro-batch shape
+        shapes = self._shapes.get(key)
+        if shapes is None:
+            shapes = self._probe_shapes(key, inputs[0]) if self.pp_size > 1 else {}
         training = any(a.kind == "B" for a in actions)
         self._pending = []
-        self._deferred = set()
+        self._compute = []
         saved: dict[tuple[int, int], tuple] = {}
         posted: dict[Message, tuple] = {}
         total = torch.zeros((), dtype=torch.float64, device=device)
-        self.compute_s = 0.0
         grad_ctx = contextlib.nullcontext() if training else torch.no_grad()
         with grad_ctx:
             for n, action in enumerate(actions):
-                needs = messages(action, self.num_stages)[0]
                 for batch in plan[n]:
-                    posted.update(self._post(batch, key, device, needs))
-                if needs in self._deferred:
-                    self._deferred.discard(needs)
-                    posted.update(self._post([("recv", needs)], key, device, needs))
+                    posted.update(self._post(batch, shapes, device))
+                needs = messages(action, self.num_stages)[0]
                 got = posted.pop(needs, None) if needs is not None else None
                 if got is not None:
                     handles, _, peer = got
                     self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
                                action.microbatch, peer)
                 received = got[1] if got is not None else None
-                t0 = time.perf_counter()
+                t0 = self.clock.mark()
                 if action.kind == "F":
-                    total += self._forward(action, received, inputs, targets, saved, loss_scale, training, key)
+                    total += self._forward(action, received, inputs, targets, saved, loss_scale, training)
                 else:
                     if on_backward is not None:
                         on_backward(action)
-                    self._backward(action, received, saved, key)
-                t1 = time.perf_counter()
-                self.compute_s += t1 - t0
+                    self._backward(action, received, saved)
+                t1 = self.clock.mark()
+                self._compute.append((t0, t1))
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)
         for batch in plan[len(actions)]:
-            self._post(batch, key, device)
+            self._post(batch, shapes, device)
         assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
         for works, what, microbatch, peer in self._pending:
             self._wait(works, what, microbatch, peer, sending=True)
         self._pending = []
         return total
 
-    def _forward(self, action, received, inputs, targets, saved, loss_scale, training, key) -> torch.Tensor:
+    def _forward(self, action, received, inputs, targets, saved, loss_scale, training) -> torch.Tensor:
         s, i = action.stage, action.microbatch
         if s == 0:
             x = inputs[i]
@@ -242,12 +248,12 @@ class PipelineExecutor:
             if training:
                 saved[(s, i)] = (x, loss * loss_scale)
             return loss.detach().double()
-        self._send(("act", s, s + 1, i), out.detach(), key)
+        self._outbox[("act", s, s + 1, i)] = out.detach().contiguous()
         if training:
             saved[(s, i)] = (x, out)
         return torch.zeros((), dtype=torch.float64, device=out.device)
 
-    def _backward(self, action, received, saved, key) -> None:
+    def _backward(self, action, received, saved) -> None:
         s, i = action.stage, action.microbatch
         x, out = saved.pop((s, i))  # dropping them frees the micro-batch's activations
         if s == self.num_stages - 1:
@@ -255,4 +261,4 @@ class PipelineExecutor:
         else:
             torch.autograd.backward(out, received)
         if s > 0:
-            self._send(("grad", s, s - 1, i), x.grad, key)
+            self._outbox[("grad", s, s - 1, i)] = x.grad.contiguous()

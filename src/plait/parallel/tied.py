@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.watchdog import wait
+
 
 def find_tied(layers: list[nn.Module], layer_stage: list[int], pp: int) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
     """Parameters held by layers on more than one pipeline rank, with those ranks (sorted).
@@ -54,9 +56,24 @@ class TiedGradients:
                     if me != members[0]:
                         self.owned_elsewhere.add(p)
 
-    def sync(self) -> None:
-        """After backward (and after the data-parallel reduction): sum each tied gradient."""
+    @property
+    def params(self) -> set[nn.Parameter]:
+        """This rank's tied copies."""
+        return {p for p, _ in self.pairs}
+
+    def sync(self, describe=lambda r: f"rank {r}") -> None:
+        """After backward (and after the data-parallel reduction): sum each tied gradient.
+
+        All sums are launched before the first is waited on; each result is read only
+        after its own Work is waited on (on NCCL, that orders it before the norm and the
+        optimizer).
+        """
+        works = []
         for p, group in self.pairs:
             if p.grad is None:  # this copy took no part: it still contributes zero
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=group)
+            works.append((dist.all_reduce(p.grad, group=group, async_op=True), group))
+        me = describe(dist.get_rank())
+        for work, group in works:
+            peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
+            wait(work, lambda s, peers=peers: f"{me} waited {s:.0f} s in the tied-weight all-reduce with {peers}")
