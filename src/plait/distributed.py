@@ -87,14 +87,12 @@ def device_for_rank(device_type: str | None = None) -> torch.device:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type != "cuda":
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if "LOCAL_WORLD_SIZE" in os.environ:
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if "LOCAL_WORLD_SIZE" in os.environ:  # checked first: every local rank refuses alike, one line per node
         n = int(os.environ["LOCAL_WORLD_SIZE"])
         check_local_gpus(n, f"LOCAL_WORLD_SIZE = {n}",
-                         f"start at most {torch.cuda.device_count()} per node "
-                         f"(torchrun --nproc-per-node {torch.cuda.device_count()}), or use --device cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
+                         f"start at most {count} per node (torchrun --nproc-per-node {count}), or use --device cpu")
+    if local_rank >= count:  # without LOCAL_WORLD_SIZE (a hand-made environment), rank by rank
         raise ConfigError(f"LOCAL_RANK = {local_rank} but {_gpus(count)} visible on this node; start at most "
                           f"{count} processes per node, or use --device cpu")
     return torch.device("cuda", local_rank)

@@ -108,8 +108,8 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
 
     `devices` is the (device, backend) the workers will ask for: a pair that
     disagrees, or more workers on this node than GPUs, is refused here
-    (`check_devices`) before anything starts. On one node the rendezvous is on 127.0.0.1 with a port the system picks;
-    on several, at `--rdzv` (node 0 hosts the store). Every listening socket
+    (`check_devices`) before anything starts. On one node the rendezvous is
+    on 127.0.0.1 with a port the system picks; on several, at `--rdzv` (node 0 hosts the store). Every listening socket
     (the rendezvous store, the workers' store, gloo's) is bound to the address
     given, not to all interfaces.
     """
