@@ -1,8 +1,13 @@
 """Bad input found at run time: refused before any work, one line, exit code 2."""
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
+import torch
+import torch.distributed.launcher.api as launcher_api
 
 from plait.cli import main
 
@@ -52,3 +57,154 @@ def test_resume_with_another_model_shape(tmp_path, data_dir, capsys):
     assert code == 2
     assert err == (f"plait: error: checkpoint {run_dir}/checkpoints/step-000001 holds a different model: "
                    f"0.wte.weight is [2048, 16] there, [2048, 32] here; resume with the run's own model options\n")
+
+
+# Devices and backends ([Note: one device choice] in plait/distributed.py). This machine may have no GPU:
+# "CUDA present" is torch.cuda monkeypatched, and "absent" too, so the tests mean the same on a GPU node.
+
+NO_GPU = "no CUDA device is visible"
+DEVICE_CUDA = f"train.device = 'cuda' but {NO_GPU}; use --device cpu (gloo)"
+NCCL_NO_CUDA = f"launch.backend = 'nccl' needs CUDA, but {NO_GPU}; use --backend gloo (or auto) to run on the CPU"
+NCCL_ON_CPU = ("launch.backend = 'nccl' needs CUDA tensors, but train.device = 'cpu'; use --backend gloo (or auto), "
+               "or --device cuda")
+GLOO_AUTO = ("launch.backend = 'gloo' does not take CUDA tensors, but train.device = 'auto' picks cuda on this "
+             "machine; use --device cpu to run on gloo, or --backend auto (nccl)")
+GLOO_CUDA = ("launch.backend = 'gloo' does not take CUDA tensors, but train.device = 'cuda'; use --backend nccl "
+             "(or auto), or --device cpu")
+TOO_MANY = ("dp(2) x pp(2) = 4 processes on this node but 2 GPUs visible; lower --dp or --pp, spread the workers "
+            "over more machines (--nnodes), or use --device cpu")
+TOO_MANY_PER_NODE = ("dp(4) x pp(2) / nnodes(2) = 4 processes on this node but 2 GPUs visible; lower --dp or --pp, "
+                     "spread the workers over more machines (--nnodes), or use --device cpu")
+WORKERS = ["--out", "unused-run-dir"]  # refused before anything is written; given so no default is made
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """`gpus(n)`: torch sees n CUDA devices (0: none); nothing of the parent's torchrun environment."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+
+    def visible(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return visible
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The workers the launcher would start: a list of their command lines, none actually started."""
+    for var in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # the launcher sets them for its workers
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    started = []
+    monkeypatch.setattr(launcher_api, "elastic_launch",
+                        lambda config, entry: lambda *args: started.append((config.nproc_per_node, args)))
+    return started
+
+
+@pytest.mark.parametrize("n_gpus,args,message", [
+    (0, ["--backend", "nccl", "--dp", "2"], NCCL_NO_CUDA),
+    (0, ["--device", "cuda", "--dp", "2"], DEVICE_CUDA),
+    (0, ["--device", "cpu", "--backend", "nccl", "--dp", "2"], NCCL_ON_CPU),
+    (2, ["--device", "cpu", "--backend", "nccl", "--dp", "2"], NCCL_ON_CPU),
+    (2, ["--backend", "gloo", "--dp", "2"], GLOO_AUTO),
+    (2, ["--device", "cuda", "--backend", "gloo", "--dp", "2"], GLOO_CUDA),
+    (2, ["--dp", "2", "--pp", "2"], TOO_MANY),
+    (2, ["--device", "cuda", "--dp", "2", "--pp", "2"], TOO_MANY),
+    (2, ["--dp", "4", "--pp", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv", "127.0.0.1:29400"],
+     TOO_MANY_PER_NODE),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_device_and_backend_refused_before_any_worker_starts(gpus, launches, n_gpus, args, message, capsys):
+    gpus(n_gpus)
+    code, err = run([*args, *WORKERS], capsys)
+    assert (code, err) == (2, f"plait: error: {message}\n")
+    assert launches == []
+
+
+@pytest.mark.parametrize("args,n_gpus", [(["--dp", "2", "--pp", "1"], 2), (["--dp", "2", "--pp", "2"], 4),
+                                         (["--dp", "2", "--pp", "2", "--device", "cpu"], 1),
+                                         (["--dp", "2", "--pp", "2", "--backend", "gloo"], 0)],
+                         ids=["2 on 2 GPUs", "4 on 4 GPUs", "cpu on a GPU node", "gloo without CUDA"])
+def test_layouts_that_fit_the_node_are_launched(gpus, launches, args, n_gpus, capsys):
+    gpus(n_gpus)
+    assert run([*args, *WORKERS], capsys) == (0, "")
+    assert [nproc for nproc, _ in launches] == [int(args[1]) * int(args[3])]
+
+
+def test_device_cuda_without_cuda_in_one_process(gpus, capsys):
+    gpus(0)
+    assert run([*ONE, "--device", "cuda", *WORKERS], capsys) == (2, f"plait: error: {DEVICE_CUDA}\n")
+
+
+def test_nccl_on_a_cpu_machine_is_one_line_and_exit_2_from_the_command():
+    """The issue's case, as a new user types it: no traceback, no worker started."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same answer on a GPU node
+    proc = subprocess.run([sys.executable, "-m", "plait", "train", "--backend", "nccl", "--dp", "2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"plait: error: {NCCL_NO_CUDA}\n", "")
+
+
+def torchrun_env(monkeypatch, local_rank: int, local_world: int | None, world: int = 4) -> None:
+    """The environment torchrun gives a worker: here no launcher checked anything before it."""
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # never reached: the worker refuses before the process group
+    if local_world is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+
+
+@pytest.mark.parametrize("n_gpus,local_rank,local_world,args,message", [
+    (2, 0, 4, [], "LOCAL_WORLD_SIZE = 4 processes on this node but 2 GPUs visible; start at most 2 per node "
+                  "(torchrun --nproc-per-node 2), or use --device cpu"),
+    (2, 1, 4, [], None),  # the same refusal: local rank 0 says it for the node
+    (2, 2, None, [], "LOCAL_RANK = 2 but 2 GPUs visible on this node; start at most 2 processes per node, "
+                     "or use --device cpu"),
+    (0, 0, 4, ["--backend", "nccl"], NCCL_NO_CUDA),
+    (0, 0, 4, ["--device", "cuda"], DEVICE_CUDA),
+    (4, 0, 4, ["--backend", "gloo"], GLOO_AUTO),
+    (4, 0, 4, ["--device", "cpu", "--backend", "nccl"], NCCL_ON_CPU),
+], ids=["more workers than GPUs", "the same on local rank 1", "a local rank past the last GPU",
+        "nccl without CUDA", "cuda without CUDA", "gloo with CUDA", "nccl with --device cpu"])
+def test_a_torchrun_worker_checks_its_device_itself(gpus, monkeypatch, n_gpus, local_rank, local_world, args,
+                                                    message, capsys):
+    gpus(n_gpus)
+    torchrun_env(monkeypatch, local_rank, local_world)
+    code, err = run(["--dp", "2", "--pp", "2", *args, *WORKERS], capsys)
+    assert (code, err) == (2, "" if message is None else f"plait: error: {message}\n")
+
+
+VERIFY_CUDA = "train.device = 'cuda': plait verify runs on the CPU with gloo, in float64; drop --device cuda"
+VERIFY_NCCL = "launch.backend = 'nccl': plait verify runs on the CPU with gloo, in float64; drop --backend nccl"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cuda"], VERIFY_CUDA),
+    (["--backend", "nccl", "--dp", "2"], VERIFY_NCCL),
+    (["--device", "cuda", "--backend", "nccl"],
+     "train.device = 'cuda' and launch.backend = 'nccl': plait verify runs on the CPU with gloo, in float64; "
+     "drop --device cuda and --backend nccl"),
+], ids=["--device cuda", "--backend nccl", "both"])
+def test_verify_refuses_a_gpu_request(gpus, launches, args, message, capsys):
+    gpus(2)
+    assert main(["verify", *args]) == 2
+    assert capsys.readouterr().err == f"plait: error: {message}\n"
+    assert launches == []
+
+
+def test_verify_runs_on_the_cpu_on_a_gpu_node(gpus, launches, monkeypatch, capsys):
+    """A GPU node (torch.cuda faked: any real CUDA call would fail): the CPU, gloo and a CPU mesh."""
+    from plait import distributed
+
+    gpus(1)
+    asked = []
+    real_init, real_mesh = distributed.init, distributed.make_mesh
+    monkeypatch.setattr(distributed, "init", lambda **kw: asked.append(("init", kw)) or real_init(**kw))
+    monkeypatch.setattr(distributed, "make_mesh", lambda **kw: asked.append(("mesh", kw)) or real_mesh(**kw))
+    assert main(["verify", *ONE, "--verify-steps", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "verdict: PASS (tolerance 1e-09)"
+    assert asked == [("init", {"device": "cpu", "backend": "gloo", "timeout_s": 120.0}),
+                     ("mesh", {"dp": 1, "pp": 1, "device_type": "cpu"})]
+    assert main(["verify", "--dp", "2", "--pp", "2"]) == 0  # 4 workers on 1 GPU: fine, they use the CPU
+    assert [nproc for nproc, _ in launches] == [4]

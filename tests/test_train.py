@@ -1,5 +1,6 @@
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from plait.cli import main
 from plait.config import load_config
 from plait.engine import Engine
 from plait.model import GPTConfig, build_gpt, gpt_loss
-from plait.train import build_optimizer, lr_at, train
+from plait import train as train_module
+from plait.train import build_optimizer, lr_at, to_device, train, use_tf32
 
 # A model small enough that a step takes milliseconds.
 SMALL = {"parallel.dp": 1, "parallel.pp": 1, "parallel.num_microbatches": 1, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2, "train.seq_len": 32,
@@ -171,3 +173,31 @@ def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
     assert decayed["weight_decay"] == 0.25 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(engine.parameters()))
+
+
+def test_tf32_is_on_for_float32_matmuls_on_cuda_only(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", asked.append)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    use_tf32(torch.device("cpu"))
+    assert (asked, torch.backends.cudnn.allow_tf32) == ([], False)
+    use_tf32(torch.device("cuda", 1))
+    assert (asked, torch.backends.cudnn.allow_tf32) == (["high"], True)
+
+
+def test_batches_go_to_the_gpu_pinned_and_non_blocking():
+    batch = mock.Mock()  # a CUDA copy cannot run here; the calls made on the batch are the point
+    gpu = torch.device("cuda", 1)
+    assert to_device(batch, gpu) is batch.pin_memory.return_value.to.return_value
+    batch.pin_memory.assert_called_once_with()
+    batch.pin_memory.return_value.to.assert_called_once_with(gpu, non_blocking=True)
+    cpu_batch = torch.zeros(2, 3, dtype=torch.long)
+    assert to_device(cpu_batch, torch.device("cpu")) is cpu_batch  # unchanged on the CPU: no copy, no pinning
+
+
+def test_every_batch_of_training_and_evaluation_goes_through_to_device(tmp_path, data_dir, monkeypatch):
+    moved = []
+    monkeypatch.setattr(train_module, "to_device", lambda x, device: moved.append(device) or x)
+    train(small_config(tmp_path, data_dir, **{"train.steps": 1, "train.eval_batches": 1,
+                                              "train.sample_tokens": 0}), log=quiet)
+    assert moved == [torch.device("cpu")] * 6  # evaluation at step 0, the step, evaluation at the end: x and y each

@@ -1,8 +1,8 @@
 """plait: train GPT-style language models with data and pipeline parallelism.
 
     import plait, torch
-    plait.init()                                  # torchrun's environment -> process group
-    mesh = plait.make_mesh(dp=2)                  # DeviceMesh, axes "pp" and "dp"
+    device = plait.init()                         # torchrun's environment -> process group; cuda:LOCAL_RANK or cpu
+    mesh = plait.make_mesh(dp=2, device_type=device.type)  # DeviceMesh, axes "pp" and "dp"
     layers = plait.build_gpt(plait.GPTConfig(vocab_size=2048, block_size=128,
                                              n_layer=4, n_head=4, n_embd=128))
     engine = plait.Engine(layers, plait.gpt_loss, mesh, microbatches=4)

@@ -131,8 +131,12 @@ def _config_from(args: argparse.Namespace):
     return load_config(args.config, overrides, base=base)
 
 
-def _run_here_or_launch(cfg, command: str, argv: list[str], work) -> int:
-    """Run `work()` in this process if it is a worker (or the job is one process); else start the workers."""
+def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple[str, str]) -> int:
+    """Run `work()` in this process if it is a worker (or the job is one process); else start the workers.
+
+    `devices` is the command's (device, backend) request, which the launcher
+    checks against this node before any worker starts (a worker checks again).
+    """
     from plait.launch import launch, under_launcher
     from plait.train import default_run_dir
 
@@ -146,7 +150,7 @@ def _run_here_or_launch(cfg, command: str, argv: list[str], work) -> int:
                 dist.destroy_process_group()
     if command == "train" and cfg.output.out is None:
         argv = [*argv, "--out", default_run_dir()]  # one run directory for every worker, and every restart
-    return launch(cfg, command, argv)
+    return launch(cfg, command, argv, devices)
 
 
 def _slurm(args: argparse.Namespace) -> int:
@@ -258,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 train(cfg, resume=args.resume)
                 return 0
 
-            return _run_here_or_launch(cfg, "train", rest, run_training)
-        from plait.verify import verify
+            return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend))
+        from plait.verify import devices, verify
 
-        return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps=args.verify_steps))
+        return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps=args.verify_steps), devices(cfg))
     except PlaitError as e:
         if int(os.environ.get("RANK", 0)) == 0 or not e.shared:
             say(f"plait: error: {e}")

@@ -141,8 +141,8 @@ class LaunchConfig:
     node_rank: int = option(0, "this machine's index, 0 .. nnodes-1 (node 0 hosts the rendezvous)", min=0)
     rdzv: str | None = option(None, "HOST:PORT of the rendezvous on node 0 (default: 127.0.0.1 and a free port)")
     max_restarts: int = option(0, "times torch's launcher restarts the workers after one fails", min=0)
-    backend: str = option("auto", "collectives: auto picks nccl on CUDA, gloo on the CPU",
-                          choices=("auto", "gloo", "nccl"))
+    backend: str = option("auto", "collectives; they follow --device (nccl on cuda, gloo on cpu), and a "
+                                  "backend named here must be that one", choices=("auto", "gloo", "nccl"))
 
     def __post_init__(self) -> None:
         _check_fields(self, "launch")
@@ -177,7 +177,8 @@ class TrainConfig:
     eval_batches: int = option(4, "batches of the validation split per evaluation", min=1)
     seed: int = option(1337, "seed for initialisation and batches", min=0)
     dtype: str = option("float32", "compute dtype (bfloat16 uses autocast)", choices=DTYPES)
-    device: str = option("auto", "device: auto picks cuda when present", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "device, which also picks the backend: cuda (cuda:LOCAL_RANK, nccl) or cpu "
+                                 "(gloo); auto is cuda when a GPU is visible", choices=("auto", "cpu", "cuda"))
     sample_tokens: int = option(120, "tokens of text sampled at the end (0: none)", min=0)
     sample_prompt: str = option("The", "prompt for the sample at the end")
 

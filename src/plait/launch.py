@@ -103,17 +103,20 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(cfg: Config, command: str, argv: list[str]) -> int:
+def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] = ("auto", "auto")) -> int:
     """Start this node's workers, each running `python -m plait <command> <argv>`; their exit code.
 
-    On one node the rendezvous is on 127.0.0.1 with a port the system picks;
-    on several, at `--rdzv` (node 0 hosts the store). Every listening socket
+    `devices` is the (device, backend) the workers will ask for: a pair that
+    disagrees, or more workers on this node than GPUs, is refused here
+    (`check_devices`) before anything starts. On one node the rendezvous is
+    on 127.0.0.1 with a port the system picks; on several, at `--rdzv` (node 0 hosts the store). Every listening socket
     (the rendezvous store, the workers' store, gloo's) is bound to the address
     given, not to all interfaces.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    check_devices(cfg, *devices)
     lc = cfg.launch
     world = cfg.parallel.world_size
     nproc = world // lc.nnodes
@@ -159,6 +162,23 @@ def launch(cfg: Config, command: str, argv: list[str]) -> int:
     except Exception as e:  # the launcher's own failures (rendezvous timeout, ...)
         raise PlaitError(f"the launcher failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return 0
+
+
+def check_devices(cfg: Config, device: str, backend: str) -> None:
+    """Refuse, in the launching parent, what each worker would refuse (see [Note: one device choice]).
+
+    A device and backend that disagree, and on CUDA more of this node's
+    workers (dp x pp / nnodes) than visible GPUs: two ranks would share a
+    GPU. Workers started by torchrun check the same in `distributed.init`.
+    """
+    from plait.distributed import check_local_gpus, choose_device
+
+    p, nnodes = cfg.parallel, cfg.launch.nnodes
+    if choose_device(device, backend) == "cuda":
+        nproc = p.world_size // nnodes
+        what = f"dp({p.dp}) x pp({p.pp})" + (f" / nnodes({nnodes})" if nnodes > 1 else "") + f" = {nproc}"
+        check_local_gpus(nproc, what, "lower --dp or --pp, spread the workers over more machines (--nnodes), "
+                                      "or use --device cpu")
 
 
 def _check_port_free(endpoint: str) -> None:

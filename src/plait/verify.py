@@ -16,6 +16,7 @@ from torch import nn
 
 from plait import distributed
 from plait.config import Config
+from plait.errors import ConfigError
 from plait.engine import Engine
 from plait.model import GPTConfig, build_gpt, gpt_loss
 
@@ -55,12 +56,28 @@ def _reference(cfg: Config, gpt: GPTConfig, steps: int):
     return model.state_dict(), losses
 
 
+def devices(cfg: Config) -> tuple[str, str]:
+    """(device, backend) of a verify run: always the CPU and gloo, in float64, even on a GPU node.
+
+    The reference is one CPU process in float64, and the comparison is to
+    1e-9, so the layout runs there too. A user who asks for cuda or nccl
+    would think that path checked: refused, rather than silently ignored.
+    """
+    asked = [(name, flag) for name, flag, given in (
+        ("train.device = 'cuda'", "--device cuda", cfg.train.device == "cuda"),
+        ("launch.backend = 'nccl'", "--backend nccl", cfg.launch.backend == "nccl")) if given]
+    if asked:
+        raise ConfigError(f"{' and '.join(f for f, _ in asked)}: plait verify runs on the CPU with gloo, "
+                          f"in float64; drop {' and '.join(f for _, f in asked)}", shared=True)
+    return "cpu", "gloo"
+
+
 def verify(cfg: Config, steps: int = 3, log=print) -> int:
     """Run the check on every rank of the job; 0 when the layout matches one process, else 1."""
-    backend = cfg.launch.backend if cfg.launch.backend != "auto" else "gloo"  # float64 on the CPU
-    distributed.init(backend=backend, timeout_s=cfg.parallel.timeout)
+    device, backend = devices(cfg)
+    cpu = distributed.init(device=device, backend=backend, timeout_s=cfg.parallel.timeout)
     p = cfg.parallel
-    mesh = distributed.make_mesh(dp=p.dp, pp=p.pp)
+    mesh = distributed.make_mesh(dp=p.dp, pp=p.pp, device_type=cpu.type)  # a CPU mesh, even on a GPU node
     gpt = _small_copy(cfg)
     layers = [layer.double() for layer in build_gpt(gpt, seed=cfg.train.seed)]
     method = "uniform" if p.partition == "profile" else p.partition  # timings would differ run to run
