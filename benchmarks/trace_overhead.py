@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=1)
     args = parser.parse_args()
-    res = spawn(measure, 2, args.rounds, args.steps, timeout=1800)
+    res = spawn(measure, 2, args.rounds, args.steps, timeout=1800,
+                deferred_completion=False)  # plain gloo: the wrapper is for tests
     print(f"dp=1 x pp=2, 1F1B, 8 micro-batches; {args.rounds} rounds x {args.steps} steps each way; torch "
           f"{torch.__version__}")
     print(f"\n{'rank':<6}{'off (ms)':>10}{'on (ms)':>10}{'overhead':>10}{'events/step':>13}")
