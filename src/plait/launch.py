@@ -148,12 +148,17 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
     try:
         elastic_launch(config, sys.executable)("-m", "plait", command, *argv)
     except ChildFailedError as e:
+        dp = cfg.parallel.dp
+        silent = _silent_ranks(e.failures.values())
+        if silent:  # waiters named it (plait.watchdog); it was then stopped by us, which says nothing
+            r = silent[0]
+            raise PlaitError(f"worker rank {r} (dp={r % dp}, pp={r // dp}) stopped answering: its peers waited "
+                             f"--timeout {cfg.parallel.timeout:g} s for it; the other workers were stopped") from None
         killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
         # A worker killed by a signal is the cause; its neighbours' errors (which name it) are the effect.
         first_rank, first = min(killed.items()) if killed else e.get_first_failure()
         if first.exitcode in (1, 2):  # the worker said what went wrong itself; the rest were stopped
             return first.exitcode
-        dp = cfg.parallel.dp
         how = (f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
                else f"exited with code {first.exitcode}")
         hint = "" if lc.max_restarts else "; with --max-restarts N it would carry on from the newest checkpoint"
@@ -179,6 +184,17 @@ def check_devices(cfg: Config, device: str, backend: str) -> None:
         what = f"dp({p.dp}) x pp({p.pp})" + (f" / nnodes({nnodes})" if nnodes > 1 else "") + f" = {nproc}"
         check_local_gpus(nproc, what, "lower --dp or --pp, spread the workers over more machines (--nnodes), "
                                       "or use --device cpu")
+
+
+def _silent_ranks(failures) -> list[int]:
+    """Ranks that workers' watchdogs found silent (in their torchelastic error files), most named first."""
+    named: dict[int, int] = {}
+    for failure in failures:
+        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+        rank_ = (data.get("plait") or {}).get("silent_rank")
+        if isinstance(rank_, int):
+            named[rank_] = named.get(rank_, 0) + 1
+    return sorted(named, key=lambda r: (-named[r], r))
 
 
 def _check_port_free(endpoint: str) -> None:
