@@ -7,6 +7,7 @@ import torch
 from plait import checkpoint
 from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               plan_reads, restore_training_state, save_training_state)
+from plait.cli import _config_from, build_parser
 from plait.config import load_config
 from plait.engine import Engine
 from plait.errors import ConfigError
@@ -183,7 +184,8 @@ def test_a_tied_key_is_read_from_the_weight_it_is_tied_to_and_format_2_reads_eve
 
 def test_checkpoint_timeout_option():
     assert load_config().output.checkpoint_timeout == 600.0
-    assert load_config(None, {"output.checkpoint_timeout": "1800"}).output.checkpoint_timeout == 1800.0
+    args = build_parser().parse_args(["train", "--checkpoint-timeout", "1800"])
+    assert _config_from(args).output.checkpoint_timeout == 1800.0
     for bad in ("0", "-5", "nan"):
         with pytest.raises(ConfigError) as e:
             load_config(None, {"output.checkpoint_timeout": bad})
