@@ -65,8 +65,8 @@ def test_manifest_lists_layout_sizes_checksums_and_keys(tmp_path):
         assert info["bytes"] == (path / name).stat().st_size
         assert info["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
     # The tied head is stored once, as the embedding, so its key is in no file's list.
-    keys = ["0.wpe.weight", "0.wte.weight", *(f"1.{m}.{w}" for m in ("attn.c_attn", "attn.c_proj", "ln_1", "ln_2",
-                                                                    "mlp.c_fc", "mlp.c_proj") for w in ("bias", "weight")),
+    block = ("attn.c_attn", "attn.c_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+    keys = ["0.wpe.weight", "0.wte.weight", *(f"1.{m}.{w}" for m in block for w in ("bias", "weight")),
             "2.ln_f.bias", "2.ln_f.weight"]
     assert manifest["files"]["model-pp00.safetensors"]["keys"] == keys
     assert manifest["files"]["optim-pp00.pt"]["keys"] == keys
@@ -99,7 +99,8 @@ def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_device", lambda engine: cuda0)
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device: calls.append(("get", device)) or torch.arange(16, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state.tolist())))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", device, state.tolist())))
     engine, opt = _engine(2)
     torch.manual_seed(5)
     saved_cpu = torch.get_rng_state()

@@ -53,7 +53,8 @@ def test_names_match_whole_so_h100_forms_differ():
 
 def test_a_known_gpu_gives_its_figure_times_the_processes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 NVL")
-    assert peak_flops(CUDA0, "bfloat16", 8) == (835e12 * 8, "835 TFLOP/s dense BF16 per NVIDIA H100 NVL (datasheet) x 8")
+    assert peak_flops(CUDA0, "bfloat16", 8) == (835e12 * 8,
+                                                "835 TFLOP/s dense BF16 per NVIDIA H100 NVL (datasheet) x 8")
     assert peak_flops(CUDA0, "float32", 2) == (418e12 * 2, "418 TFLOP/s dense TF32 per NVIDIA H100 NVL (datasheet) x 2")
     assert peak_flops(CUDA0, "float64", 1) == (60e12, "60 TFLOP/s dense FP64 per NVIDIA H100 NVL (datasheet) x 1")
 

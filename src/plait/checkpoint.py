@@ -108,7 +108,8 @@ def _collective(step: int, fn) -> None:
         fn()
     except RuntimeError as e:  # gloo's timeout or a closed connection (DistBackendError is a RuntimeError)
         raise TrainingError(f"rank {dist.get_rank()} gave up waiting for the other ranks while saving checkpoint "
-                            f"{step}: {peer_failure(e)}; if writing it takes longer, raise --checkpoint-timeout") from None
+                            f"{step}: {peer_failure(e)}; if writing it takes longer, raise --checkpoint-timeout"
+                            ) from None
 
 
 def _barrier(group, step: int) -> None:
@@ -375,7 +376,7 @@ def restore_training_state(path: str | Path, engine, optimizer: torch.optim.Opti
     # The RNG of the same pipeline rank when the layout is unchanged (dropout then
     # resumes exactly); otherwise rank 0's.
     rng_file = _rng_file(manifest, engine.pp_rank if manifest["layout"]["pp"] == engine.pp_size else 0)
-    _check(path, [*model_plan, *optim_plan, rng_file, "trainer.pt"])
+    _check(path, dict.fromkeys([*model_plan, *optim_plan, rng_file, "trainer.pt"]))  # format 2: rng in optim
     model = _read_model(path, model_plan, tied)
     for key, value in mine.items():
         saved = model.get(key)

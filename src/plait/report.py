@@ -79,8 +79,8 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, title: str = "") -
 # [Note: peak FLOP/s] Dense peak TFLOP/s of one GPU (no sparsity), keyed by the name
 # torch.cuda.get_device_name gives it (matched whole: an H100's SXM, PCIe and NVL
 # forms differ by a third) and by the compute dtype: "bfloat16" the BF16 tensor
-# cores, "float32" the TF32 tensor cores (plait turns TF32 on for float32 matmuls
-# on CUDA), "float64" the FP64 tensor cores. Figures from NVIDIA's datasheets,
+# cores, "float32" the TF32 tensor cores (plait's training turns TF32 on for
+# float32 matmuls on CUDA), "float64" the FP64 tensor cores. Figures from NVIDIA's datasheets,
 # which print the sparse figure, twice the dense one, beside these. A dtype a
 # datasheet gives no figure for is left out: it reports an unknown peak rather
 # than a guess.

@@ -22,7 +22,8 @@ def _trained(mesh, seed):
     engine = plait.Engine(build_gpt(CFG, seed=seed), gpt_loss, mesh, microbatches=2)
     opt = torch.optim.AdamW(engine.parameters(), lr=1e-2)
     x = torch.randint(0, CFG.vocab_size, (4, CFG.block_size), generator=torch.Generator().manual_seed(seed))
-    rows = slice(0, 4) if engine.dp_size == 1 else slice(2 * mesh["dp"].get_local_rank(), 2 * mesh["dp"].get_local_rank() + 2)
+    share, dp_rank = 4 // engine.dp_size, mesh["dp"].get_local_rank()  # this replica's rows of the batch of 4
+    rows = slice(share * dp_rank, share * (dp_rank + 1))
     engine.train_step(x[rows], torch.roll(x, -1, dims=1)[rows])
     opt.step()
     return engine, opt
