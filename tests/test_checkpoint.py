@@ -1,13 +1,18 @@
+import hashlib
 import json
 
 import pytest
 import torch
 
-from plait.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
-                              restore_training_state, save_training_state)
+from plait import checkpoint
+from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
+                              plan_reads, restore_training_state, save_training_state)
+from plait.cli import _config_from, build_parser
+from plait.config import load_config
 from plait.engine import Engine
 from plait.errors import ConfigError
 from plait.model import GPTConfig, build_gpt, gpt_loss
+from tests.gpu_files import saved_as_cuda
 
 CFG = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
 
@@ -50,13 +55,144 @@ def test_keeps_the_newest_and_ignores_incomplete_folders(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000003"
 
 
-def test_manifest_lists_layout_sizes_and_checksums(tmp_path):
+def test_manifest_lists_layout_sizes_checksums_and_keys(tmp_path):
     _, _, path = _save(tmp_path, 7)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["step"] == 7 and manifest["layout"] == {"dp": 1, "pp": 1, "bounds": [0, 3], "schedule": "1f1b"}
-    assert set(manifest["files"]) == {"model-pp00.safetensors", "optim-pp00.pt", "trainer.pt"}
+    assert manifest["format"] == 3 and manifest["step"] == 7
+    assert manifest["layout"] == {"dp": 1, "pp": 1, "bounds": [0, 3], "schedule": "1f1b"}
+    assert list(manifest["files"]) == ["model-pp00.safetensors", "optim-pp00.pt", "rng-pp00.pt", "trainer.pt"]
     for name, info in manifest["files"].items():
-        assert info["bytes"] == (path / name).stat().st_size and len(info["sha256"]) == 64
+        assert info["bytes"] == (path / name).stat().st_size
+        assert info["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
+    # The tied head is stored once, as the embedding, so its key is in no file's list.
+    block = ("attn.c_attn", "attn.c_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj")
+    keys = ["0.wpe.weight", "0.wte.weight", *(f"1.{m}.{w}" for m in block for w in ("bias", "weight")),
+            "2.ln_f.bias", "2.ln_f.weight"]
+    assert manifest["files"]["model-pp00.safetensors"]["keys"] == keys
+    assert manifest["files"]["optim-pp00.pt"]["keys"] == keys
+    assert "keys" not in manifest["files"]["rng-pp00.pt"] and "keys" not in manifest["files"]["trainer.pt"]
+    assert load_checkpoint(path)["rng"][0]["cuda_rng"] is None  # a CPU run has no GPU generator
+
+
+def test_checkpoint_written_on_a_gpu_loads_on_the_cpu(tmp_path):
+    engine, opt = _engine(3)
+    with saved_as_cuda():
+        path = save_training_state(tmp_path, 3, engine, opt)
+    # Its files really are tagged for a GPU: read without map_location, they fail here.
+    for name in ("optim-pp00.pt", "rng-pp00.pt"):
+        with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
+            torch.load(path / name, weights_only=True)
+    fresh, fresh_opt = _engine(99)
+    assert restore_training_state(path, fresh, fresh_opt) == 3
+    for (name, p), q in zip(engine.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"]), name
+    state = load_checkpoint(path)
+    assert state["optimizer"]["state"]["0.wte.weight"]["exp_avg"].device == torch.device("cpu")
+    assert state["rng"][0]["torch_rng"].device == torch.device("cpu")
+
+
+def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
+    # No GPU here: the engine's parameters are said to live on cuda:0 and torch.cuda's
+    # generator calls are stand-ins, so what is checked is what checkpoint.py asks of them.
+    cuda0, calls = torch.device("cuda", 0), []
+    monkeypatch.setattr(checkpoint, "_device", lambda engine: cuda0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: calls.append(("get", device)) or torch.arange(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", device, state.tolist())))
+    engine, opt = _engine(2)
+    torch.manual_seed(5)
+    saved_cpu = torch.get_rng_state()
+    path = save_training_state(tmp_path, 2, engine, opt)
+    assert calls == [("get", cuda0)]
+    torch.manual_seed(6)
+    fresh, fresh_opt = _engine(99)
+    restore_training_state(path, fresh, fresh_opt)
+    assert calls[1:] == [("set", cuda0, list(range(16)))]
+    assert torch.equal(torch.get_rng_state(), saved_cpu)
+    monkeypatch.setattr(checkpoint, "_device", lambda engine: torch.device("cpu"))
+    restore_training_state(path, fresh, fresh_opt)  # a GPU run resumed on the CPU: no GPU generator to set
+    assert len(calls) == 2
+
+
+def _as_format_2(path):
+    """Rewrite a checkpoint as plait wrote them before format 3: no keys listed, the CPU RNG state inside
+    optim-pp00.pt, no rng file."""
+    optim = torch.load(path / "optim-pp00.pt", weights_only=True)
+    rng = torch.load(path / "rng-pp00.pt", weights_only=True)
+    torch.save({"optimizer": optim["optimizer"], "torch_rng": rng["torch_rng"]}, path / "optim-pp00.pt")
+    (path / "rng-pp00.pt").unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format"] = 2
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(path.iterdir()) if p.name != "manifest.json"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_format_2_checkpoint_still_loads(tmp_path):
+    engine, opt = _engine(4)
+    torch.manual_seed(5)
+    saved_cpu = torch.get_rng_state()
+    path = save_training_state(tmp_path, 4, engine, opt)
+    _as_format_2(path)
+    torch.manual_seed(6)
+    fresh, fresh_opt = _engine(99)
+    assert restore_training_state(path, fresh, fresh_opt) == 4
+    for (name, p), q in zip(engine.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(opt.state[p]["exp_avg"], fresh_opt.state[q]["exp_avg"]), name
+    assert torch.equal(torch.get_rng_state(), saved_cpu)
+    state = load_checkpoint(path)
+    assert torch.equal(state["rng"][0]["torch_rng"], saved_cpu) and state["rng"][0]["cuda_rng"] is None
+
+
+# A dp x pp=2 checkpoint's manifest, cut down: the head is tied to the embedding, so stage 1's
+# optimizer state of it is saved under the embedding's name, as stage 0's is.
+PP2 = {"format": 3, "files": {
+    "model-pp00.safetensors": {"keys": ["0.wte.weight", "1.ln_1.weight"]},
+    "model-pp01.safetensors": {"keys": ["2.ln_f.weight", "3.lm_head.weight"]},
+    "optim-pp00.pt": {"keys": ["0.wte.weight", "1.ln_1.weight"]},
+    "optim-pp01.pt": {"keys": ["0.wte.weight", "2.ln_f.weight"]},
+    "rng-pp00.pt": {}, "rng-pp01.pt": {}, "trainer.pt": {}}}
+TIED = {"3.lm_head.weight": "0.wte.weight"}
+
+
+def test_each_stage_reads_only_the_files_holding_its_keys():
+    stage1 = ["2.ln_f.weight", "3.lm_head.weight"]
+    assert plan_reads(PP2, "model-", stage1, TIED) == {"model-pp01.safetensors": set(stage1)}
+    assert plan_reads(PP2, "optim-", ["0.wte.weight", "2.ln_f.weight"]) == {
+        "optim-pp01.pt": {"0.wte.weight", "2.ln_f.weight"}}
+    assert plan_reads(PP2, "optim-", ["1.ln_1.weight", "0.wte.weight"]) == {
+        "optim-pp00.pt": {"0.wte.weight", "1.ln_1.weight"}}
+    assert plan_reads(PP2, "model-", ["1.ln_1.weight"], TIED) == {"model-pp00.safetensors": {"1.ln_1.weight"}}  # pp=4
+    # One process needs everything; the tied weight once, from whichever file is opened anyway.
+    everything = ["0.wte.weight", "1.ln_1.weight", "2.ln_f.weight", "3.lm_head.weight"]
+    assert plan_reads(PP2, "model-", everything, TIED) == {"model-pp00.safetensors": {"0.wte.weight", "1.ln_1.weight"},
+                                                        "model-pp01.safetensors": {"2.ln_f.weight", "3.lm_head.weight"}}
+    assert plan_reads(PP2, "optim-", ["0.wte.weight", "1.ln_1.weight", "2.ln_f.weight"]) == {
+        "optim-pp00.pt": {"0.wte.weight", "1.ln_1.weight"}, "optim-pp01.pt": {"2.ln_f.weight"}}
+
+
+def test_a_tied_key_is_read_from_the_weight_it_is_tied_to_and_format_2_reads_every_part():
+    one_stage = {"format": 3, "files": {"model-pp00.safetensors": {"keys": ["0.wte.weight", "2.ln_f.weight"]}}}
+    assert plan_reads(one_stage, "model-", ["2.ln_f.weight", "3.lm_head.weight"], TIED) == {
+        "model-pp00.safetensors": {"0.wte.weight", "2.ln_f.weight"}}
+    assert plan_reads({**PP2, "format": 2}, "model-", ["1.ln_1.weight"]) == {
+        "model-pp00.safetensors": None, "model-pp01.safetensors": None}
+    assert plan_reads(PP2, "optim-", None) == {"optim-pp00.pt": None, "optim-pp01.pt": None}
+
+
+def test_checkpoint_timeout_option():
+    assert load_config().output.checkpoint_timeout == 600.0
+    args = build_parser().parse_args(["train", "--checkpoint-timeout", "1800"])
+    assert _config_from(args).output.checkpoint_timeout == 1800.0
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, {"output.checkpoint_timeout": bad})
+        assert str(e.value) == (f"invalid output.checkpoint_timeout = {float(bad)!r}: must be > 0.0 "
+                                f"(--checkpoint-timeout)")
+    assert checkpoint_group(600.0) is None  # one process: no group, and no waits
 
 
 def test_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):

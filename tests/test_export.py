@@ -13,6 +13,7 @@ from plait.data.corpus import prepare
 from plait.export import export_hf, export_safetensors, load_exported
 from plait.model.gpt import build_gpt
 from plait.train import train
+from tests.gpu_files import saved_as_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,6 +105,24 @@ def test_cli_export_both_formats(runs, tmp_path, capsys):
     assert lines[1] == (f"wrote Hugging Face GPT-2 folder {tmp_path / 'empty'} "
                         f"(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_export_of_a_run_checkpointed_on_a_gpu_works_on_the_cpu(tmp_path, data_dir, capsys):
+    cfg = load_config(None, {**TINY, "data.data_dir": data_dir, "output.out": str(tmp_path / "gpu-run")})
+    with saved_as_cuda():  # every tensor torch.save writes is tagged cuda:0, as on a GPU
+        run = train(cfg, log=quiet).run_dir
+    ckpt = latest_checkpoint(run)
+    with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
+        torch.load(ckpt / "optim-pp00.pt", weights_only=True)  # what reading it without map_location does here
+    assert main(["export", str(run), str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert capsys.readouterr().err == ""
+    reference = plait_model(run)
+    idx = random_tokens(reference[0].wte.num_embeddings)
+    with torch.no_grad():
+        assert torch.equal(nn.Sequential(*load_exported(tmp_path / "m.safetensors")).eval()(idx), reference(idx))
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+        assert (hf(idx).logits - reference(idx)).abs().max().item() <= 1e-5
 
 
 def test_cli_errors(runs, tmp_path, capsys):

@@ -40,7 +40,7 @@ def test_tiny_preset_validation_loss_falls(tmp_path, data_dir):
 
 
 def test_run_directory_contents(tmp_path, data_dir):
-    cfg = small_config(tmp_path, data_dir, **{"train.steps": 4, "train.eval_every": 2})
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 4, "train.eval_every": 2, "output.peak_tflops": 0.5})
     result = train(cfg, log=quiet)
     run = result.run_dir
     assert load_config(run / "config.toml") == cfg
@@ -53,6 +53,7 @@ def test_run_directory_contents(tmp_path, data_dir):
     assert (run / "sample.txt").read_text() == result.sample and result.sample.startswith("The")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_loss"] == records[4]["loss"]
+    assert (summary["processes"], summary["peak_flops"], summary["peak_source"]) == (1, 0.5e12, "--peak-tflops 0.5 x 1")
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]
 
 

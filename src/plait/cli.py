@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print a run's summary table and write loss.png and throughput.png "
                                         "into its directory.")
     report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--peak-tflops", type=float, metavar="X",
+                        help="dense peak TFLOP/s of one device in the run's dtype, for MFU "
+                             "(default: the figure the run recorded)")
     schedule = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its timeline",
                               description="Simulate a pipeline schedule on an idealised machine (a rank waits "
                                           "only for its inputs) and print each rank's actions, the makespan, "
@@ -180,8 +183,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from plait.report import plot_loss, plot_throughput, read_metrics, summary_table
+    from plait.report import given_peak, plot_loss, plot_throughput, read_metrics, summary_table
 
+    if args.peak_tflops is not None and not args.peak_tflops > 0:  # also refuses nan
+        raise ConfigError(f"--peak-tflops must be > 0 (got {args.peak_tflops:g})")
     run = Path(args.run_dir)
     if not (run / "summary.json").is_file() or not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"{run}: no summary.json and metrics.jsonl there; give the directory of a finished plait run")
@@ -189,6 +194,10 @@ def _report(args: argparse.Namespace) -> int:
 
     summary = json.loads((run / "summary.json").read_text())
     records = read_metrics(run / "metrics.jsonl")
+    if args.peak_tflops is not None:
+        # Runs from before "processes" was recorded: one peak-memory entry per rank.
+        processes = summary.get("processes") or len(summary.get("peak_memory_mib") or {}) or 1
+        summary["peak_flops"], summary["peak_source"] = given_peak(args.peak_tflops, processes)
     print(f"run {run}: {summary['steps']} steps, {summary['parameters'] / 1e6:.2f} M parameters, "
           f"{summary['flops_per_token'] / 1e6:.1f} MFLOP per token")
     print(summary_table(summary, records))

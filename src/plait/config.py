@@ -193,10 +193,16 @@ class OutputConfig:
     out: str | None = option(None, "run directory (default: runs/<date>-<time>)")
     checkpoint_every: int = option(0, "checkpoint every N steps (0: only at the end)", min=0)
     keep_checkpoints: int = option(2, "newest checkpoints to keep", min=1)
+    checkpoint_timeout: float = option(600.0, "seconds the ranks wait for each other while a checkpoint is "
+                                              "written and hashed (its own limit, not --timeout)",
+                                       min=0.0, min_open=True)
     progress: bool = option(True, "show a progress bar")
     trace: bool = option(False, "record per-rank timelines; write trace.json and pipeline.png")
     trace_steps: int = option(2, "steps to record with --trace (after two of warm-up)", min=1)
     tensorboard: bool = option(False, "also write the per-step metrics as TensorBoard events in RUN_DIR/tensorboard")
+    peak_tflops: float | None = option(None, "dense peak TFLOP/s of one device in the compute dtype, for MFU "
+                                             "(default: the datasheet figure of a known GPU, measured on a CPU)",
+                                       min=0.0, min_open=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")
@@ -308,10 +314,11 @@ def _check_fields(obj: Any, section: str) -> None:
             allowed = ", ".join(meta["choices"])
             raise ConfigError(f"invalid {where}: must be one of {allowed} ({flag})")
         lo, hi = meta.get("min"), meta.get("max")
-        if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
+        # `not value >= lo` rather than `value < lo`: NaN compares false both ways and must not pass.
+        if lo is not None and (not value >= lo or (meta.get("min_open") and value == lo)):
             bound = f"> {lo}" if meta.get("min_open") else f">= {lo}"
             raise ConfigError(f"invalid {where}: must be {bound} ({flag})")
-        if hi is not None and value > hi:
+        if hi is not None and not value <= hi:
             raise ConfigError(f"invalid {where}: must be <= {hi} ({flag})")
 
 

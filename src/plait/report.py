@@ -76,42 +76,91 @@ def plot_loss(records: list[dict[str, Any]], out: str | Path, title: str = "") -
     _finish(fig, ax, out)
 
 
-# Dense peak FLOP/s of known accelerators by compute dtype (vendor figures, no sparsity).
-KNOWN_PEAKS = {
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12, ("H200", "bfloat16"): 989e12,
-    ("H200", "float32"): 67e12, ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+# [Note: peak FLOP/s] Dense peak TFLOP/s of one GPU (no sparsity), keyed by the name
+# torch.cuda.get_device_name gives it (matched whole: an H100's SXM, PCIe and NVL
+# forms differ by a third) and by the compute dtype: "bfloat16" the BF16 tensor
+# cores, "float32" the TF32 tensor cores (plait's training turns TF32 on for
+# float32 matmuls on CUDA), "float64" the FP64 tensor cores. Figures from NVIDIA's datasheets,
+# which print the sparse figure, twice the dense one, beside these. A dtype a
+# datasheet gives no figure for is left out: it reports an unknown peak rather
+# than a guess.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    # H100 Tensor Core GPU datasheet: SXM5, PCIe, NVL.
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989, "float32": 495, "float64": 67},
+    "NVIDIA H100 PCIe": {"bfloat16": 756, "float32": 378, "float64": 51},
+    "NVIDIA H100 NVL": {"bfloat16": 835, "float32": 418, "float64": 60},
+    # H200 Tensor Core GPU datasheet: SXM, NVL.
+    "NVIDIA H200": {"bfloat16": 989, "float32": 495, "float64": 67},
+    "NVIDIA H200 NVL": {"bfloat16": 835, "float32": 418, "float64": 60},
+    # GH200 Grace Hopper Superchip datasheet (its GPU's figures are the H100 SXM's).
+    "NVIDIA GH200 480GB": {"bfloat16": 989, "float32": 495, "float64": 67},
+    # A100 Tensor Core GPU datasheet: the same figures for SXM4 and PCIe, 40 and 80 GB.
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312, "float32": 156, "float64": 19.5},
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312, "float32": 156, "float64": 19.5},
+    "NVIDIA A100-PCIE-40GB": {"bfloat16": 312, "float32": 156, "float64": 19.5},
+    "NVIDIA A100 80GB PCIe": {"bfloat16": 312, "float32": 156, "float64": 19.5},
+    # A30 datasheet.
+    "NVIDIA A30": {"bfloat16": 165, "float32": 82, "float64": 10.3},
+    # A10, A40, L4, L40, L40S datasheets: no FP64 tensor cores, no FP64 figure.
+    "NVIDIA A10": {"bfloat16": 125, "float32": 62.5},
+    "NVIDIA A40": {"bfloat16": 149.7, "float32": 74.8},
+    "NVIDIA L4": {"bfloat16": 121, "float32": 60},
+    "NVIDIA L40": {"bfloat16": 181, "float32": 90.5},
+    "NVIDIA L40S": {"bfloat16": 362, "float32": 183},
 }
+_UNITS = {"bfloat16": "BF16", "float32": "TF32", "float64": "FP64"}
 
 
-def peak_flops(device, dtype: str, processes: int) -> tuple[float, str]:
-    """The job's peak FLOP/s and where the number comes from.
+def gpu_peak_tflops(name: str, dtype: str) -> float | None:
+    """The datasheet's dense peak TFLOP/s of the GPU `name` in `dtype`; None when plait's table has none.
 
-    A known GPU: the vendor's dense figure per device. A CPU: measured here, a
-    1024^3 float32 matrix product with this process's threads, times the
-    processes the cores can run at once.
+    `name` as `torch.cuda.get_device_name` reports it; see [Note: peak FLOP/s].
+    """
+    return GPU_PEAK_TFLOPS.get(name, {}).get(dtype)
+
+
+def given_peak(peak_tflops: float, processes: int) -> tuple[float, str]:
+    """The job's peak FLOP/s from --peak-tflops, one device's dense peak, and its source text."""
+    return peak_tflops * 1e12 * processes, f"--peak-tflops {peak_tflops:g} x {processes}"
+
+
+def peak_flops(device, dtype: str, processes: int, peak_tflops: float | None = None) -> tuple[float | None, str]:
+    """The job's peak FLOP/s (None: unknown) and where the number comes from.
+
+    `peak_tflops` (--peak-tflops), when given, is one device's peak. Else a
+    known GPU: the datasheet's dense figure per device in `dtype`; an unknown
+    one: None, not a guess. A CPU: measured here, a 1024^3 float32 matrix
+    product with this process's threads, times the processes the cores can run
+    at once.
     """
     import os
     import time
 
     import torch
 
+    if peak_tflops is not None:
+        return given_peak(peak_tflops, processes)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for (gpu, kind), flops in KNOWN_PEAKS.items():
-            if gpu in name and kind == ("float32" if dtype == "float64" else dtype):
-                return flops * processes, f"{gpu} {kind} datasheet"
+        tflops = gpu_peak_tflops(name, dtype)
+        if tflops is None:
+            return None, f"{name} has no {dtype} figure in plait's table"
+        unit = _UNITS.get(dtype, dtype)
+        return tflops * 1e12 * processes, f"{tflops:g} TFLOP/s dense {unit} per {name} (datasheet) x {processes}"
     a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
     a @ b
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     per_process = 2 * 1024**3 / best
     parallel = min(processes, max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
     return per_process * parallel, f"measured matmul, {parallel} process(es) at once"
+
+
+def _flops(x: float) -> str:
+    return f"{x / 1e12:,.0f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:,.0f} GFLOP/s"
 
 
 def summary_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -125,8 +174,11 @@ def summary_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str
     lines = [f"{'tokens/s':<28}{tps:>14,.0f}", f"{'median step time (ms)':<28}{median_t * 1e3:>14.1f}"]
     if summary.get("peak_flops"):
         mfu = summary["flops_per_token"] * tps / summary["peak_flops"]
-        lines.append(f"{'MFU':<28}{mfu:>14.2%}   (peak {summary['peak_flops'] / 1e9:,.0f} GFLOP/s, "
+        lines.append(f"{'MFU':<28}{mfu:>14.2%}   (peak {_flops(summary['peak_flops'])}, "
                      f"{summary.get('peak_source', '')})")
+    else:
+        source = summary.get("peak_source")
+        lines.append("MFU: unknown peak, give --peak-tflops" + (f" ({source})" if source else ""))
     val = summary.get("val_loss") or {}
     if val:
         first, last = min(val, key=int), max(val, key=int)

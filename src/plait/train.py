@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait import distributed
-from plait.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
+from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_model, newest_intact,
                               restore_training_state, save_training_state)
 from plait.faults import maybe_die
 from plait.timing import Clock
@@ -171,6 +171,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     device = distributed.init(device=cfg.train.device, backend=cfg.launch.backend, timeout_s=cfg.parallel.timeout)
     use_tf32(device)
     mesh = distributed.make_mesh(dp=cfg.parallel.dp, pp=cfg.parallel.pp, device_type=device.type)
+    ckpt_group = checkpoint_group(cfg.output.checkpoint_timeout)  # collective: every rank, here, once
     rank = distributed.rank()
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     main = rank == 0
@@ -262,7 +263,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
 
     def checkpoint(step: int) -> None:
         with recorder.span("checkpoint", f"checkpoint {step}"):
-            save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints)
+            save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints,
+                                group=ckpt_group)
 
     try:
         if first_step == 0:
@@ -331,10 +333,10 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")
     plot_throughput(records, run_dir / "throughput.png")
-    peak, peak_source = peak_flops(device, cfg.train.dtype, distributed.world_size())
+    peak, peak_source = peak_flops(device, cfg.train.dtype, distributed.world_size(), cfg.output.peak_tflops)
     if cfg.train.sample_tokens:
         if cfg.parallel.pp > 1:  # rank 0 holds only its stages: take the whole model from the checkpoint
-            final = load_checkpoint(latest_checkpoint(run_dir), verify=False)["model"]
+            final = load_model(latest_checkpoint(run_dir), verify=False)
             torch.nn.Sequential(*layers).load_state_dict(final)
         result.sample = sample_text(layers, data.tokenizer, cfg, device)
         (run_dir / "sample.txt").write_text(result.sample)
@@ -347,6 +349,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         "tokens_per_s": tokens_per_step / statistics.median(times) if times else None,
         "parameters": count_params(layers),
         "flops_per_token": flops,
+        "processes": distributed.world_size(),
         "peak_flops": peak,
         "peak_source": peak_source,
         "peak_memory_mib": memory,
