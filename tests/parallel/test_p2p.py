@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plait.parallel.p2p import check_plan, messages, p2p_plan
+from plait.parallel.p2p import check_matching, check_plan, check_shape_plan, messages, p2p_plan, shape_plan
 from plait.parallel.schedule import SCHEDULES, Action, ScheduleError, make_schedule
 from tests.parallel.test_schedule import cases
 
@@ -104,3 +104,73 @@ def test_gloo_plan_sends_as_the_in_order_one_and_receives_no_later(name):
             assert slot_of(early, "send") == slot_of(lockstep, "send")
             late, soon = slot_of(lockstep, "recv"), slot_of(early, "recv")
             assert late.keys() == soon.keys() and all(soon[op] == max(0, late[op] - 1) for op in late)
+
+
+# --- what NCCL matches on: order per pair of ranks, one message per direction per peer in a batch ---
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_plan_orders_each_pair_alike_on_both_ends(name):
+    """Over the whole grid, for the in-order plan (NCCL) and gloo's early one: the messages a rank
+    sends to another are posted in the order the other posts their receives, and no batch holds
+    two messages in one direction for one peer."""
+    for pp, m, v in cases(name):
+        schedule = make_schedule(name, pp, m, v)
+        for lead in (0, 1):
+            plan = p2p_plan(schedule, pp, m, v, lead=lead)
+            batches = {rank: [batch for slot in slots for batch in slot] for rank, slots in plan.items()}
+            check_matching(batches, pp)
+            for rank, seq in batches.items():
+                for batch in seq:
+                    ends = [(d, msg[2] if d == "send" else msg[1]) for d, msg in batch]
+                    assert len(ends) == len(set((d, s % pp) for d, s in ends)), (name, pp, m, v, lead, batch)
+
+
+def test_shape_probe_plan_for_an_interleaved_pipeline():
+    # pp=2, 2 chunks: stages 0 1 2 3 on ranks 0 1 0 1; each crossing is one header in its own batch.
+    def shape(src, dst):
+        return ("shape", src, dst, 0)
+
+    assert shape_plan(2, 2) == {
+        0: [("run", 0), [("send", shape(0, 1))], [("recv", shape(1, 2))], ("run", 2), [("send", shape(2, 3))]],
+        1: [[("recv", shape(0, 1))], ("run", 1), [("send", shape(1, 2))], [("recv", shape(2, 3))], ("run", 3)],
+    }
+    assert shape_plan(1, 1) == {0: [("run", 0)]}
+
+
+def test_every_shape_probe_matches_on_both_ends_and_cannot_deadlock():
+    for pp in range(1, 9):
+        for v in range(1, 5):
+            steps = shape_plan(pp, v)
+            check_shape_plan(steps, pp)
+            runs = sorted(step[1] for seq in steps.values() for step in seq if isinstance(step, tuple))
+            assert runs == list(range(pp * v))
+            for seq in steps.values():
+                assert all(len(item) == 1 for item in seq if isinstance(item, list))  # a batch of its own
+
+
+def test_two_messages_one_way_in_a_batch_are_refused():
+    batches = {0: [[("send", act(0, 1, 0)), ("send", act(0, 1, 1))]], 1: [[("recv", act(0, 1, 0))], [("recv", act(0, 1, 1))]]}
+    with pytest.raises(ScheduleError) as e:
+        check_matching(batches, 2)
+    assert str(e.value) == "rank 0's batch 0 holds two sends to rank 1; NCCL would match them by position only"
+
+
+def test_messages_posted_in_another_order_on_the_receiver_are_refused():
+    # gloo would match these by tag; NCCL pairs the first send with the first receive.
+    batches = {0: [[("send", act(0, 1, 0))], [("send", act(0, 1, 1))]],
+               1: [[("recv", act(0, 1, 1))], [("recv", act(0, 1, 0))]]}
+    with pytest.raises(ScheduleError) as e:
+        check_matching(batches, 2)
+    assert str(e.value) == ("rank 0 sends to rank 1 in another order than rank 1 receives: message 0 is "
+                            "('act', 0, 1, 0) on the sender and ('act', 0, 1, 1) on the receiver")
+
+
+def test_a_header_grouped_with_its_data_on_one_end_only_is_refused():
+    """The old executor, as data: the sender put the shape header and the data in one batch while
+    the receiver posted the header alone and the data later (undefined on NCCL)."""
+    header = ("shape", 0, 1, 0)
+    batches = {0: [[("send", header), ("send", act(0, 1, 0))]],
+               1: [[("recv", header)], [("recv", act(0, 1, 0))]]}
+    with pytest.raises(ScheduleError) as e:
+        check_matching(batches, 2)
+    assert str(e.value) == "rank 0's batch 0 holds two sends to rank 1; NCCL would match them by position only"
