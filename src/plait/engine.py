@@ -91,7 +91,8 @@ class Engine:
         stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
-        self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe)
+        self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe,
+                                         {s: self.partition.stage_layers(s) for s in self.stage_ids})
         # This rank's actions, and its plan of sends and receives around them (parallel/p2p.py).
         train = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)
         evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)

@@ -127,3 +127,59 @@ def test_the_in_order_plan_runs_every_schedule_exactly(pp):
     """The plan NCCL gets (lead 0: receives in lockstep with their sends, no early posting)
     runs every schedule to the same parameters as one process, here on gloo."""
     assert_each_layout_equals_one_process(spawn(train_pp, pp, 0, False, timeout=300), pp)
+
+
+class ReturnsTuple(nn.Module):
+    """Works in one process (the next layer unpacks it), but a cut cannot carry a tuple."""
+
+    def forward(self, x):
+        return x, x
+
+
+class Unpack(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
+class ToIndices(nn.Module):
+    """An integer activation: no gradient can come back through it."""
+
+    def forward(self, x):
+        return x.argmax(-1)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(CFG.vocab_size, CFG.vocab_size)  # token ids back to logits
+
+    def forward(self, idx):
+        return self.emb(idx)
+
+
+def run_cut(layers_name):
+    """pp=2 with a layer at the cut that returns what the pipeline cannot carry; each rank's error."""
+    mesh = plait.make_mesh(dp=1, pp=2)
+    gpt = build_gpt(CFG, seed=0)
+    if layers_name == "tuple":
+        layers, split = [gpt[0], gpt[1], ReturnsTuple(), Unpack(), *gpt[2:]], [3]
+    else:
+        layers, split = [*gpt, ToIndices(), Embed()], [len(gpt) + 1]
+    engine = plait.Engine(layers, gpt_loss, mesh, microbatches=2, split=split)
+    x, y = global_batch(0, 4)
+    try:
+        engine.train_step(x, y)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.mark.parametrize("kind,returned", [("tuple", "a tuple"), ("int", "a int64 tensor (its gradient cannot come back)")])
+def test_a_layer_a_cut_cannot_carry_is_named_on_the_first_step(kind, returned):
+    ranks = spawn(run_cut, 2, kind, timeout=120)
+    layer = 2 if kind == "tuple" else CFG.n_layer + 2
+    assert ranks[0] == (f"PipelineCutError: layer {layer}, the last of stage 0 on rank 0 (dp=0, pp=0), returned "
+                        f"{returned}; what crosses a pipeline cut must be one floating-point tensor: return one "
+                        f"from that layer, or cut elsewhere (--split)")
+    assert ranks[1] == ("PipelineCutError: stage 1 on rank 1 (dp=0, pp=1) has no input: stage 0 on rank 0 "
+                        "(dp=0, pp=0) could not send its output (that rank's error says why)")

@@ -28,7 +28,7 @@ plait.timing (CUDA events on a GPU), read only after the step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,11 @@ from plait.watchdog import wait
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32]
 _HEADER_LEN = 8  # dtype index, ndim, up to 6 dims
 _ACT, _GRAD, _HEADER = 0, 1, 2
+_FAILED = -1  # a shape header's dtype slot when the sender's stage output cannot cross the cut
+
+
+class PipelineCutError(TypeError):
+    """A stage's output cannot cross a pipeline cut (not one floating-point tensor)."""
 
 
 class PipelineExecutor:
@@ -54,12 +59,15 @@ class PipelineExecutor:
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
         autocast: a callable returning the context to run forwards in.
         describe: global rank -> how to name it in errors, e.g. "rank 3 (dp=1, pp=1)".
+        stage_layers: stage -> indices of its layers in the whole model (named in errors).
     """
 
     def __init__(self, stages: dict[int, nn.Module], num_stages: int, pp_ranks: list[int],
                  loss_fn: Callable, autocast: Callable[[], contextlib.AbstractContextManager],
-                 describe: Callable[[int], str] = lambda r: f"rank {r}"):
+                 describe: Callable[[int], str] = lambda r: f"rank {r}",
+                 stage_layers: dict[int, Sequence[int]] | None = None):
         self.describe = describe
+        self.stage_layers = stage_layers or {}  # stage -> indices of its layers in the whole model, for messages
         self.stages = stages
         self.num_stages = num_stages
         self.pp_ranks = pp_ranks
@@ -139,41 +147,72 @@ class PipelineExecutor:
         Each stage runs once on one micro-batch (zeros of the received shape after
         stage 0), without autograd and with the RNG state put back afterwards, so
         the step that follows draws exactly the random numbers it would have.
+
+        It is also where a layer that a cut cannot carry is caught: what crosses a
+        cut must be one floating-point tensor (its gradient comes back the other
+        way). The rank that finds one sends an error header instead of a shape, so
+        every rank downstream stops with a message too instead of waiting.
         """
         me = stage_rank(min(self.stages), self.pp_size)
         shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}
         device = first_input.device
-        out = None
+        out, failure = None, None
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             for step in shape_plan(self.pp_size, self.num_stages // self.pp_size)[me]:
                 if isinstance(step, tuple):  # ("run", s)
                     s = step[1]
-                    if s == self.num_stages - 1:  # the last stage's output crosses nothing
+                    if s == self.num_stages - 1 or failure is not None:  # the last stage's output crosses nothing
                         continue
                     x = first_input if s == 0 else out
                     with self.autocast():
                         out = self.stages[s](x)
-                    shapes[s] = (out.shape, out.dtype)
+                    failure = self._cannot_cross(s, out)
+                    if failure is None:
+                        shapes[s] = (out.shape, out.dtype)
                     continue
                 direction, (_, src, dst, _) = step[0]
                 header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
                 if direction == "send":
-                    if out.dim() > _HEADER_LEN - 2:
-                        raise ValueError(f"stage {src} outputs a {out.dim()}-d tensor; at most 6 dims can be sent")
-                    header[0], header[1] = _DTYPES.index(out.dtype), out.dim()
-                    header[2:2 + out.dim()] = torch.tensor(out.shape, device=device)
+                    if failure is not None:
+                        header[0] = _FAILED
+                    else:
+                        header[0], header[1] = _DTYPES.index(out.dtype), out.dim()
+                        header[2:2 + out.dim()] = torch.tensor(out.shape, device=device)
                     peer, op = self._peer(dst), dist.isend
                 else:
                     peer, op = self._peer(src), dist.irecv
                 works = dist.batch_isend_irecv([dist.P2POp(op, header, peer, tag=self._tag(src, 0, _HEADER))])
                 self._wait(works, "the activation shape", 0, peer, sending=direction == "send")
                 if direction == "recv":  # once per input shape, before the first step: this read is not in a step
-                    ndim, dims = int(header[1]), header[2:].tolist()
-                    shapes[src] = (torch.Size(dims[:ndim]), _DTYPES[int(header[0])])
+                    values = header.tolist()
+                    if values[0] == _FAILED:
+                        failure = failure or (f"stage {dst} on {self.describe(dist.get_rank())} has no input: stage "
+                                              f"{src} on {self.describe(peer)} could not send its output "
+                                              f"(that rank's error says why)")
+                        continue
+                    shapes[src] = (torch.Size(values[2:2 + values[1]]), _DTYPES[values[0]])
                     out = torch.zeros(shapes[src][0], dtype=shapes[src][1], device=device)
+        if failure is not None:
+            raise PipelineCutError(failure)
         self._shapes[key] = shapes
         return shapes
+
+    def _cannot_cross(self, stage: int, out) -> str | None:
+        """Why `out`, stage `stage`'s output, cannot cross to the next stage; None if it can."""
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype in _DTYPES \
+                and out.dim() <= _HEADER_LEN - 2:
+            return None
+        if isinstance(out, torch.Tensor):
+            what = (f"a {out.dim()}-d tensor (at most {_HEADER_LEN - 2} dims cross a cut)"
+                    if out.is_floating_point() and out.dtype in _DTYPES else
+                    f"a {str(out.dtype).removeprefix('torch.')} tensor (its gradient cannot come back)")
+        else:
+            what = f"a {type(out).__name__}" if out is not None else "None"
+        layers = self.stage_layers.get(stage)
+        layer = f"layer {layers[-1]}, the last of stage {stage}" if layers else f"the last layer of stage {stage}"
+        return (f"{layer} on {self.describe(dist.get_rank())}, returned {what}; what crosses a pipeline cut must be "
+                f"one floating-point tensor: return one from that layer, or cut elsewhere (--split)")
 
     # ---- execution -----------------------------------------------------------------
 
