@@ -103,6 +103,8 @@ class GradientSync:
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self._next = 0
         self._waited = (None, None)  # marks around finish()'s wait
+        self._me = describe(dist.get_rank())  # for messages
+        self._peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
 
     @staticmethod
     def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
@@ -190,11 +192,9 @@ class GradientSync:
         """
         start = self.clock.mark()
         self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
-        me = self.describe(dist.get_rank())
-        peers = ", ".join(self.describe(r) for r in dist.get_process_group_ranks(self.group))
         for n, bucket in enumerate(self.buckets):
-            wait(bucket.work, lambda s, n=n: f"{me} waited {s:.0f} s in the gradient all-reduce of bucket "
-                                             f"{n + 1} of {len(self.buckets)} with {peers}")
+            wait(bucket.work, lambda s, n=n: f"{self._me} waited {s:.0f} s in the gradient all-reduce of bucket "
+                                             f"{n + 1} of {len(self.buckets)} with {self._peers}")
         self._waited = (start, self.clock.mark())
         for bucket in self.buckets:  # a parameter other ranks used gets the reduced gradient too
             for p, view in zip(bucket.params, bucket.views):
