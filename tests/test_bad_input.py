@@ -284,3 +284,13 @@ def test_verify_honours_steps_and_says_what_it_did_not_use(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert ", 3 steps;" in lines[0]  # the config file's 500 steps are a training run's, not verify's
     assert lines[1] == "not used from --config: model.n_embd = 64, train.dtype = 'bfloat16', train.steps = 500"
+
+
+@pytest.mark.parametrize("rank,said", [(0, True), (1, False), (3, False)])
+def test_under_torchrun_a_bad_option_is_said_once(gpus, monkeypatch, rank, said, capsys):
+    """Workers that torchrun started (no plait parent to check first) all refuse; only rank 0 says why."""
+    gpus(0)
+    torchrun_env(monkeypatch, rank, 4)
+    message = ("plait: error: parallel.split = '0': each cut must be between 1 and 5 and the cuts must increase, "
+               "for the model's 6 layers (embedding, 4 blocks, head); e.g. --split 3\n")
+    assert run(["--split", "0", *WORKERS], capsys) == (2, message if said else "")

@@ -74,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check a layout against one process in float64",
                             description="Run a few steps of the given layout on a small float64 copy of the "
                                         "model next to a one-process reference; print the largest "
-                                        "differences and a verdict (exit 0 pass, 1 fail).")
-    verify.add_argument("--config", metavar="FILE.toml", help="a TOML file of options; verify takes from it what "
-                                                              "it takes from the command line")
+                                        "differences and a verdict (exit 0 pass, 1 fail). --steps is the "
+                                        "number of steps compared (default here: 3). Train options it cannot "
+                                        "honour (--dtype other than float64, --n-embd, --n-head, --block-size, "
+                                        "--seq-len, --dropout above 0, --partition profile, the learning-rate "
+                                        "schedule, data, evaluation, sampling and output options) are refused.")
+    verify.add_argument("--config", metavar="FILE.toml", help="a TOML file of options, e.g. a run's config.toml: "
+                                                              "what verify cannot use from it (and its steps) is "
+                                                              "listed under the header, not refused")
     _add_config_options(verify)
     # The number of steps compared is --steps (default 3 here); the older spelling still works, unlisted.
     verify.add_argument("--verify-steps", dest="train.steps", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -285,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             return _schedule(args)
         if args.command == "report":
             return _report(args)
-        cfg = _config_from(args)
+        try:
+            cfg = _config_from(args)
+        except ConfigError as e:
+            e.shared = True  # every worker of a torchrun job reads the same options: rank 0 says it once
+            raise
         rest = argv[1:]
         if args.command == "train":
             from plait.train import train  # the trainer's imports are paid only once the input is good
