@@ -202,9 +202,95 @@ def test_verify_runs_on_the_cpu_on_a_gpu_node(gpus, launches, monkeypatch, capsy
     real_init, real_mesh = distributed.init, distributed.make_mesh
     monkeypatch.setattr(distributed, "init", lambda **kw: asked.append(("init", kw)) or real_init(**kw))
     monkeypatch.setattr(distributed, "make_mesh", lambda **kw: asked.append(("mesh", kw)) or real_mesh(**kw))
-    assert main(["verify", *ONE, "--verify-steps", "1"]) == 0
+    assert main(["verify", *ONE, "--verify-steps", "1"]) == 0  # the older spelling of --steps, still taken
     assert capsys.readouterr().out.splitlines()[-1] == "verdict: PASS (tolerance 1e-09)"
     assert asked == [("init", {"device": "cpu", "backend": "gloo", "timeout_s": 120.0}),
                      ("mesh", {"dp": 1, "pp": 1, "device_type": "cpu"})]
     assert main(["verify", "--dp", "2", "--pp", "2"]) == 0  # 4 workers on 1 GPU: fine, they use the CPU
     assert [nproc for nproc, _ in launches] == [4]
+
+
+# Issue 15 items 4 and 6: refused once, in the parent, before any worker starts and before anything is written.
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "invalid train.lr = nan: must be a finite number > 0.0 (--lr)"),
+    (["--timeout", "nan"], "invalid parallel.timeout = nan: must be a finite number >= 1.0 and <= 604800.0 (--timeout)"),
+    (["--split", "0"], "parallel.split = '0': each cut must be between 1 and 5 and the cuts must increase, for the "
+                       "model's 6 layers (embedding, 4 blocks, head); e.g. --split 3"),
+    (["--dp", "4", "--pp", "1", "--split", "3"], "parallel.split = '3' cuts the model into pipeline stages, but "
+                                                 "parallel.pp = 1 is one stage; drop --split, or set --pp 2 or more"),
+], ids=["--lr nan", "--timeout nan", "--split 0", "--split at pp=1"])
+def test_refused_in_the_parent_before_workers_or_files(tmp_path, monkeypatch, launches, args, message, capsys):
+    monkeypatch.chdir(tmp_path)  # the default run folder would be runs/<date>-<time> here
+    assert run(args, capsys) == (2, f"plait: error: {message}\n")
+    assert launches == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dp", "2", "--lr", "nan"], "invalid train.lr = nan: must be a finite number > 0.0 (--lr)"),
+    (["--split", "0"], "parallel.split = '0': each cut must be between 1 and 5 and the cuts must increase, for the "
+                       "model's 6 layers (embedding, 4 blocks, head); e.g. --split 3"),
+], ids=["--dp 2 --lr nan", "--split 0 (dp 2 x pp 2)"])
+def test_launched_command_refuses_once_before_any_worker(tmp_path, args, message):
+    """As typed: `plait train` that would start workers says it once, writes nothing, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "plait", "train", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"plait: error: {message}\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_learning_rate_in_one_process_never_trains(tmp_path, capsys):
+    code, err = run([*SMALL, "--lr", "inf", "--out", str(tmp_path / "r")], capsys)
+    assert (code, err) == (2, "plait: error: invalid train.lr = inf: must be a finite number > 0.0 (--lr)\n")
+    assert not (tmp_path / "r").exists()
+
+
+# Issue 15 item 10: plait verify honours the train options it can and refuses, by name, those it cannot.
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "bfloat16"], "train.dtype = 'bfloat16': plait verify runs in float64; drop --dtype"),
+    (["--n-embd", "64"], "model.n_embd = 64: plait verify runs its own small copy of the model, 2 heads x 32 wide "
+                         "on 16 tokens; drop --n-embd"),
+    (["--dropout", "0.5"], "model.dropout = 0.5: plait verify compares without dropout, whose masks differ from "
+                           "layout to layout; drop --dropout"),
+    (["--n-embd", "64", "--seq-len", "8", "--dropout", "0.5", "--out", "x"],
+     "model.n_embd = 64 and train.seq_len = 8: plait verify runs its own small copy of the model, 2 heads x 32 wide "
+     "on 16 tokens; model.dropout = 0.5: it compares without dropout, whose masks differ from layout to layout; "
+     "output.out = 'x': it writes nothing; drop --n-embd, --seq-len, --dropout and --out"),
+    (["--partition", "profile"], "parallel.partition = 'profile': plait verify cuts uniformly for --partition "
+                                 "profile, whose timings differ from run to run (give a run's cut with --split); "
+                                 "drop --partition"),
+    (["--warmup-steps", "5"], "train.warmup_steps = 5: plait verify keeps --lr constant; drop --warmup-steps"),
+    (["--tokenizer", "byte"], "data.tokenizer = 'byte': plait verify trains on random tokens, not text; "
+                              "drop --tokenizer"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_verify_refuses_train_options_it_cannot_honour(launches, args, message, capsys):
+    assert main(["verify", "--dp", "2", *args]) == 2
+    assert capsys.readouterr().err == f"plait: error: {message}\n"
+    assert launches == []
+
+
+def test_verify_honours_steps_and_says_what_it_did_not_use(tmp_path, capsys):
+    path = tmp_path / "run.toml"  # a run's config: what verify cannot use is listed, not refused
+    path.write_text("[train]\nsteps = 500\ndtype = 'bfloat16'\n[model]\nn_embd = 64\n")
+    assert main(["verify", *ONE, "--config", str(path), "--steps", "2", "--dtype", "float64", "--n-layer", "2",
+                 "--global-batch", "4", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("plait verify: dp=1 x pp=1, 1f1b, 1 micro-batches, 2 steps; float64 GPT with 2 blocks x 32 "
+                        "wide, tied head, global batch 4")
+    assert lines[1] == "not used from --config: model.n_embd = 64"  # --dtype float64 and --steps 2 were honoured
+    assert [line.split()[0] for line in lines[3:5]] == ["1", "2"] and lines[-1] == "verdict: PASS (tolerance 1e-09)"
+    assert main(["verify", *ONE, "--config", str(path), "--n-layer", "1", "--global-batch", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ", 3 steps;" in lines[0]  # the config file's 500 steps are a training run's, not verify's
+    assert lines[1] == "not used from --config: model.n_embd = 64, train.dtype = 'bfloat16', train.steps = 500"
+
+
+@pytest.mark.parametrize("rank,said", [(0, True), (1, False), (3, False)])
+def test_under_torchrun_a_bad_option_is_said_once(gpus, monkeypatch, rank, said, capsys):
+    """Workers that torchrun started (no plait parent to check first) all refuse; only rank 0 says why."""
+    gpus(0)
+    torchrun_env(monkeypatch, rank, 4)
+    message = ("plait: error: parallel.split = '0': each cut must be between 1 and 5 and the cuts must increase, "
+               "for the model's 6 layers (embedding, 4 blocks, head); e.g. --split 3\n")
+    assert run(["--split", "0", *WORKERS], capsys) == (2, message if said else "")

@@ -82,22 +82,41 @@ def test_plait_schedule_prints_the_grid_and_bubbles_and_draws(tmp_path, capsys):
 
 def test_plait_schedule_interleaved_costs_are_per_rank(capsys):
     # The same work as 1f1b, split over two chunks per rank: a smaller bubble, a shorter step.
-    assert main(["schedule", "interleaved-1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"]) == 0
+    assert main(["schedule", "interleaved-1f1b", "--stages", "4", "--microbatches", "8", "--virtual-stages", "2"]) == 0
     text = capsys.readouterr().out
     assert "makespan            28.5" in text
     assert "bubble (simulated)  0.1579" in text  # 3/19
+    assert main(["schedule", "interleaved-1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"]) == 0
+    assert capsys.readouterr().out == text  # the older spelling, still taken
+
+
+def test_plait_schedule_names_virtual_stages_as_plait_train_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["schedule", "--help"])
+    out = capsys.readouterr().out
+    assert "--virtual-stages V" in out and "--virtual " not in out
 
 
 @pytest.mark.parametrize("args,message", [
-    (["interleaved-1f1b", "--stages", "4", "--microbatches", "6", "--virtual", "2"], "multiple of pp (4)"),
-    (["1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"], "virtual must be 1"),
-    (["zigzag", "--stages", "2", "--microbatches", "2"], "unknown schedule 'zigzag'"),
-    (["1f1b", "--stages", "2", "--microbatches", "2", "--forward-cost", "0"], "--forward-cost must be > 0"),
-    (["1f1b", "--stages", "2"], "--microbatches"),
+    # Issue 15 item 14: each message names this command's own options.
+    (["interleaved-1f1b", "--stages", "4", "--microbatches", "6", "--virtual-stages", "2"],
+     "interleaved-1f1b needs --microbatches (6) to be a multiple of --stages (4); use 4 or 8"),
+    (["1f1b", "--stages", "4", "--microbatches", "8", "--virtual-stages", "2"],
+     "1f1b runs one stage per rank, so --virtual-stages must be 1 (got 2); use interleaved-1f1b for "
+     "--virtual-stages > 1"),
+    (["interleaved-1f1b", "--stages", "2", "--microbatches", "2"],
+     "interleaved-1f1b needs --virtual-stages >= 2 (got 1); use 1f1b for one stage per rank"),
+    (["zigzag", "--stages", "2", "--microbatches", "2"],
+     "unknown schedule 'zigzag'; choose one of gpipe, 1f1b, interleaved-1f1b, forward-only"),
+    (["1f1b", "--stages", "0", "--microbatches", "2"], "--stages must be >= 1 (got 0)"),
+    (["1f1b", "--stages", "2", "--microbatches", "0"], "--microbatches must be >= 1 (got 0)"),
+    (["1f1b", "--stages", "2", "--microbatches", "2", "--virtual-stages", "0"], "--virtual-stages must be >= 1 (got 0)"),
+    (["1f1b", "--stages", "2", "--microbatches", "2", "--forward-cost", "0"], "--forward-cost must be a finite number > 0 (got 0)"),
+    (["1f1b", "--stages", "2", "--microbatches", "2", "--backward-cost", "inf"],
+     "--backward-cost must be a finite number > 0 (got inf)"),
+    (["1f1b", "--stages", "2", "--microbatches", "2", "--comm-cost", "nan"], "--comm-cost must be a finite number >= 0 (got nan)"),
+    (["1f1b", "--stages", "2"], "the following arguments are required: --microbatches; see 'plait schedule --help'"),
 ])
 def test_plait_schedule_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["schedule", *args]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plait: error: ") and message in lines[0]
+    assert capsys.readouterr() == ("", f"plait: error: {message}\n")

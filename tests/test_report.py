@@ -117,16 +117,16 @@ def test_report_command_takes_peak_tflops(run_dir, capsys):
     assert main(["report", str(run_dir), "--peak-tflops", "0.05"]) == 0
     assert ("MFU                                 12.00%   (peak 100 GFLOP/s, --peak-tflops 0.05 x 2)"
             in capsys.readouterr().out.splitlines())
-    for bad in ("0", "-1", "nan"):
+    for bad in ("0", "-1", "nan", "inf"):
         assert main(["report", str(run_dir), "--peak-tflops", bad]) == 2
-        assert capsys.readouterr().err == f"plait: error: --peak-tflops must be > 0 (got {float(bad):g})\n"
+        assert capsys.readouterr().err == f"plait: error: --peak-tflops must be a finite number > 0 (got {float(bad):g})\n"
 
 
 def test_train_option_peak_tflops():
     assert load_config().output.peak_tflops is None
     assert load_config(None, {"output.peak_tflops": "312"}).output.peak_tflops == 312.0
     assert _config_from(build_parser().parse_args(["train", "--peak-tflops", "312"])).output.peak_tflops == 312.0
-    for bad in ("0", "-3", "nan"):
+    for bad, allowed in (("0", "> 0.0"), ("-3", "> 0.0"), ("nan", "a finite number > 0.0")):
         with pytest.raises(ConfigError) as e:
             load_config(None, {"output.peak_tflops": bad})
-        assert str(e.value) == f"invalid output.peak_tflops = {float(bad)!r}: must be > 0.0 (--peak-tflops)"
+        assert str(e.value) == f"invalid output.peak_tflops = {float(bad)!r}: must be {allowed} (--peak-tflops)"

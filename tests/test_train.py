@@ -202,3 +202,16 @@ def test_every_batch_of_training_and_evaluation_goes_through_to_device(tmp_path,
     train(small_config(tmp_path, data_dir, **{"train.steps": 1, "train.eval_batches": 1,
                                               "train.sample_tokens": 0}), log=quiet)
     assert moved == [torch.device("cpu")] * 6  # evaluation at step 0, the step, evaluation at the end: x and y each
+
+
+def test_byte_run_records_the_vocabulary_it_used(tmp_path):
+    """Issue 15 item 11: a byte run's config.toml says 257, the size of the model it trained."""
+    text = tmp_path / "text.txt"
+    text.write_text("plait cuts a model into stages. " * 200)
+    cfg = small_config(tmp_path, str(tmp_path / "d"), **{"data.data": str(text), "data.tokenizer": "byte",
+                                                         "train.steps": 1, "train.eval_batches": 1,
+                                                         "train.sample_tokens": 0})
+    run = train(cfg, log=quiet).run_dir
+    assert "vocab_size = 257" in (run / "config.toml").read_text()
+    assert load_config(run / "config.toml").data.vocab_size == 257
+    assert load_checkpoint(run / "checkpoints" / "step-000001")["model"]["0.wte.weight"].shape[0] == 257

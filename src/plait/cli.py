@@ -4,7 +4,7 @@
     plait verify [options]                   the layout next to a one-process float64 reference
     plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
     plait export RUN_DIR OUT [--format safetensors|hf]   the newest checkpoint, for use elsewhere
-    plait schedule NAME --stages P --microbatches M [--virtual V] [--out CHART.png]
+    plait schedule NAME --stages P --microbatches M [--virtual-stages V] [--out CHART.png]
                                              simulate a pipeline schedule: grid, bubble, chart
 
 Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -72,10 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check a layout against one process in float64",
                             description="Run a few steps of the given layout on a small float64 copy of the "
                                         "model next to a one-process reference; print the largest "
-                                        "differences and a verdict (exit 0 pass, 1 fail).")
-    verify.add_argument("--config", metavar="FILE.toml", help="a TOML file of options")
-    verify.add_argument("--verify-steps", type=int, default=3, metavar="N", help="steps to compare (default: 3)")
+                                        "differences and a verdict (exit 0 pass, 1 fail). --steps is the "
+                                        "number of steps compared (default here: 3). Train options it cannot "
+                                        "honour (--dtype other than float64, --n-embd, --n-head, --block-size, "
+                                        "--seq-len, --dropout above 0, --partition profile, the learning-rate "
+                                        "schedule, data, evaluation, sampling and output options) are refused.")
+    verify.add_argument("--config", metavar="FILE.toml", help="a TOML file of options, e.g. a run's config.toml: "
+                                                              "what verify cannot use from it (and its steps) is "
+                                                              "listed under the header, not refused")
     _add_config_options(verify)
+    # The number of steps compared is --steps (default 3 here); the older spelling still works, unlisted.
+    verify.add_argument("--verify-steps", dest="train.steps", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     slurm = sub.add_parser("slurm", help="print an sbatch script for a Slurm cluster",
                            description="Print an sbatch script that runs `plait train` on Slurm: one task per "
                                        "node, the rendezvous on the first node. Train options go after --.")
@@ -109,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("name", metavar="NAME", help=f"the schedule: {', '.join(SCHEDULES)}")
     schedule.add_argument("--stages", type=int, required=True, metavar="P", help="pipeline ranks (pp)")
     schedule.add_argument("--microbatches", type=int, required=True, metavar="M", help="micro-batches per step")
-    schedule.add_argument("--virtual", type=int, default=1, metavar="V",
-                          help="stages per rank, for interleaved-1f1b (default: 1)")
+    schedule.add_argument("--virtual-stages", dest="virtual", type=int, default=1, metavar="V",
+                          help="pipeline stages per rank, for interleaved-1f1b (default: 1)")
+    schedule.add_argument("--virtual", dest="virtual", type=int, help=argparse.SUPPRESS)  # the older spelling
     schedule.add_argument("--forward-cost", type=float, default=1.0, metavar="X",
                           help="time of one micro-batch's forward through one rank's layers, shared "
                                "evenly by its virtual stages (default: 1)")
@@ -129,7 +139,7 @@ def _config_from(args: argparse.Namespace):
         saved = Path(args.resume) / "config.toml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; give the directory of a plait run")
-        base = read_toml(saved)
+        base = read_toml(saved, what=f"--resume {args.resume} (its config.toml)")
         overrides["output.out"] = args.resume
     return load_config(args.config, overrides, base=base)
 
@@ -185,8 +195,8 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from plait.report import given_peak, plot_loss, plot_throughput, read_metrics, summary_table
 
-    if args.peak_tflops is not None and not args.peak_tflops > 0:  # also refuses nan
-        raise ConfigError(f"--peak-tflops must be > 0 (got {args.peak_tflops:g})")
+    if args.peak_tflops is not None:
+        _check_number("--peak-tflops", args.peak_tflops, 0, above=True)
     run = Path(args.run_dir)
     if not (run / "summary.json").is_file() or not (run / "metrics.jsonl").is_file():
         raise ConfigError(f"{run}: no summary.json and metrics.jsonl there; give the directory of a finished plait run")
@@ -207,15 +217,32 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_number(flag: str, value: float, lo: float, above: bool = False) -> None:
+    """A number option of a command outside the config tree: finite and in range, or one line."""
+    bound = f"> {lo:g}" if above else f">= {lo:g}"
+    if not math.isfinite(value) or value < lo or (above and value == lo):
+        raise ConfigError(f"{flag} must be {'a finite number ' if isinstance(value, float) else ''}{bound} "
+                          f"(got {value:g})")
+
+
+def _schedule_flags(message: str) -> str:
+    """A schedule library message in `plait schedule`'s option names: pp -> --stages, virtual -> --virtual-stages."""
+    for word, flag in ((r"\bpp\b", "--stages"), (r"\bvirtual\b", "--virtual-stages"),
+                       (r"\bnum_microbatches\b|\bmicro-batches\b", "--microbatches")):
+        message = re.sub(word, flag, message)
+    return message
+
+
 def _schedule(args: argparse.Namespace) -> int:
     """`plait schedule`: simulate, print the grid and the figures, optionally draw the chart."""
     from plait.parallel.schedule import ScheduleError, format_grid, make_schedule, simulate, theoretical_bubble
 
-    for flag, value in (("--forward-cost", args.forward_cost), ("--backward-cost", args.backward_cost)):
-        if not value > 0:  # also refuses nan
-            raise ConfigError(f"{flag} must be > 0 (got {value:g})")
-    if not args.comm_cost >= 0:
-        raise ConfigError(f"--comm-cost must be >= 0 (got {args.comm_cost:g})")
+    for flag, value in (("--stages", args.stages), ("--microbatches", args.microbatches),
+                        ("--virtual-stages", args.virtual)):
+        _check_number(flag, value, 1)
+    _check_number("--forward-cost", args.forward_cost, 0, above=True)
+    _check_number("--backward-cost", args.backward_cost, 0, above=True)
+    _check_number("--comm-cost", args.comm_cost, 0)
     try:
         plan = make_schedule(args.name, args.stages, args.microbatches, args.virtual)
         # Costs are per rank, so a chart of an interleaved layout has the same
@@ -224,8 +251,9 @@ def _schedule(args: argparse.Namespace) -> int:
                        args.forward_cost / args.virtual, args.backward_cost / args.virtual, args.comm_cost)
         theory = theoretical_bubble(args.name, args.stages, args.microbatches, args.virtual)
     except ScheduleError as e:
-        # Only the summary: a grid, if any, would bury the fix-it line.
-        raise ConfigError(str(e).splitlines()[0]) from None
+        # Only the summary: a grid, if any, would bury the fix-it line. The library names
+        # its arguments; the message names this command's options.
+        raise ConfigError(_schedule_flags(str(e).splitlines()[0])) from None
     layout = f"{args.stages} stages" + (f" x {args.virtual} virtual" if args.virtual > 1 else "")
     print(f"{args.name}: {layout}, {args.microbatches} micro-batches "
           f"(per rank: forward {args.forward_cost:g}, backward {args.backward_cost:g}; comm {args.comm_cost:g})")
@@ -262,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             return _schedule(args)
         if args.command == "report":
             return _report(args)
-        cfg = _config_from(args)
+        try:
+            cfg = _config_from(args)
+        except ConfigError as e:
+            e.shared = True  # every worker of a torchrun job reads the same options: rank 0 says it once
+            raise
         rest = argv[1:]
         if args.command == "train":
             from plait.train import train  # the trainer's imports are paid only once the input is good
@@ -272,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
             return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend))
-        from plait.verify import devices, verify
+        from plait.verify import devices, options, verify
 
-        return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps=args.verify_steps), devices(cfg))
+        checked = devices(cfg)
+        steps, unused = options(cfg, {k for k in vars(args) if "." in k})
+        return _run_here_or_launch(cfg, "verify", rest, lambda: verify(cfg, steps, unused=unused), checked)
     except PlaitError as e:
         if int(os.environ.get("RANK", 0)) == 0 or not e.shared:
             say(f"plait: error: {e}")

@@ -13,6 +13,7 @@ the `plait train` options are generated from this file and cannot drift.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -31,13 +32,30 @@ else:  # pragma: no cover
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 DTYPES = ("float32", "bfloat16", "float64")
+DEFAULT_VOCAB, BYTE_VOCAB = 2048, 257  # BYTE_VOCAB: 256 bytes and the end-of-text token
+WEEK_S = 7 * 24 * 3600.0  # a longer timeout is no timeout (and overflows a timedelta somewhere past 1e14 s)
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
-           min: float | None = None, max: float | None = None, min_open: bool = False) -> Any:
-    """A config field with its command-line flag, help text and allowed values."""
-    meta = {"help": help, "flag": flag, "choices": choices, "min": min, "max": max, "min_open": min_open}
+           min: float | None = None, max: float | None = None, min_open: bool = False,
+           listed: bool = False) -> Any:
+    """A config field with its command-line flag, help text and allowed values.
+
+    The flag also names the field's TOML key (`--microbatches` -> `microbatches`):
+    one name per option everywhere ([Note: one name per option]). `listed`: a
+    comma-separated list of whole numbers, which TOML may also give as an array.
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "min": min, "max": max, "min_open": min_open,
+            "listed": listed}
     return field(default=default, metadata=meta)
+
+
+# [Note: one name per option]
+# An option has one name: its flag, `--microbatches`, is `microbatches` in a TOML
+# file, `parallel.microbatches` in every message and in the config.toml a run
+# writes. Two fields keep an older Python attribute name (`num_microbatches`,
+# `preset`) for the library's sake; a TOML file may still use those names (the
+# config.toml files that runs wrote before) and they are read as the flag's name.
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class ModelConfig:
     n_head: int | None = option(None, "attention heads (default: the preset's)", min=1)
     n_embd: int | None = option(None, "embedding width (default: the preset's)", min=1)
     block_size: int | None = option(None, "context length (default: the preset's)", min=1)
-    dropout: float = option(0.0, "dropout probability", min=0.0, max=0.99)
+    dropout: float = option(0.0, "dropout probability", min=0.0, max=0.99)  # 1.0 would zero every activation
     tie_embeddings: bool = option(True, "share the LM head's weight with the token embedding")
 
     def __post_init__(self) -> None:
@@ -78,12 +96,17 @@ class DataConfig:
     data_dir: str = option("data", "folder where prepared tokens and the tokenizer are cached")
     tokenizer: str = option("bpe", "tokenizer: byte-level BPE trained on the corpus, or raw bytes",
                             choices=("bpe", "byte"))
-    vocab_size: int = option(2048, "BPE vocabulary size", min=257, max=65536)
+    vocab_size: int = option(DEFAULT_VOCAB, "BPE vocabulary size (the byte tokenizer always has 257)", min=BYTE_VOCAB, max=65536)
     val_fraction: float = option(0.1, "held-out share of the tokens for validation", min=0.0,
                                  min_open=True, max=0.5)
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
+        if self.tokenizer == "byte" and self.vocab_size != BYTE_VOCAB:
+            if self.vocab_size != DEFAULT_VOCAB:  # the default is not a request: a byte run records 257
+                raise ConfigError(f"data.vocab_size = {self.vocab_size} does not apply to data.tokenizer = 'byte', "
+                                  f"which always has {BYTE_VOCAB} tokens; drop --vocab-size, or use --tokenizer bpe")
+            object.__setattr__(self, "vocab_size", BYTE_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -97,11 +120,12 @@ class ParallelConfig:
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
     virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more)", min=1)
     partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
-    split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition)")
+    split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition; needs --pp 2 or more)",
+                               listed=True)
     bucket_mb: float = option(25.0, "gradient bucket size of the data-parallel all-reduce, in MiB",
                               min=0.0, min_open=True)
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
-                            min=1.0)
+                            min=1.0, max=WEEK_S)
 
     def __post_init__(self) -> None:
         _check_fields(self, "parallel")
@@ -195,7 +219,7 @@ class OutputConfig:
     keep_checkpoints: int = option(2, "newest checkpoints to keep", min=1)
     checkpoint_timeout: float = option(600.0, "seconds the ranks wait for each other while a checkpoint is "
                                               "written and hashed (its own limit, not --timeout)",
-                                       min=0.0, min_open=True)
+                                       min=0.0, min_open=True, max=WEEK_S)
     progress: bool = option(True, "show a progress bar")
     trace: bool = option(False, "record per-rank timelines; write trace.json and pipeline.png")
     trace_steps: int = option(2, "steps to record with --trace (after two of warm-up)", min=1)
@@ -242,14 +266,35 @@ class Config:
             raise ConfigError(f"dp({p.dp}) * pp({p.pp}) = {p.world_size} workers do not split over "
                               f"launch.nnodes = {self.launch.nnodes} machines; choose --dp and --pp whose "
                               f"product is a multiple of --nnodes")
-        if p.cuts is not None and len(p.cuts) != stages - 1:
-            raise ConfigError(f"parallel.split = {p.split!r} has {len(p.cuts)} cut(s) but {stages} stages need "
-                              f"{stages - 1}; give --split {stages - 1} indices")
+        if p.cuts is not None:
+            _check_split(p, n_layer + 2, n_layer)
 
     @property
     def seq_len(self) -> int:
         """Tokens per sequence, the model's context length unless given."""
         return self.train.seq_len or self.model.shape[3]
+
+
+def _check_split(p: ParallelConfig, n: int, n_layer: int) -> None:
+    """--split against the model's `n` layers, here in the parent, before any process or file exists.
+
+    (partition.py checks a library caller's split the same way.)
+    """
+    stages = p.pp * p.virtual_stages
+    example = ",".join(str(i * n // stages) for i in range(1, stages))  # the uniform cut
+    if stages == 1:
+        raise ConfigError(f"parallel.split = {p.split!r} cuts the model into pipeline stages, but parallel.pp = 1 "
+                          f"is one stage; drop --split, or set --pp 2 or more")
+    what = f"pp({p.pp})" + (f" x virtual_stages({p.virtual_stages})" if p.virtual_stages > 1 else "")
+    if len(p.cuts) != stages - 1:
+        need = "one index" if stages == 2 else f"{stages - 1} increasing indices"
+        raise ConfigError(f"parallel.split = {p.split!r} has {len(p.cuts)} cut(s) but {what} = {stages} stages "
+                          f"need {stages - 1}; give --split {need} between 1 and {n - 1}, e.g. --split {example}")
+    bounds = [0, *p.cuts, n]
+    if any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError(f"parallel.split = {p.split!r}: each cut must be between 1 and {n - 1} and the cuts must "
+                          f"increase, for the model's {n} layers (embedding, {n_layer} blocks, head); "
+                          f"e.g. --split {example}")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
@@ -259,6 +304,11 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "parallel
 def flag_of(f: dataclasses.Field) -> str:
     """The command-line flag of a field: `--n-layer` for model.n_layer, unless named."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """The field's name in TOML and in messages: its flag's (`microbatches` for --microbatches)."""
+    return flag_of(f)[2:].replace("-", "_")
 
 
 def field_type(cls: type, name: str) -> tuple[type, bool]:
@@ -273,7 +323,11 @@ def field_type(cls: type, name: str) -> tuple[type, bool]:
 def _coerce(section: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
     """Turn a TOML or command-line value into the field's type, or say why not."""
     kind, optional = field_type(cls, f.name)
-    where = f"{section}.{f.name} = {value!r}"
+    where = f"{section}.{key_of(f)} = {value!r}"
+    if f.metadata.get("listed") and isinstance(value, list):  # split = [3, 5] in TOML, as "3,5"
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"invalid {where}: must be whole numbers, e.g. [3, 5] or \"3,5\" ({flag_of(f)})")
+        value = ",".join(str(v) for v in value)
     if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
         if optional:
             return None
@@ -309,17 +363,21 @@ def _check_fields(obj: Any, section: str) -> None:
         value, meta = getattr(obj, f.name), f.metadata
         if value is None:
             continue
-        where, flag = f"{section}.{f.name} = {value!r}", flag_of(f)
+        where, flag = f"{section}.{key_of(f)} = {value!r}", flag_of(f)
         if meta.get("choices") and value not in meta["choices"]:
             allowed = ", ".join(meta["choices"])
             raise ConfigError(f"invalid {where}: must be one of {allowed} ({flag})")
         lo, hi = meta.get("min"), meta.get("max")
-        # `not value >= lo` rather than `value < lo`: NaN compares false both ways and must not pass.
-        if lo is not None and (not value >= lo or (meta.get("min_open") and value == lo)):
-            bound = f"> {lo}" if meta.get("min_open") else f">= {lo}"
-            raise ConfigError(f"invalid {where}: must be {bound} ({flag})")
-        if hi is not None and not value <= hi:
-            raise ConfigError(f"invalid {where}: must be <= {hi} ({flag})")
+        above = None if lo is None else f"> {lo}" if meta.get("min_open") else f">= {lo}"
+        below = None if hi is None else f"<= {hi}"
+        # Every float, bounded or not: NaN compares false both ways, and inf is no learning rate or timeout.
+        if isinstance(value, float) and not math.isfinite(value):
+            bounds = " and ".join(b for b in (above, below) if b)
+            raise ConfigError(f"invalid {where}: must be a finite number{' ' + bounds if bounds else ''} ({flag})")
+        if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
+            raise ConfigError(f"invalid {where}: must be {above} ({flag})")
+        if hi is not None and value > hi:
+            raise ConfigError(f"invalid {where}: must be {below} ({flag})")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -329,41 +387,65 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     `overrides` maps "section.field" to a value (a string from the command line
     is converted to the field's type).
     """
-    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}  # by field (attribute) name
     for layer in (base or {}), (read_toml(path) if path else {}):
         for section, values in layer.items():
             if section not in SECTIONS:
                 raise ConfigError(f"unknown config section [{section}]; known: {', '.join(SECTIONS)}")
             if not isinstance(values, dict):
                 raise ConfigError(f"config section [{section}] must be a table of values")
-            raw[section].update(values)
+            raw[section].update(_by_field(section, values))
     for key, value in (overrides or {}).items():
         section, name = key.split(".", 1)
-        raw[section][name] = value
+        raw[section].update(_by_field(section, {name: value}))
     built = {}
     for section, cls in SECTIONS.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for name in raw[section]:
-            if name not in fields:
-                raise ConfigError(f"unknown config field {section}.{name}; known: {', '.join(fields)}")
         values = {name: _coerce(section, cls, fields[name], v) for name, v in raw[section].items()}
         built[section] = cls(**values)
     return Config(**built)
 
 
-def read_toml(path: str | Path) -> dict:
+def _by_field(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A TOML table's keys (the flags' names, or the older field names) as field names."""
+    fields = dataclasses.fields(SECTIONS[section])
+    names = {key_of(f): f.name for f in fields} | {f.name: f.name for f in fields}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            known = ", ".join(key_of(f) for f in fields)
+            raise ConfigError(f"unknown config field {section}.{key}; known: {known}")
+        if names[key] in out:
+            canonical = key_of(next(f for f in fields if f.name == names[key]))
+            raise ConfigError(f"config section [{section}] gives {canonical} twice, also as its older name "
+                              f"{names[key]}; keep {canonical}")
+        out[names[key]] = value
+    return out
+
+
+def read_toml(path: str | Path, what: str | None = None) -> dict:
+    """The TOML file at `path`; any reason it cannot be read is one line naming `what` (default: --config PATH)."""
+    what = what or f"--config {path}"
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        raise ConfigError(f"{what}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: is a folder; give a TOML file (a run's is RUN_DIR/config.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read it ({e.strerror or e}); give a readable TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not valid TOML (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+        raise ConfigError(f"{what}: not valid TOML ({e})") from None
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The config as nested plain values, None left out (TOML has no null)."""
-    return {section: {k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items() if v is not None}
+    return {section: {key_of(f): getattr(getattr(cfg, section), f.name)
+                      for f in dataclasses.fields(SECTIONS[section])
+                      if getattr(getattr(cfg, section), f.name) is not None}
             for section in SECTIONS}
 
 

@@ -10,17 +10,78 @@ and a verdict.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from plait import distributed
-from plait.config import Config
+from plait.config import SECTIONS, Config, flag_of, key_of
 from plait.errors import ConfigError
 from plait.engine import Engine
 from plait.model import GPTConfig, build_gpt, gpt_loss
 
 TOLERANCE = 1e-9
+STEPS = 3  # steps compared unless --steps is given on the command line
+
+# [Note: what verify takes from the train options]
+# verify honours the layout (--dp --pp --schedule --microbatches --virtual-stages
+# --partition uniform|params --split --bucket-mb --timeout and the launch options),
+# the layer count (--model, --n-layer), --tie-embeddings, the optimisation that
+# the layout could get wrong (--global-batch --lr --beta1 --beta2 --weight-decay
+# --grad-clip --seed) and --steps (the steps compared). An option it cannot
+# honour, typed on the command line, is refused by name; from a --config file
+# (a run's config.toml holds every option) it is listed under the header as not
+# used. --device and --backend are checked by `devices`.
+_SMALL = "runs its own small copy of the model, 2 heads x 32 wide on 16 tokens"
+_NOT_HONOURED = {
+    "model.n_head": _SMALL, "model.n_embd": _SMALL, "model.block_size": _SMALL, "train.seq_len": _SMALL,
+    "model.dropout": "compares without dropout, whose masks differ from layout to layout",
+    "train.dtype": "runs in float64",
+    "parallel.partition": "cuts uniformly for --partition profile, whose timings differ from run to run "
+                          "(give a run's cut with --split)",
+    "train.min_lr_ratio": "keeps --lr constant", "train.warmup_steps": "keeps --lr constant",
+    "train.eval_every": "does not evaluate", "train.eval_batches": "does not evaluate",
+    "train.sample_tokens": "samples no text", "train.sample_prompt": "samples no text",
+    **{f"data.{f.name}": "trains on random tokens, not text" for f in dataclasses.fields(SECTIONS["data"])},
+    **{f"output.{f.name}": "writes nothing" for f in dataclasses.fields(SECTIONS["output"]) if f.name != "progress"},
+}
+_HONOURED_VALUES = {"model.dropout": (0.0,), "train.dtype": ("float64",), "parallel.partition": ("uniform", "params")}
+
+
+def options(cfg: Config, typed: set[str]) -> tuple[int, list[str]]:
+    """(steps to compare, the --config values not used); refuses what the command line asks but verify cannot do.
+
+    `typed` holds the "section.field" names given on the command line
+    ([Note: what verify takes from the train options]).
+    """
+    refused, unused = [], []
+    for name, reason in _NOT_HONOURED.items():
+        section, attr = name.split(".")
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == attr)
+        value = getattr(getattr(cfg, section), attr)
+        if value in _HONOURED_VALUES.get(name, ()):
+            continue
+        where = f"{section}.{key_of(f)} = {value!r}"
+        if name in typed:
+            refused.append((where, reason, flag_of(f)))
+        elif value != f.default:
+            unused.append(where)
+    if refused:  # one line: the options that share a reason together, then every flag to drop
+        reasons: dict[str, list[str]] = {}
+        for where, reason, _ in refused:
+            reasons.setdefault(reason, []).append(where)
+        said = "; ".join(f"{' and '.join(wheres)}: {'plait verify' if i == 0 else 'it'} {reason}"
+                         for i, (reason, wheres) in enumerate(reasons.items()))
+        flags = [flag for *_, flag in refused]
+        flags = " and ".join(filter(None, (", ".join(flags[:-1]), flags[-1])))
+        raise ConfigError(f"{said}; drop {flags}", shared=True)
+    if "train.steps" in typed:
+        return cfg.train.steps, unused
+    if cfg.train.steps != Config().train.steps:
+        unused.append(f"train.steps = {cfg.train.steps}")
+    return STEPS, unused
 
 
 def _small_copy(cfg: Config) -> GPTConfig:
@@ -72,7 +133,7 @@ def devices(cfg: Config) -> tuple[str, str]:
     return "cpu", "gloo"
 
 
-def verify(cfg: Config, steps: int = 3, log=print) -> int:
+def verify(cfg: Config, steps: int = STEPS, log=print, unused: list[str] = ()) -> int:
     """Run the check on every rank of the job; 0 when the layout matches one process, else 1."""
     device, backend = devices(cfg)
     cpu = distributed.init(device=device, backend=backend, timeout_s=cfg.parallel.timeout)
@@ -101,18 +162,20 @@ def verify(cfg: Config, steps: int = 3, log=print) -> int:
         dist.all_gather_object(parts, mine)
     verdict = [1]
     if distributed.rank() == 0:
-        verdict[0] = _report(cfg, gpt, steps, losses, parts, log)
+        verdict[0] = _report(cfg, gpt, steps, losses, parts, log, unused)
     if dist.is_initialized():
         dist.broadcast_object_list(verdict, src=0)
     return verdict[0]
 
 
-def _report(cfg: Config, gpt: GPTConfig, steps: int, losses, parts, log) -> int:
+def _report(cfg: Config, gpt: GPTConfig, steps: int, losses, parts, log, unused=()) -> int:
     ref_state, ref_losses = _reference(cfg, gpt, steps)
     p = cfg.parallel
     log(f"plait verify: dp={p.dp} x pp={p.pp}, {p.schedule}, {p.num_microbatches} micro-batches, "
         f"{steps} steps; float64 GPT with {gpt.n_layer} blocks x {gpt.n_embd} wide, "
         f"{'tied' if gpt.tie_embeddings else 'untied'} head, global batch {cfg.train.global_batch}")
+    if unused:
+        log(f"not used from --config: {', '.join(unused)}")
     log(f"{'step':>4}  {'loss (layout)':>22}  {'loss (one process)':>22}  {'|diff|':>8}")
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
         log(f"{i + 1:>4}  {a:>22.15f}  {b:>22.15f}  {abs(a - b):>8.1e}")
