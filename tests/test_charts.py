@@ -88,6 +88,18 @@ def test_plait_schedule_interleaved_costs_are_per_rank(capsys):
     assert "bubble (simulated)  0.1579" in text  # 3/19
 
 
+def test_plait_schedule_replaces_an_existing_chart_only_with_force(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    out.write_text("mine")
+    args = ["schedule", "1f1b", "--stages", "2", "--microbatches", "2", "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr() == ("", f"plait: error: --out {out} exists; give --force to replace it, "
+                                       f"or a new file name\n")
+    assert out.read_text() == "mine"
+    assert main([*args, "--force"]) == 0
+    assert read_png(out).ndim == 3
+
+
 @pytest.mark.parametrize("args,message", [
     (["interleaved-1f1b", "--stages", "4", "--microbatches", "6", "--virtual", "2"], "multiple of pp (4)"),
     (["1f1b", "--stages", "4", "--microbatches", "8", "--virtual", "2"], "virtual must be 1"),
