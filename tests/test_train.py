@@ -190,7 +190,11 @@ def test_a_resume_not_past_its_checkpoint_is_refused_and_records_nothing(tmp_pat
         assert main(["train", "--resume", str(run), *args]) == 2
         assert capsys.readouterr().err == (f"plait: error: --steps {steps} is not past the checkpoint's step 4 in "
                                            f"{run}; give --steps 5 or more\n")
-    assert files_in(run) == before  # config.toml too: the refused --lr 0.5 was not recorded
+    # Refused later, by the checkpoint itself (another model's shape): nothing recorded either.
+    assert main(["train", "--resume", str(run), "--steps", "6", "--n-embd", "32"]) == 2
+    assert capsys.readouterr().err.startswith(f"plait: error: checkpoint {run}/checkpoints/step-000004 holds a "
+                                              f"different model")
+    assert files_in(run) == before  # config.toml too: neither --lr 0.5 nor --n-embd 32 was recorded
 
 
 def test_resumed_runs_report_the_whole_run_and_keep_the_learning_rate_continuous(tmp_path, data_dir, capsys):

@@ -7,11 +7,11 @@
     plait schedule NAME --stages P --microbatches M [--virtual V] [--out CHART.png [--force]]
                                              simulate a pipeline schedule: grid, bubble, chart
 
-Exit codes: 0 done; 1 the run failed; 2 bad input. Nothing is written over: a train
-run needs a new or empty --out (or --resume), an existing file or folder is
-replaced only with --force. A failure plait can
+Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
 explain (any `PlaitError`) is one line on stderr, with no traceback; in a
-job of several workers only rank 0 says it.
+job of several workers only rank 0 says it. Nothing is written over: a new
+run needs a new or empty --out (or --resume to go on with one), and an
+existing file or folder is replaced only with --force.
 """
 
 from __future__ import annotations

@@ -82,10 +82,8 @@ def plan_run_dir(cfg: Config, resume: str | None, warn=say) -> tuple[Path, Path 
     return Path(resume), start
 
 
-def open_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Create the run's folder (or reopen it), prove it writable, and write config.toml (without `out`)."""
-    import tomli_w
-
+def open_run_dir(run_dir: Path) -> None:
+    """Create the run's folder (or reopen it) and prove it writable, leaving nothing in it."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -93,6 +91,16 @@ def open_run_dir(run_dir: Path, cfg: Config) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror}); choose another --out") from None
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    """Write the run's config.toml, without `out` (see the module's docstring).
+
+    Called once a resume has loaded its checkpoint: a resume refused on the
+    way (another model's checkpoint) leaves the saved options as they were.
+    """
+    import tomli_w
+
     saved = to_dict(cfg)
     saved["output"].pop("out", None)  # see the module's docstring
     (run_dir / "config.toml").write_text(tomli_w.dumps(saved))

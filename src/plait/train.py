@@ -41,7 +41,7 @@ from plait.errors import ConfigError, TrainingError
 from plait.lr import lr_at, plan_of, replan
 from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_loss
 from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
-from plait.rundir import open_run_dir, plan_run_dir, restarted
+from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -136,7 +136,9 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint.
 
     Called on every rank of the job (torchrun starts them); in a single process
-    it needs no launcher.
+    it needs no launcher. A new run refuses a folder that is not empty, and a
+    resume a --steps not past its checkpoint, before writing anything
+    (plait/rundir.py).
     """
     # --device decides the device and the backend together ([Note: one device choice]).
     device = distributed.init(device=cfg.train.device, backend=cfg.launch.backend, timeout_s=cfg.parallel.timeout)
@@ -166,7 +168,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         on_rank0(lambda: prepare_data() and None)
     data = prepare_data()
 
-    on_rank0(open_run_dir, run_dir, cfg)
+    on_rank0(open_run_dir, run_dir)
 
     torch.manual_seed(cfg.train.seed)
     gpt = cfg.model.gpt(data.tokenizer.vocab_size)
@@ -208,6 +210,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         # Another --steps re-plans the rest of the cosine from here, with no jump (plait/lr.py).
         anchor = replan(trainer_state(start).get("lr_schedule"), first_step, cfg)
         log(f"resumed from {start} at step {first_step}")
+    if main:  # only now: a resume refused above records none of its options
+        save_config(run_dir, cfg)
     if start is not None:
         keep_until = first_step
     else:
