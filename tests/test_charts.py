@@ -97,6 +97,18 @@ def test_plait_schedule_names_virtual_stages_as_plait_train_does(capsys):
     assert "--virtual-stages V" in out and "--virtual " not in out
 
 
+def test_plait_schedule_replaces_an_existing_chart_only_with_force(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    out.write_text("mine")
+    args = ["schedule", "1f1b", "--stages", "2", "--microbatches", "2", "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr() == ("", f"plait: error: --out {out} exists; give --force to replace it, "
+                                       f"or a new file name\n")
+    assert out.read_text() == "mine"
+    assert main([*args, "--force"]) == 0
+    assert read_png(out).ndim == 3
+
+
 @pytest.mark.parametrize("args,message", [
     # Issue 15 item 14: each message names this command's own options.
     (["interleaved-1f1b", "--stages", "4", "--microbatches", "6", "--virtual-stages", "2"],

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -235,3 +236,15 @@ def test_loading_never_unpickles_code(tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(path, verify=False)
     assert not ran.exists()
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    # safetensors writes 0600 by itself; every file of a checkpoint gets what open() would give.
+    before = os.umask(0o027)
+    try:
+        _, _, path = _save(tmp_path, 1)
+    finally:
+        os.umask(before)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()} == {
+        "model-pp00.safetensors": "0o640", "optim-pp00.pt": "0o640", "rng-pp00.pt": "0o640",
+        "trainer.pt": "0o640", "manifest.json": "0o640"}

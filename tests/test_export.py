@@ -1,5 +1,6 @@
 """plait export: a plait safetensors file, and a Hugging Face GPT-2 folder that transformers loads."""
 
+import os
 import shutil
 
 import pytest
@@ -141,8 +142,55 @@ def test_cli_errors(runs, tmp_path, capsys):
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     assert main(["export", str(runs["tied"]), str(full), "--format", "hf"]) == 2
-    assert capsys.readouterr().err == f"plait: error: {full} exists and is not empty; give a new or empty folder\n"
+    assert capsys.readouterr().err == (f"plait: error: {full} exists and is not empty; give a new or empty folder, "
+                                       f"or --force to replace it\n")
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
 
     assert main(["export", str(runs["tied"]), str(full), "--format", "onnx"]) == 2
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_nothing_is_written_over_without_force(runs, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("mine")
+    assert main(["export", str(runs["tied"]), str(readme)]) == 2
+    assert capsys.readouterr().err == f"plait: error: {readme} exists; give --force to replace it, or a new file name\n"
+    assert readme.read_text() == "mine"
+    assert main(["export", str(runs["tied"]), str(readme), "--force"]) == 0
+    assert len(load_exported(readme)) == 4
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(runs["tied"]), str(hf), "--format", "hf"]) == 0
+    first = {p.name: p.read_bytes() for p in hf.iterdir()}
+    assert main(["export", str(runs["untied"]), str(hf), "--format", "hf"]) == 2
+    assert capsys.readouterr().err == (f"plait: error: {hf} exists and is not empty; give a new or empty folder, "
+                                       f"or --force to replace it\n")
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == first
+    # --force replaces the earlier export whole: the byte run has no tokenizer files, and none are left over.
+    assert main(["export", str(runs["untied"]), str(hf), "--format", "hf", "--force"]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert transformers.AutoConfig.from_pretrained(hf).tie_word_embeddings is False
+    capsys.readouterr()
+    # ... and nothing else: a folder holding other files is not deleted, even with --force.
+    (hf / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    assert main(["export", str(runs["tied"]), str(hf), "--format", "hf", "--force"]) == 2
+    assert capsys.readouterr().err == (f"plait: error: {hf} holds files an export does not write (notes.txt); "
+                                       f"--force replaces only an earlier export, give a new or empty folder\n")
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+@pytest.fixture
+def umask_027():
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_exported_files_follow_the_umask(runs, tmp_path, umask_027):
+    out = export_safetensors(runs["tied"], tmp_path / "m.safetensors")
+    folder = export_hf(runs["tied"], tmp_path / "hf", log=quiet)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *folder.iterdir()]}
+    assert modes == {"m.safetensors": 0o640, "config.json": 0o640, "model.safetensors": 0o640,
+                     "tokenizer.json": 0o640, "tokenizer_config.json": 0o640}

@@ -1,16 +1,24 @@
 import json
+import math
+import re
 import shutil
+import statistics
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from plait.checkpoint import load_checkpoint
+from plait.checkpoint import load_checkpoint, trainer_state
 
 from plait.cli import main
-from plait.config import load_config
+from plait.config import load_config, read_toml
 from plait.engine import Engine
+from plait.errors import ConfigError
 from plait.model import GPTConfig, build_gpt, gpt_loss
 from plait import train as train_module
+from plait.lr import plan_of, replan
+from plait.report import read_metrics, summary_table
+from plait.rundir import with_out
 from plait.train import build_optimizer, lr_at, to_device, train, use_tf32
 
 # A model small enough that a step takes milliseconds.
@@ -43,7 +51,8 @@ def test_run_directory_contents(tmp_path, data_dir):
     cfg = small_config(tmp_path, data_dir, **{"train.steps": 4, "train.eval_every": 2, "output.peak_tflops": 0.5})
     result = train(cfg, log=quiet)
     run = result.run_dir
-    assert load_config(run / "config.toml") == cfg
+    assert load_config(run / "config.toml") == with_out(cfg, None)  # the folder is not part of the config
+    assert "out" not in read_toml(run / "config.toml")["output"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
@@ -110,6 +119,119 @@ def test_learning_rate_schedule():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
     assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_another_steps_on_resume_replans_the_rest_of_the_cosine_without_a_jump():
+    def cfg(steps):
+        return load_config(None, {"train.steps": steps, "train.warmup_steps": 10, "train.lr": 1.0,
+                                  "train.min_lr_ratio": 0.1})
+
+    first = plan_of(cfg(110), None)
+    assert first == {"steps": 110, "anchor_step": 10, "anchor_progress": 0.0}
+    assert replan(first, 60, cfg(110)) is None  # the same --steps: the plan it had
+    assert replan(None, 60, cfg(210)) is None  # a checkpoint from before plans were recorded
+    # Stopped half-way down (0.55) and given 100 more steps: on from 0.55, the rest of the cosine over 150 steps.
+    anchor = replan(first, 60, cfg(210))
+    assert anchor == (60, 0.5)
+    assert lr_at(60, cfg(210), anchor) == pytest.approx(lr_at(60, cfg(110))) == pytest.approx(0.55)
+    assert lr_at(135, cfg(210), anchor) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.75 * math.pi)))
+    assert lr_at(210, cfg(210), anchor) == pytest.approx(0.1)
+    # Extended again at 135: it goes on from there, whatever the first plan was.
+    again = replan(plan_of(cfg(210), anchor), 135, cfg(310))
+    assert again == (135, 0.75) and lr_at(135, cfg(310), again) == pytest.approx(lr_at(135, cfg(210), anchor))
+    # A finished run (at the floor) that is extended trains on at the floor.
+    done = replan(first, 110, cfg(210))
+    assert done == (110, 1.0) and [lr_at(s, cfg(210), done) for s in (110, 160, 209)] == [0.1, 0.1, 0.1]
+    # Resumed inside the warm-up: the warm-up goes on, then the cosine over the new length.
+    assert [lr_at(s, cfg(210), replan(first, 5, cfg(210))) for s in (5, 110)] == [0.6, lr_at(110, cfg(210))]
+
+
+TINY_CLI = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--no-progress", "--n-layer", "1", "--n-embd", "16",
+            "--n-head", "2", "--seq-len", "16", "--global-batch", "2", "--eval-batches", "1", "--sample-tokens", "0"]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes: equal snapshots mean nothing was written."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_readme_round_trip_gives_the_second_run_a_folder_of_its_own(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY_CLI, "--data-dir", data_dir, "--steps", "3", "--out", "runs/r"]) == 0
+    first = files_in(tmp_path / "runs" / "r")
+    # config.toml fed back is a new run: it gets runs/<date>-<time>, the first run's folder is untouched.
+    assert main(["train", "--config", "runs/r/config.toml", "--steps", "2"]) == 0
+    second = [p for p in (tmp_path / "runs").iterdir() if p.name != "r"]
+    assert len(second) == 1 and re.fullmatch(r"\d{8}-\d{6}", second[0].name), second
+    assert [r["step"] for r in read_metrics(second[0] / "metrics.jsonl")] == [0, 1, 2]
+    assert files_in(tmp_path / "runs" / "r") == first
+    capsys.readouterr()
+    # Named as --out, a folder holding a run (or anything else) is refused, and nothing is written.
+    assert main(["train", "--config", "runs/r/config.toml", "--steps", "2", "--out", "runs/r"]) == 2
+    assert capsys.readouterr().err == ("plait: error: --out runs/r already holds a run; continue it with "
+                                       "--resume runs/r, or give a new --out\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("mine")
+    assert main(["train", "--config", "runs/r/config.toml", "--out", "notes"]) == 2
+    assert capsys.readouterr().err == "plait: error: --out notes is not empty; give a new or empty folder as --out\n"
+    assert files_in(tmp_path / "runs" / "r") == first and files_in(tmp_path / "notes") == {"mine.txt": b"mine"}
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    # The library refuses the same.
+    with pytest.raises(ConfigError, match=re.escape("--out runs/r already holds a run")):
+        train(load_config("runs/r/config.toml", {"output.out": "runs/r"}), log=quiet)
+
+
+def test_a_resume_not_past_its_checkpoint_is_refused_and_records_nothing(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_CLI, "--data-dir", data_dir, "--steps", "4", "--out", str(run)]) == 0
+    before = files_in(run)
+    capsys.readouterr()
+    for args, steps in ((["--steps", "3", "--lr", "0.5"], 3), ([], 4)):
+        assert main(["train", "--resume", str(run), *args]) == 2
+        assert capsys.readouterr().err == (f"plait: error: --steps {steps} is not past the checkpoint's step 4 in "
+                                           f"{run}; give --steps 5 or more\n")
+    # Refused later, by the checkpoint itself (another model's shape): nothing recorded either.
+    assert main(["train", "--resume", str(run), "--steps", "6", "--n-embd", "32"]) == 2
+    assert capsys.readouterr().err.startswith(f"plait: error: checkpoint {run}/checkpoints/step-000004 holds a "
+                                              f"different model")
+    assert files_in(run) == before  # config.toml too: neither --lr 0.5 nor --n-embd 32 was recorded
+
+
+def test_resumed_runs_report_the_whole_run_and_keep_the_learning_rate_continuous(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    opts = [*TINY_CLI, "--data-dir", data_dir, "--out", str(run), "--warmup-steps", "1", "--eval-every", "3",
+            "--checkpoint-every", "3", "--keep-checkpoints", "5"]
+    assert main(["train", *opts, "--steps", "6"]) == 0
+    straight = read_metrics(run / "metrics.jsonl")
+    shutil.rmtree(run / "checkpoints" / "step-000006")  # the run stopped after step 3
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "12"]) == 0
+    printed = capsys.readouterr().out
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(13))
+    lrs = [r["lr"] for r in records[1:]]
+    # Steps 1-4 as the straight run had them (the old plan's rate at the resumed step 3, no jump); then
+    # the rest of its cosine, from progress (3 - 1) / (6 - 1) = 0.4, stretched over the 9 steps left.
+    assert lrs[:4] == [r["lr"] for r in straight[1:5]]
+    expected = [1e-4 + 0.5 * (1 + math.cos(math.pi * (0.4 + 0.6 * (s - 3) / 9))) * 9e-4 for s in range(3, 12)]
+    assert lrs[3:] == pytest.approx(expected, rel=1e-12)
+    assert trainer_state(run / "checkpoints" / "step-000012")["lr_schedule"] == {
+        "steps": 12, "anchor_step": 3, "anchor_progress": pytest.approx(0.4)}
+    summary = json.loads((run / "summary.json").read_text())
+    val = {str(r["step"]): r["val_loss"] for r in records if "val_loss" in r}
+    assert list(summary["val_loss"]) == ["0", "3", "6", "9", "12"] and summary["val_loss"] == val
+    times = [r["step_time"] for r in records if "step_time" in r]
+    assert summary["median_step_time_s"] == statistics.median(times) and len(times) == 12
+    assert summary["tokens_per_s"] == 2 * 16 / statistics.median(times)
+    assert summary["final_loss"] == records[-1]["loss"]
+    table = summary_table(summary, records)
+    assert f"validation loss {val['0']:.4f} -> {val['12']:.4f} (step 0 -> 12)" in " ".join(table.split())
+    assert table in printed
+    assert main(["report", str(run)]) == 0
+    assert table in capsys.readouterr().out  # plait report reads the same figures
+    # A finished run given more steps trains on at the floor (0.1 x lr), not back up the cosine.
+    assert main(["train", "--resume", str(run), "--steps", "14"]) == 0
+    assert [r["lr"] for r in read_metrics(run / "metrics.jsonl")[13:]] == [1e-3 * 0.1] * 2
 
 
 def _run(args, capsys):

@@ -5,7 +5,7 @@ A checkpoint is a folder `checkpoints/step-000200/` holding
     model-pp00.safetensors  each pipeline rank's layers, keyed as nn.Sequential(*layers) keys them
     optim-pp00.pt           its optimizer state, keyed by those same parameter names
     rng-pp00.pt             its RNG states: the CPU generator's, and its GPU's when it trains on one
-    trainer.pt              step and the layout that wrote it
+    trainer.pt              step, the layout that wrote it, and the learning-rate plan (plait.lr)
     manifest.json           step, layout, tied keys, each file's size, SHA-256 and the keys it holds;
                             written last
 
@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from plait.errors import ConfigError, TrainingError, peer_failure, say
 from plait.faults import maybe_die
-from plait.fsync import fsync
+from plait.fsync import follow_umask, fsync
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # 3: the manifest lists the keys each file holds, RNG states are in rng-ppXX.pt.
@@ -143,6 +143,7 @@ def _write_part(tmp: Path, engine, optimizer: torch.optim.Optimizer) -> dict[str
     optim_state = optimizer_state_by_name(engine, optimizer)
     device = _device(engine)
     save_file(tensors, tmp / model)
+    follow_umask(tmp / model)
     torch.save({"optimizer": optim_state}, tmp / optim)
     # [Note: RNG states] Dropout draws from the generator of the device it runs on: the
     # CPU's, or this rank's GPU's. Both are CPU byte tensors.
@@ -153,10 +154,11 @@ def _write_part(tmp: Path, engine, optimizer: torch.optim.Optimizer) -> dict[str
 
 
 def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer,
-                        keep: int = 2, group: dist.ProcessGroup | None = None) -> Path:
+                        keep: int = 2, group: dist.ProcessGroup | None = None, trainer: dict | None = None) -> Path:
     """Write a complete checkpoint of step `step`; called on every rank, returns once it is in place.
 
     `group` carries the waits between its phases (`checkpoint_group`); None: the default group.
+    `trainer` (plain numbers and strings) goes into trainer.pt beside the step; `trainer_state` reads it.
     """
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
@@ -173,7 +175,7 @@ def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch
     if rank0:
         layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
                   "schedule": engine.schedule}
-        torch.save({"step": step, "layout": layout}, tmp / "trainer.pt")
+        torch.save({**(trainer or {}), "step": step, "layout": layout}, tmp / "trainer.pt")
         files = {"trainer.pt": _describe(tmp / "trainer.pt")}
         for part in parts:
             files.update(part)
@@ -226,6 +228,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint with a manifest, or None (see `newest_intact` for checksums)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was written at, from its manifest."""
+    return int(_manifest(Path(path))["step"])
+
+
+def trainer_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer.pt: its step, layout and what `save_training_state` was given as `trainer`."""
+    return _load(Path(path) / "trainer.pt")
 
 
 def verify_checkpoint(path: str | Path, names: Iterable[str] | None = None) -> str | None:

@@ -3,13 +3,15 @@
     plait train [--config F.toml] [--resume RUN_DIR] [options]
     plait verify [options]                   the layout next to a one-process float64 reference
     plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
-    plait export RUN_DIR OUT [--format safetensors|hf]   the newest checkpoint, for use elsewhere
-    plait schedule NAME --stages P --microbatches M [--virtual-stages V] [--out CHART.png]
+    plait export RUN_DIR OUT [--format safetensors|hf] [--force]   the newest checkpoint, for use elsewhere
+    plait schedule NAME --stages P --microbatches M [--virtual-stages V] [--out CHART.png [--force]]
                                              simulate a pipeline schedule: grid, bubble, chart
 
 Exit codes: 0 done; 1 the run failed; 2 bad input. A failure plait can
 explain (any `PlaitError`) is one line on stderr, with no traceback; in a
-job of several workers only rank 0 says it.
+job of several workers only rank 0 says it. Nothing is written over: a new
+run needs a new or empty --out (or --resume to go on with one), and an
+existing file or folder is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.toml", help="a TOML file of options, by section; "
                                                              "command-line options override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint "
-                                                           "(its saved config, overridden by any options given)")
+                                                           "(its saved config, overridden by any options given; "
+                                                           "another --steps re-plans the rest of the LR decay)")
     _add_config_options(train)
     verify = sub.add_parser("verify", help="check a layout against one process in float64",
                             description="Run a few steps of the given layout on a small float64 copy of the "
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT", help="the file (safetensors) or folder (hf) to write")
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                         help="safetensors: one plait file; hf: a Hugging Face GPT-2 folder (default: safetensors)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing OUT (for hf, a folder an earlier export wrote)")
     report = sub.add_parser("report", help="summarise a run: throughput, MFU, bubble, time per rank, memory",
                             description="Print a run's summary table and write loss.png and throughput.png "
                                         "into its directory.")
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--comm-cost", type=float, default=0.0, metavar="X",
                           help="time added to every activation or gradient crossing ranks (default: 0)")
     schedule.add_argument("--out", metavar="CHART.png", help="draw the timeline into this PNG")
+    schedule.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -144,14 +150,15 @@ def _config_from(args: argparse.Namespace):
     return load_config(args.config, overrides, base=base)
 
 
-def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple[str, str]) -> int:
+def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple[str, str],
+                        before_launch=None) -> int:
     """Run `work()` in this process if it is a worker (or the job is one process); else start the workers.
 
     `devices` is the command's (device, backend) request, which the launcher
-    checks against this node before any worker starts (a worker checks again).
+    checks against this node before any worker starts (a worker checks again);
+    so is `before_launch()`, if given.
     """
     from plait.launch import launch, under_launcher
-    from plait.train import default_run_dir
 
     if under_launcher() or (cfg.parallel.world_size == 1 and cfg.launch.nnodes == 1):
         import torch.distributed as dist
@@ -161,8 +168,8 @@ def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    if command == "train" and cfg.output.out is None:
-        argv = [*argv, "--out", default_run_dir()]  # one run directory for every worker, and every restart
+    if before_launch is not None:
+        before_launch()
     return launch(cfg, command, argv, devices)
 
 
@@ -183,11 +190,11 @@ def _export(args: argparse.Namespace) -> int:
     from plait.export import export_hf, export_safetensors  # torch is paid for only once the input is good
 
     if args.format == "hf":
-        out = export_hf(args.run_dir, args.out, log=lambda note: say(f"plait: note: {note}"))
+        out = export_hf(args.run_dir, args.out, log=lambda note: say(f"plait: note: {note}"), force=args.force)
         files = ", ".join(sorted(p.name for p in out.iterdir()))
         print(f"wrote Hugging Face GPT-2 folder {out} ({files})")
     else:
-        out = export_safetensors(args.run_dir, args.out)
+        out = export_safetensors(args.run_dir, args.out, force=args.force)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; read it with plait.export.load_exported)")
     return 0
 
@@ -243,6 +250,8 @@ def _schedule(args: argparse.Namespace) -> int:
     _check_number("--forward-cost", args.forward_cost, 0, above=True)
     _check_number("--backward-cost", args.backward_cost, 0, above=True)
     _check_number("--comm-cost", args.comm_cost, 0)
+    if args.out and Path(args.out).exists() and not args.force:
+        raise ConfigError(f"--out {args.out} exists; give --force to replace it, or a new file name")
     try:
         plan = make_schedule(args.name, args.stages, args.microbatches, args.virtual)
         # Costs are per rank, so a chart of an interleaved layout has the same
@@ -297,13 +306,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rest = argv[1:]
         if args.command == "train":
+            from plait.launch import under_launcher
+            from plait.rundir import default_run_dir, plan_run_dir, with_out
             from plait.train import train  # the trainer's imports are paid only once the input is good
+
+            if cfg.output.out is None and not under_launcher():
+                # Chosen once, here: every worker, and every restarted round, writes into this folder.
+                cfg = with_out(cfg, default_run_dir())
+                rest = [*rest, "--out", cfg.output.out]
+
+            def check_run_dir() -> None:
+                # On node 0 only: another machine may not see the folder. Rank 0 of the workers
+                # decides again where it runs, and is the one to warn of a damaged checkpoint.
+                if cfg.launch.node_rank == 0:
+                    plan_run_dir(cfg, args.resume, warn=lambda _line: None)
 
             def run_training() -> int:
                 train(cfg, resume=args.resume)
                 return 0
 
-            return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend))
+            return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend),
+                                       check_run_dir)
         from plait.verify import devices, options, verify
 
         checked = devices(cfg)

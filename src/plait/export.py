@@ -2,7 +2,8 @@
 
 Both read the run's newest complete checkpoint (checksums verified) and its
 `config.toml`. Both write under a temporary name and rename into place, so an
-interrupted export leaves nothing that looks finished.
+interrupted export leaves nothing that looks finished. Neither writes over an
+existing file or folder unless asked to (`force`, --force).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from plait.checkpoint import load_model, newest_intact, unique_tensors
 from plait.config import load_config
 from plait.data.tokenizer import EOT, byte_tokenizer
 from plait.errors import ConfigError
-from plait.fsync import fsync
+from plait.fsync import follow_umask, fsync
 from plait.model.gpt import GPTConfig, build_gpt
+
+# What export_hf writes: --force replaces a folder holding these only, never one with anything else in it.
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # Weights of nn.Linear in plait and of Conv1D in Hugging Face: stored transposed there.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -53,17 +57,19 @@ def _read_run(run_dir: str | Path):
     return cfg, gpt, state
 
 
-def export_safetensors(run_dir: str | Path, out_file: str | Path) -> Path:
+def export_safetensors(run_dir: str | Path, out_file: str | Path, force: bool = False) -> Path:
     """Write the newest checkpoint's whole model to one safetensors file; returns its path.
 
     Keys are those of `nn.Sequential(*layers).state_dict()`; a tied weight is
     stored once and listed under the metadata's "tied" (alias -> key), with
     the GPTConfig as JSON under "config". Read it back with `load_exported`.
-    An existing file is replaced whole.
+    An existing file is refused, or with `force` replaced whole.
     """
     out_file = Path(out_file)
     if out_file.is_dir():
         raise ConfigError(f"{out_file} is a folder; give a file name such as model.safetensors")
+    if out_file.exists() and not force:
+        raise ConfigError(f"{out_file} exists; give --force to replace it, or a new file name")
     _, gpt, state = _read_run(run_dir)
     tensors, aliases = unique_tensors(state)
     metadata = {"format": "plait", "config": json.dumps(dataclasses.asdict(gpt)), "tied": json.dumps(aliases)}
@@ -71,6 +77,7 @@ def export_safetensors(run_dir: str | Path, out_file: str | Path) -> Path:
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        follow_umask(tmp)
         fsync(tmp)
         os.replace(tmp, out_file)
     finally:
@@ -138,20 +145,29 @@ def _hf_config(gpt: GPTConfig, eot_id: int, dtype: torch.dtype) -> dict:
     }
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print,
+              force: bool = False) -> Path:
     """Write a folder that `transformers.GPT2LMHeadModel.from_pretrained` loads; returns it.
 
     It holds `config.json`, `model.safetensors` (Hugging Face names, Conv1D
     weights transposed) and, for a BPE run, `tokenizer.json` and
     `tokenizer_config.json` for `PreTrainedTokenizerFast`/`AutoTokenizer`.
     plait's byte tokenizer has no Hugging Face form: no tokenizer files are
-    written and `log` says so. `out_dir` must not exist or be empty.
+    written and `log` says so. `out_dir` must not exist or be empty; with
+    `force` it may also be an earlier export (only files named in HF_FILES),
+    which is replaced whole.
     """
     out_dir = Path(out_dir)
     if out_dir.is_file():
         raise ConfigError(f"{out_dir} is a file; give a new or empty folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not empty; give a new or empty folder")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not force:
+        raise ConfigError(f"{out_dir} exists and is not empty; give a new or empty folder, or --force to replace it")
+    if others := [name for name in held if name not in HF_FILES]:
+        # --force replaces what an export wrote; it is no licence to delete a folder of other things.
+        raise ConfigError(f"{out_dir} holds files an export does not write ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); --force replaces only an earlier export, "
+                          f"give a new or empty folder")
     cfg, gpt, state = _read_run(run_dir)
     hf_tokenizer = None
     if cfg.data.tokenizer == "byte":
@@ -177,6 +193,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
     try:
         # Hugging Face refuses a safetensors file whose metadata does not say "pt".
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        follow_umask(tmp / "model.safetensors")
         files = {"config.json": _hf_config(gpt, eot_id, dtype)}
         if hf_tokenizer is not None:
             files["tokenizer.json"] = hf_tokenizer
@@ -190,9 +207,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for path in tmp.iterdir():
             fsync(path)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if held:  # --force: a rename cannot land on a folder that is not empty; move the old export aside
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)  # onto a missing or empty folder: both are allowed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     fsync(out_dir.parent)
     if hf_tokenizer is None:
         log(f"{out_dir}: no tokenizer files written; plait's byte tokenizer (ids 0-255 are UTF-8 bytes, "

@@ -163,14 +163,23 @@ def _flops(x: float) -> str:
     return f"{x / 1e12:,.0f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:,.0f} GFLOP/s"
 
 
-def summary_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    """The run report as a text table: throughput, MFU, bubble, where each rank's time went, memory."""
+def throughput(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(median step time in s, tokens/s at that median) over every step of a metrics log; (None, None) if none.
+
+    The one definition: the summary a run writes and `plait report` both use it.
+    """
     steps = [r for r in records if "step_time" in r]
     if not steps:
-        return "no training steps recorded"
+        return None, None
     median_t = statistics.median(r["step_time"] for r in steps)
-    tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"]
-    tps = tokens_per_step / median_t
+    return median_t, steps[-1]["tokens"] / steps[-1]["step"] / median_t
+
+
+def summary_table(summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The run report as a text table: throughput, MFU, bubble, where each rank's time went, memory."""
+    median_t, tps = throughput(records)
+    if median_t is None:
+        return "no training steps recorded"
     lines = [f"{'tokens/s':<28}{tps:>14,.0f}", f"{'median step time (ms)':<28}{median_t * 1e3:>14.1f}"]
     if summary.get("peak_flops"):
         mfu = summary["flops_per_token"] * tps / summary["peak_flops"]

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -32,17 +29,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait import distributed
-from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_model, newest_intact,
-                              restore_training_state, save_training_state)
+from plait.checkpoint import (checkpoint_group, latest_checkpoint, load_model, restore_training_state,
+                              save_training_state, trainer_state)
 from plait.faults import maybe_die
 from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
-from plait.config import Config, to_toml
+from plait.config import Config
 from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
 from plait.errors import ConfigError, TrainingError
+from plait.lr import lr_at, plan_of, replan
 from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_loss
-from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table
+from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
+from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -56,16 +55,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
     sample: str = ""
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate of update `step` (0-based): linear warm-up, then cosine down to min_lr_ratio x lr."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    floor = t.lr * t.min_lr_ratio
-    return floor + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (t.lr - floor)
 
 
 def use_tf32(device: torch.device) -> None:
@@ -117,24 +106,6 @@ def on_rank0(fn, *args):
     return result
 
 
-def default_run_dir() -> str:
-    """runs/<date>-<time>, the run directory when --out is not given."""
-    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-
-
-def make_run_dir(cfg: Config, resume: str | None) -> Path:
-    """Create (or reopen, on resume) the run directory and prove it is writable."""
-    run_dir = Path(resume or cfg.output.out or default_run_dir())
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror}); choose another --out") from None
-    return run_dir
-
-
 def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices and embeddings, not on biases and LayerNorm gains.
 
@@ -165,7 +136,9 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint.
 
     Called on every rank of the job (torchrun starts them); in a single process
-    it needs no launcher.
+    it needs no launcher. A new run refuses a folder that is not empty, and a
+    resume a --steps not past its checkpoint, before writing anything
+    (plait/rundir.py).
     """
     # --device decides the device and the backend together ([Note: one device choice]).
     device = distributed.init(device=cfg.train.device, backend=cfg.launch.backend, timeout_s=cfg.parallel.timeout)
@@ -178,6 +151,11 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     if not main:
         log = lambda *_a, **_k: None  # noqa: E731 - one process speaks for the job
     d = cfg.data
+    # Where the run writes and what it resumes from, decided (or refused) before anything is
+    # written: see plait/rundir.py. A restarted round (--max-restarts) carries on from its
+    # folder's newest checkpoint by itself; with none yet, it starts the run over.
+    again = restarted()
+    run_dir, start = on_rank0(plan_run_dir, cfg, resume)
 
     def prepare_data():
         data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
@@ -190,23 +168,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         on_rank0(lambda: prepare_data() and None)
     data = prepare_data()
 
-    # After torch's launcher restarts the workers (--max-restarts), carry on from the
-    # run's newest checkpoint by ourselves; with none yet, start the run over.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if resume is None and restarted and cfg.output.out and list_checkpoints(cfg.output.out):
-        resume = cfg.output.out
-
-    def open_run_dir():
-        start = None
-        if resume:
-            start = newest_intact(resume)
-            if start is None:
-                raise ConfigError(f"--resume {resume}: no complete checkpoint in {resume}/checkpoints")
-        run_dir = make_run_dir(cfg, resume)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        return run_dir, start
-
-    run_dir, start = on_rank0(open_run_dir)
+    on_rank0(open_run_dir, run_dir)
 
     torch.manual_seed(cfg.train.seed)
     gpt = cfg.model.gpt(data.tokenizer.vocab_size)
@@ -242,14 +204,18 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         log(f"pipeline: {p.schedule}, {p.pp * p.virtual_stages} stages on {p.pp} ranks, cut by {engine.partition.method} "
             f"(share of {p.partition} cost):\n{engine.partition.describe(names)}")
 
-    first_step = 0
+    first_step, anchor = 0, None
     if start is not None:
         first_step = restore_training_state(start, engine, optimizer)
+        # Another --steps re-plans the rest of the cosine from here, with no jump (plait/lr.py).
+        anchor = replan(trainer_state(start).get("lr_schedule"), first_step, cfg)
         log(f"resumed from {start} at step {first_step}")
+    if main:  # only now: a resume refused above records none of its options
+        save_config(run_dir, cfg)
     if start is not None:
         keep_until = first_step
     else:
-        keep_until = -1 if restarted else None  # a restart with no checkpoint begins the log again
+        keep_until = -1 if again else None  # a restart with no checkpoint begins the log again
     metrics = (MetricsLog(run_dir / "metrics.jsonl", resume_step=keep_until,
                           tensorboard=run_dir / "tensorboard" if cfg.output.tensorboard else None)
                if main else None)
@@ -264,7 +230,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     def checkpoint(step: int) -> None:
         with recorder.span("checkpoint", f"checkpoint {step}"):
             save_training_state(run_dir, step, engine, optimizer, keep=cfg.output.keep_checkpoints,
-                                group=ckpt_group)
+                                group=ckpt_group, trainer={"lr_schedule": plan_of(cfg, anchor)})
 
     try:
         if first_step == 0:
@@ -274,11 +240,10 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
             log(f"step 0: validation loss {result.val_losses[0]:.4f}")
         bar = tqdm(total=cfg.train.steps, initial=first_step, disable=not (main and cfg.output.progress),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        times: list[float] = []
         for step in range(first_step, cfg.train.steps):
             t0 = time.perf_counter()
             recorder.step = step
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg, anchor)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data.train, cfg.train.seed, step, cfg.train.global_batch, cfg.seq_len,
@@ -292,7 +257,6 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            times.append(dt)
             done = step + 1
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": dt,
                       "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step}
@@ -341,12 +305,15 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         result.sample = sample_text(layers, data.tokenizer, cfg, device)
         (run_dir / "sample.txt").write_text(result.sample)
         log(f"sample:\n{result.sample}")
+    # The whole run, read back from metrics.jsonl: after a resume or a restart this process
+    # saw only its own steps. The same figures `plait report` prints from the same file.
+    step_time, tokens_per_s = throughput(records)
     summary = {
         "steps": cfg.train.steps,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "val_loss": {str(k): v for k, v in result.val_losses.items()},
-        "median_step_time_s": statistics.median(times) if times else None,
-        "tokens_per_s": tokens_per_step / statistics.median(times) if times else None,
+        "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+        "val_loss": {str(r["step"]): r["val_loss"] for r in records if "val_loss" in r},
+        "median_step_time_s": step_time,
+        "tokens_per_s": tokens_per_s,
         "parameters": count_params(layers),
         "flops_per_token": flops,
         "processes": distributed.world_size(),
@@ -357,7 +324,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(summary_table(summary, records))
-    final_val = result.val_losses.get(cfg.train.steps)
+    final_val = summary["val_loss"].get(str(cfg.train.steps))
     log(f"done: {cfg.train.steps} steps, validation loss {final_val:.4f}, run directory {run_dir}"
         if final_val is not None else f"done: run directory {run_dir}")
     return result

@@ -14,11 +14,11 @@ HYBRID = ["--dp", "2", "--pp", "2", "--microbatches", "2"]
 ONE_PROCESS = ["--dp", "1", "--pp", "1", "--microbatches", "1"]
 
 
-def plait(args, fault=None, timeout=300):
+def plait(args, fault=None, timeout=300, cwd=None):
     """`python -m plait ...` as a plain command: it starts its own workers through torch's launcher."""
     env = {**os.environ, **({"PLAIT_FAULT": fault} if fault else {})}
     return subprocess.run([sys.executable, "-m", "plait", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                          env=env, cwd=cwd)
 
 
 def model_at(run, step=6):

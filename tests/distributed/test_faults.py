@@ -1,33 +1,47 @@
 """Lost workers, crashes while checkpointing, and resuming on another layout."""
 
+import json
 import re
 import shutil
+import statistics
 import time
 
 import pytest
 import torch
 
 from plait.checkpoint import list_checkpoints
+from plait.report import read_metrics
 from tests.distributed.runs import ARGS, HYBRID, assert_same_model, model_at, plait
 
 
-@pytest.mark.parametrize("fault,restarts,resumed_at", [
-    ("after-step:3:rank=2", 1, [2]),
+@pytest.mark.parametrize("fault,restarts,resumed_at,out", [
+    # No --out: the launching parent names the folder once, and the restarted round finds it.
+    ("after-step:3:rank=2", 1, [2], None),
     # Round 0 loses rank 1 while it writes checkpoint 4 (that checkpoint gets no manifest, so the one
     # before it is used); round 1 loses rank 2 after step 5; round 2 finishes.
-    ("in-checkpoint:4:rank=1,after-step:5:rank=2", 2, [2, 4]),
+    ("in-checkpoint:4:rank=1,after-step:5:rank=2", 2, [2, 4], "run"),
 ], ids=["killed after step 3", "killed while writing checkpoint 4, then after step 5"])
 def test_killed_workers_are_restarted_and_the_run_ends_where_it_would_have(hybrid_run, tmp_path, data_dir, fault,
-                                                                          restarts, resumed_at):
-    out = tmp_path / "run"
-    proc = plait(["train", *ARGS, *HYBRID, "--data-dir", data_dir, "--out", str(out), "--max-restarts", str(restarts)],
-                 fault=fault)
+                                                                          restarts, resumed_at, out):
+    proc = plait(["train", *ARGS, *HYBRID, "--data-dir", data_dir, *(["--out", out] if out else []),
+                  "--max-restarts", str(restarts)], fault=fault, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if out is None:
+        (run,) = (tmp_path / "runs").iterdir()
+        out = f"runs/{run.name}"
     resumed = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
     assert resumed == [f"resumed from {out}/checkpoints/step-{step:06d} at step {step}" for step in resumed_at]
-    a, b = model_at(hybrid_run), model_at(out)
+    a, b = model_at(hybrid_run), model_at(tmp_path / out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The summary is the whole run's, as if it had never stopped: read back from metrics.jsonl.
+    records = read_metrics(tmp_path / out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(7))
+    summary = json.loads((tmp_path / out / "summary.json").read_text())
+    assert summary["val_loss"] == {"0": records[0]["val_loss"], "6": records[6]["val_loss"]}
+    assert summary["median_step_time_s"] == statistics.median(r["step_time"] for r in records[1:])
+    assert f"validation loss {records[0]['val_loss']:.4f} -> {records[6]['val_loss']:.4f} (step 0 -> 6)" in [
+        " ".join(line.split()) for line in proc.stdout.splitlines()]
 
 
 def test_without_restarts_a_killed_worker_stops_the_job_with_its_name(tmp_path, data_dir):
