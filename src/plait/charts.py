@@ -192,7 +192,7 @@ def draw_pipeline(panels: Sequence[Panel], out: str | Path, title: str, num_rank
                fontsize=8.5)
 
     # Whether a label fits is known only once the layout has placed the axes.
-    canvas.draw()
+    fig.draw_without_rendering()  # the layout, without rasterising thousands of boxes once more
     renderer = canvas.get_renderer()
     font = FontProperties(size=7.5)
     text_width: dict[str, float] = {}
