@@ -10,6 +10,7 @@ import torch
 import torch.distributed.launcher.api as launcher_api
 
 from plait.cli import main
+from tests.distributed.harness import free_port
 
 ONE = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--no-progress"]
 SMALL = [*ONE, "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--seq-len", "16", "--global-batch", "2",
@@ -32,6 +33,63 @@ def test_rendezvous_port_already_in_use(capsys):
         code, err = run(["--nnodes", "2", "--node-rank", "0", "--rdzv", f"127.0.0.1:{port}"], capsys)
     assert (code, err) == (2, f"plait: error: --rdzv 127.0.0.1:{port}: cannot listen there (Address already in "
                               f"use); choose a free port, or an address of this machine\n")
+
+
+def test_rendezvous_port_already_in_use_on_one_node(launches, capsys):
+    holder, port = busy_port()
+    with holder:
+        code, err = run(["--dp", "2", "--pp", "1", "--device", "cpu", "--rdzv", f"127.0.0.1:{port}", *WORKERS],
+                        capsys)
+    assert (code, err) == (2, f"plait: error: --rdzv 127.0.0.1:{port}: cannot listen there (Address already in "
+                              f"use); choose a free port, or an address of this machine\n")
+    assert launches == []
+
+
+def launch_configs(monkeypatch):
+    """The LaunchConfigs torch's launcher would be given; no worker started."""
+    for var in ("OMP_NUM_THREADS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # the launcher sets them for its workers
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    configs = []
+    monkeypatch.setattr(launcher_api, "elastic_launch", lambda config, entry: lambda *args: configs.append(config))
+    return configs
+
+
+def mine(rdzv_configs):
+    """The rendezvous settings plait gives (torch's LaunchConfig adds its own join "timeout")."""
+    return {k: v for k, v in rdzv_configs.items() if k != "timeout"}
+
+
+def test_rdzv_is_used_on_one_node(monkeypatch, capsys):
+    configs = launch_configs(monkeypatch)
+    port = free_port()
+    assert run(["--dp", "2", "--pp", "1", "--device", "cpu", "--rdzv", f"127.0.0.1:{port}", *WORKERS],
+               capsys) == (0, "")
+    [config] = configs
+    assert (config.rdzv_endpoint, config.local_addr, mine(config.rdzv_configs)) == (
+        f"127.0.0.1:{port}", "127.0.0.1", {"is_host": True, "read_timeout": 120})
+
+
+def test_a_second_node_joins_once_node_0_answers(monkeypatch, capsys):
+    configs = launch_configs(monkeypatch)
+    node_0, port = busy_port()  # something listening at the address, as node 0's store would be
+    with node_0:
+        assert run(["--nnodes", "2", "--node-rank", "1", "--rdzv", f"127.0.0.1:{port}", "--dp", "2", "--pp", "1",
+                    "--device", "cpu", "--timeout", "6.5", *WORKERS], capsys) == (0, "")
+    [config] = configs
+    assert (config.rdzv_endpoint, config.local_addr, mine(config.rdzv_configs)) == (
+        f"127.0.0.1:{port}", None, {"is_host": False, "read_timeout": 7})  # torch's store takes whole seconds
+
+
+def test_a_second_node_whose_node_0_is_unreachable_says_so_in_one_line_after_the_timeout():
+    """The issue's case, as typed: not torch's 41 lines of C++ frames after 76 s and exit 1."""
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "plait", "train", "--nnodes", "2", "--node-rank", "1",
+                           "--rdzv", f"127.0.0.1:{port}", "--dp", "2", "--pp", "1", "--timeout", "1", *WORKERS],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (
+        2, f"plait: error: --rdzv 127.0.0.1:{port}: node 0's rendezvous did not answer within --timeout 1 s "
+           f"(Connection refused); start node 0 (--node-rank 0) with the same --rdzv, or give its address\n", "")
 
 
 @pytest.mark.parametrize("files", [{}, {"a.txt": "", "b.md": ""}], ids=["no text files", "empty files"])

@@ -132,3 +132,70 @@ def test_plait_schedule_replaces_an_existing_chart_only_with_force(tmp_path, cap
 def test_plait_schedule_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["schedule", *args]) == 2
     assert capsys.readouterr() == ("", f"plait: error: {message}\n")
+
+
+
+def test_a_chart_has_one_collection_per_row_not_an_artist_per_action(tmp_path):
+    """64 stages x 512 micro-batches took over a minute when every box was a Rectangle and a label."""
+    from matplotlib.patches import Rectangle
+
+    boxes = boxes_from_simulation(simulated("1f1b", 8, 256))
+    fig = draw_pipeline([("simulated", boxes, "units")], tmp_path / "big.png", "big", 8)
+    [ax] = fig.axes
+    assert len(boxes) == 8 * 256 * 2
+    assert len(ax.collections) == 8  # one per rank
+    assert not [p for p in ax.patches if isinstance(p, Rectangle)]
+    # 512 boxes a row in about 1100 pixels: no label fits, and none is made; nor white edges, wider than the boxes.
+    assert [t.get_text() for t in ax.texts] == []
+    assert {float(w) for c in ax.collections for w in c.get_linewidths()} == {0.0}
+
+
+def test_labels_are_drawn_where_they_fit(tmp_path):
+    boxes = boxes_from_simulation(simulated("1f1b", 4, 8))
+    fig = draw_pipeline([("simulated", boxes, "units")], tmp_path / "small.png", "small", 4)
+    [ax] = fig.axes
+    assert sorted(t.get_text() for t in ax.texts) == sorted(b.label for b in boxes)
+    assert len(ax.collections) == 4
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1", "rank 2", "rank 3"]
+
+
+def test_interleaved_labels_fall_back_to_micro_batches_for_the_whole_panel(tmp_path):
+    # 32 micro-batches x 2 chunks: "stage:micro-batch" no longer fits in a forward box.
+    boxes = boxes_from_simulation(simulated("interleaved-1f1b", 2, 16, 2), virtual=2)
+    fig = draw_pipeline([("simulated", boxes, "units")], tmp_path / "i.png", "interleaved", 2)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts and not any(":" in t for t in texts)
+
+
+def traced_events(dp, pp, m=2):
+    """A step of 1f1b as a traced run records it: every replica's ranks, global rank = pp_rank * dp + dp_rank."""
+    from plait.trace import Event
+
+    sim = simulated("1f1b", pp, m)
+    return [Event(pp_rank * dp + dp_rank, 0, a.kind, f"{a.kind}{a.microbatch}", start * 1e-3, end * 1e-3,
+                  a.stage, a.microbatch)
+            for pp_rank, acts in sim.timeline.items() for dp_rank in range(dp) for start, end, a in acts]
+
+
+@pytest.mark.parametrize("dp,pp,title,labels", [
+    (2, 2, "measured: step 1, replica 0 (ranks 0, 2)", ["rank 0 (dp=0, pp=0)", "rank 2 (dp=0, pp=1)"]),
+    (2, 1, "measured: step 1, all 2 replicas", ["rank 0 (dp=0, pp=0)", "rank 1 (dp=1, pp=0)"]),
+    (1, 2, "measured: step 1", ["rank 0 (dp=0, pp=0)", "rank 1 (dp=0, pp=1)"]),
+], ids=["dp=2 x pp=2", "dp=2 x pp=1", "dp=1 x pp=2"])
+def test_pipeline_chart_rows_carry_the_job_s_rank_numbers(tmp_path, monkeypatch, dp, pp, title, labels):
+    """The rows say what the `ranks:` line and trace.json say: at dp=2 x pp=2 replica 0's second stage is rank 2."""
+    import plait.charts
+    from plait.trace import write_outputs
+
+    calls = []
+    draw = plait.charts.draw_pipeline
+    monkeypatch.setattr(plait.charts, "draw_pipeline",
+                        lambda panels, out, title, **kw: calls.append((panels, title, kw)) or draw(panels, out, title,
+                                                                                                     **kw))
+    write_outputs(traced_events(dp, pp), tmp_path, "1f1b", dp, pp, 2, 1, {})
+    [(panels, _, kw)] = calls
+    assert panels[0][0] == title
+    assert kw["row_labels"] == labels and kw["num_ranks"] == len(labels)
+    fig_labels = [t.get_text() for t in draw(panels, tmp_path / "again.png", "t", **kw).axes[0].get_yticklabels()]
+    assert fig_labels == labels
+    assert (tmp_path / "pipeline.png").is_file()

@@ -1,3 +1,10 @@
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
 from plait.cli import main
 from plait.config import load_config
 from plait.verify import _report, _small_copy
@@ -12,9 +19,67 @@ def test_slurm_script(capsys):
         "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00",
         "#SBATCH --output=%x-%j.out", "set -euo pipefail"]
     assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
-    assert "srun --kill-on-bad-exit=1 bash -c 'exec plait train \\" in script
-    assert '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$0:$1" "${@:2}"' in script
-    assert script.rstrip().endswith('"$head" "$port" --dp 4 --pp 2 --model gpt2-124m --steps 1000')
+    # Not `plait` from PATH: this interpreter by its absolute path, i.e. the environment the script came from.
+    assert f"python={shlex.quote(os.path.abspath(sys.executable))}\n" in script
+    assert "srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" -m plait train \\" in script
+    assert '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$1:$2" "${@:3}"' in script
+    assert script.rstrip().endswith('"$python" "$head" "$port" --dp 4 --pp 2 --model gpt2-124m --steps 1000')
+
+
+def test_slurm_script_runs_the_given_python_with_each_node_s_rank(tmp_path):
+    """The srun line, run by bash with srun and scontrol stood in for: each node's command line, word by word."""
+    from plait.launch import slurm_script
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\n")
+    # srun runs its command once per node, as tasks 0 and 1 would.
+    (fake / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    python = tmp_path / "env dir" / "python"  # a space: the path must survive quoting
+    python.parent.mkdir()
+    python.write_text("#!/bin/bash\necho \"$SLURM_NODEID: $*\"\n")
+    for f in (fake / "scontrol", fake / "srun", python):
+        f.chmod(0o755)
+    script = slurm_script(2, 4, ["--dp", "8", "--out", "runs/a b"], python=str(python))
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_JOB_ID": "1234", "SLURM_NNODES": "2"}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{n}: -m plait train --nnodes 2 --node-rank {n} --rdzv node-a:21234 --dp 8 --out runs/a b" for n in (0, 1)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "0", "--gpus-per-node", "4"], "--nodes must be >= 1 (got 0)"),
+    (["--nodes", "2", "--gpus-per-node", "-1"], "--gpus-per-node must be >= 1 (got -1)"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--time", "banana"],
+     "--time 'banana' is not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, "
+     "e.g. 04:00:00"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--time", "1:00:00\n#SBATCH --exclusive"],
+     "--time '1:00:00\\n#SBATCH --exclusive' is not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, "
+     "D-HH:MM or D-HH:MM:SS, e.g. 04:00:00"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--job-name", "a b'c"],
+     "--job-name \"a b'c\": use letters, digits, '.', '_' and '-' only"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--job-name", ""], "--job-name '': use letters, digits, '.', '_' "
+                                                                  "and '-' only"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--partition", "gpu long"],
+     "--partition 'gpu long': use letters, digits, '.', '_' and '-' only (several partitions: separated by "
+     "commas)"),
+], ids=["nodes 0", "gpus -1", "time banana", "time with a newline", "job name with quote", "empty job name",
+        "partition with space"])
+def test_slurm_options_are_checked_by_name(args, message, capsys):
+    assert main(["slurm", *args, "--", "--dp", "1", "--pp", "1"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"plait: error: {message}\n")
+
+
+@pytest.mark.parametrize("time", ["90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:00"])
+def test_slurm_time_formats(time, capsys):
+    assert main(["slurm", "--nodes", "1", "--gpus-per-node", "2", "--time", time, "--partition", "gpu,gpu-long",
+                 "--job-name", "run_1.a-b", "--", "--dp", "2", "--pp", "1"]) == 0
+    script = capsys.readouterr().out
+    assert f"#SBATCH --time={time}\n" in script and "#SBATCH --partition=gpu,gpu-long\n" in script
+    assert "#SBATCH --job-name=run_1.a-b\n" in script
 
 
 def test_slurm_layout_must_fill_the_allocation(capsys):

@@ -90,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--verify-steps", dest="train.steps", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     slurm = sub.add_parser("slurm", help="print an sbatch script for a Slurm cluster",
                            description="Print an sbatch script that runs `plait train` on Slurm: one task per "
-                                       "node, the rendezvous on the first node. Train options go after --.")
-    slurm.add_argument("--nodes", type=int, required=True, metavar="N")
-    slurm.add_argument("--gpus-per-node", type=int, required=True, metavar="G")
-    slurm.add_argument("--partition", metavar="NAME")
-    slurm.add_argument("--time", metavar="HH:MM:SS")
-    slurm.add_argument("--job-name", default="plait", metavar="NAME")
+                                       "node, the rendezvous on the first node, with the Python (and so the "
+                                       "environment) this command runs in, by its absolute path: plait need "
+                                       "not be on the compute nodes' PATH. Train options go after --.")
+    slurm.add_argument("--nodes", type=int, required=True, metavar="N", help="machines to allocate (>= 1)")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs on each (>= 1)")
+    slurm.add_argument("--partition", metavar="NAME", help="Slurm partition, or several separated by commas")
+    slurm.add_argument("--time", metavar="HH:MM:SS",
+                       help="time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    slurm.add_argument("--job-name", default="plait", metavar="NAME",
+                       help="letters, digits, '.', '_' and '-' (default: plait)")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS")
     export = sub.add_parser("export", help="write a run's newest checkpoint as one file or a Hugging Face folder",
                             description="Export the newest complete checkpoint of a run: as one safetensors "
@@ -174,8 +178,9 @@ def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from plait.launch import slurm_script
+    from plait.launch import check_slurm_options, slurm_script
 
+    check_slurm_options(args.nodes, args.gpus_per_node, args.partition, args.time, args.job_name)  # ours first
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     cfg = _config_from(build_parser().parse_args(["train", *train_args]))  # bad train options fail now
     if cfg.parallel.world_size != args.nodes * args.gpus_per_node:

@@ -15,11 +15,14 @@ spawner, rendezvous or port scheme of our own.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import shlex
 import signal
 import socket
 import sys
+import time
 import uuid
 from datetime import timedelta
 
@@ -108,10 +111,12 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
 
     `devices` is the (device, backend) the workers will ask for: a pair that
     disagrees, or more workers on this node than GPUs, is refused here
-    (`check_devices`) before anything starts. On one node the rendezvous is
-    on 127.0.0.1 with a port the system picks; on several, at `--rdzv` (node 0 hosts the store). Every listening socket
-    (the rendezvous store, the workers' store, gloo's) is bound to the address
-    given, not to all interfaces.
+    (`check_devices`) before anything starts. The rendezvous is at `--rdzv`
+    (node 0 hosts the store; on one node too, when given, and a busy port is
+    refused), else on 127.0.0.1 with a port the system picks. Every listening
+    socket (the rendezvous store, the workers' store, gloo's) is bound to the
+    address given, not to all interfaces. A node other than 0 first waits up to
+    --timeout for node 0's store to answer (`_wait_for_rendezvous`).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -128,23 +133,31 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     _register_rendezvous()
     _honour_shutdown_timeout()
-    multi = lc.nnodes > 1
+    host_node = lc.node_rank == 0
+    # --rdzv is honoured on one machine too (a port a firewall lets through, say);
+    # without it the store listens on 127.0.0.1, on a port the system picks.
+    endpoint = lc.rdzv or "127.0.0.1:0"
+    rdzv_configs = {"is_host": host_node}
+    if math.isfinite(cfg.parallel.timeout):  # the store's connect and read timeout: --timeout, not torch's 60 s
+        rdzv_configs["read_timeout"] = math.ceil(cfg.parallel.timeout)
     config = LaunchConfig(
         min_nodes=lc.nnodes,
         max_nodes=lc.nnodes,
         nproc_per_node=nproc,
-        run_id=f"plait-{lc.rdzv}" if multi else f"plait-{uuid.uuid4().hex[:8]}",
+        run_id=f"plait-{lc.rdzv}" if lc.rdzv else f"plait-{uuid.uuid4().hex[:8]}",
         rdzv_backend=RDZV_BACKEND,
-        rdzv_endpoint=lc.rdzv if multi else "127.0.0.1:0",
-        rdzv_configs={"is_host": lc.node_rank == 0},
+        rdzv_endpoint=endpoint,
+        rdzv_configs=rdzv_configs,
         max_restarts=lc.max_restarts,
         monitor_interval=0.2,
         start_method="spawn",
         shutdown_timeout=5,  # a worker that ignores SIGTERM (stopped, wedged) gets SIGKILL after 5 s, not 30
-        local_addr=lc.rdzv.rsplit(":", 1)[0] if multi and lc.node_rank == 0 else None,
+        local_addr=lc.rdzv.rsplit(":", 1)[0] if lc.rdzv and host_node else None,
     )
-    if multi and lc.node_rank == 0:
+    if lc.rdzv and host_node:
         _check_port_free(lc.rdzv)
+    elif lc.rdzv:
+        _wait_for_rendezvous(lc.rdzv, cfg.parallel.timeout)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", command, *argv)
     except ChildFailedError as e:
@@ -208,10 +221,70 @@ def _check_port_free(endpoint: str) -> None:
                           f"or an address of this machine") from None
 
 
+def _wait_for_rendezvous(endpoint: str, timeout: float) -> None:
+    """Wait up to `timeout` seconds for node 0's rendezvous store to accept a connection; refuse if it never does.
+
+    torch's TCPStore client, left to itself, ignores --timeout: it tries for
+    its own read timeout, logs a C++ stack of some 40 lines, tries again after
+    a random delay, and fails with exit 1 after 76 to 120 s. A plain connect,
+    repeated until the deadline, says the same in one line. It only knocks:
+    the rendezvous itself is still torch's, once node 0 answers.
+    """
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, min(left, 5.0))).close()
+            return
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConfigError(f"--rdzv {endpoint}: node 0's rendezvous did not answer within --timeout "
+                              f"{timeout:g} s ({reason}); start node 0 (--node-rank 0) with the same --rdzv, "
+                              f"or give its address") from None
+        time.sleep(min(0.5, left))  # node 0 may still be starting
+
+
+# Slurm's time formats (sbatch --time): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+# What may go into an #SBATCH line unquoted: sbatch reads it without a shell, so a
+# space or quote would end the value early or become part of the name.
+SLURM_NAME = re.compile(r"[A-Za-z0-9._-]+")
+SLURM_PARTITIONS = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")  # sbatch takes a list: gpu,gpu-long
+
+
+def check_slurm_options(nodes: int, gpus_per_node: int, partition: str | None, time: str | None,
+                        job_name: str) -> None:
+    """Refuse, by option, what would make a broken or unsafe sbatch script."""
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if time is not None and not SLURM_TIME.fullmatch(time):
+        raise ConfigError(f"--time {time!r} is not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, "
+                          f"D-HH:MM or D-HH:MM:SS, e.g. 04:00:00")
+    if not SLURM_NAME.fullmatch(job_name):
+        raise ConfigError(f"--job-name {job_name!r}: use letters, digits, '.', '_' and '-' only")
+    if partition is not None and not SLURM_PARTITIONS.fullmatch(partition):
+        raise ConfigError(f"--partition {partition!r}: use letters, digits, '.', '_' and '-' only "
+                          f"(several partitions: separated by commas)")
+
+
 def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partition: str | None = None,
-                 time: str | None = None, job_name: str = "plait", cpus_per_task: int | None = None) -> str:
+                 time: str | None = None, job_name: str = "plait", cpus_per_task: int | None = None,
+                 python: str | None = None) -> str:
     """An sbatch script: one task per node, each starting that node's workers with the
-    rendezvous on the allocation's first node."""
+    rendezvous on the allocation's first node.
+
+    The workers run `python -m plait`, with `python` the absolute path of
+    this interpreter by default: running a venv's or conda environment's own
+    interpreter is what activating it does for Python, so the script works
+    where `plait` is not on the compute nodes' PATH, as long as they see the
+    same path (a shared file system).
+    """
+    check_slurm_options(nodes, gpus_per_node, partition, time, job_name)
+    python = python or os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink out of it
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus_per_node}"]
     if cpus_per_task:
@@ -224,15 +297,23 @@ def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partitio
         "#SBATCH --output=%x-%j.out",
         "set -euo pipefail",
         "",
+        "# plait runs with the Python this script was generated from, and so in its environment",
+        "# (running a venv's own python needs no activation; plait need not be on PATH). The",
+        "# compute nodes must see this path, e.g. on a shared file system; change it to use another.",
+        f"python={shlex.quote(python)}",
+        'if [ ! -x "$python" ]; then',
+        '    echo "plait: $python is not on $(hostname); set python= in this script" >&2',
+        "    exit 2",
+        "fi",
+        "",
         "# The first node of the allocation hosts torch's c10d rendezvous. The port is",
         "# derived from the job id, so two jobs sharing a node do not collide.",
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "port=$((20000 + SLURM_JOB_ID % 20000))",
         "",
-        "srun --kill-on-bad-exit=1 bash -c 'exec plait train \\",
-        '    --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$0:$1" "${@:2}"\' \\',
-        '    "$head" "$port" ' + " ".join(shlex.quote(a) for a in train_args),
+        "srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" -m plait train \\",
+        '    --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$1:$2" "${@:3}"\' \\',
+        '    "$python" "$head" "$port" ' + " ".join(shlex.quote(a) for a in train_args),
         "",
     ]
     return "\n".join(lines)
-

@@ -164,7 +164,11 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     num_stages = pp * virtual
     fwd = [stats["cost"].get(("F", s), 0.0) for s in range(num_stages)]
     bwd = [stats["cost"].get(("B", s), 0.0) for s in range(num_stages)]
-    panels = [(f"measured: step {step + 1}, replica 0", measured, "s")]
+    # Rows carry the rank numbers of the job (as the `ranks:` line and trace.json do), not row numbers.
+    row_labels = [f"rank {r} (dp={r % dp}, pp={r // dp})" for r in rows]
+    which = ("" if dp == 1 else f", all {dp} replicas" if pp == 1
+             else f", replica 0 (ranks {', '.join(map(str, rows))})")
+    panels = [(f"measured: step {step + 1}{which}", measured, "s")]
     sim_bubble = None
     if pp > 1 and all(fwd) and all(bwd):
         sim = simulate(make_schedule(schedule, pp, microbatches, virtual), pp, microbatches, virtual,
@@ -175,7 +179,7 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     title = (f"{schedule if pp > 1 else 'data parallel'}, dp={dp} x pp={pp}, {microbatches} micro-batches: "
              f"bubble {stats['bubble']:.3f} measured"
              + (f", {sim_bubble:.3f} simulated" if sim_bubble is not None else "") + f", {theory:.3f} theory")
-    draw_pipeline(panels, run_dir / "pipeline.png", title, num_ranks=len(rows))
+    draw_pipeline(panels, run_dir / "pipeline.png", title, num_ranks=len(rows), row_labels=row_labels)
     ranks = {}
     for r in sorted({e.rank for e in events}):
         mine = [e for e in events if e.step == step and e.rank == r]
