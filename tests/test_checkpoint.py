@@ -9,7 +9,7 @@ from plait import checkpoint
 from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               plan_reads, restore_training_state, save_training_state)
 from plait.cli import _config_from, build_parser
-from plait.config import load_config
+from plait.config_file import load_config
 from plait.engine import Engine
 from plait.errors import ConfigError
 from plait.model import GPTConfig, build_gpt, gpt_loss

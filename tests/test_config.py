@@ -6,7 +6,8 @@ import pytest
 from plait.cli import main
 import dataclasses
 
-from plait.config import SECTIONS, Config, field_type, flag_of, key_of, load_config, to_dict, to_toml
+from plait.config import SECTIONS, Config, field_type, flag_of, key_of
+from plait.config_file import load_config, to_dict, to_toml
 from plait.errors import ConfigError
 
 # (command-line arguments, the exact one-line message after "plait: error: ")

@@ -9,7 +9,7 @@ from torch import nn
 
 from plait.checkpoint import latest_checkpoint, load_checkpoint
 from plait.cli import main
-from plait.config import load_config
+from plait.config_file import load_config
 from plait.data.corpus import prepare
 from plait.export import export_hf, export_safetensors, load_exported
 from plait.model.gpt import build_gpt

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from plait.cli import main
-from plait.config import load_config
+from plait.config_file import load_config
 from plait.verify import _report, _small_copy
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plait.cli import _config_from, build_parser, main
-from plait.config import load_config
+from plait.config_file import load_config
 from plait.errors import ConfigError
 from plait.report import GPU_PEAK_TFLOPS, gpu_peak_tflops, peak_flops, summary_table
 

@@ -11,7 +11,7 @@ import torch
 from plait.checkpoint import load_checkpoint, trainer_state
 
 from plait.cli import main
-from plait.config import load_config, read_toml
+from plait.config_file import load_config, read_toml
 from plait.engine import Engine
 from plait.errors import ConfigError
 from plait.model import GPTConfig, build_gpt, gpt_loss

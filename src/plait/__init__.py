@@ -11,7 +11,8 @@
     opt.step(); opt.zero_grad()
 """
 
-from plait.config import Config, DataConfig, ModelConfig, OutputConfig, ParallelConfig, TrainConfig, load_config
+from plait.config import Config, DataConfig, ModelConfig, OutputConfig, ParallelConfig, TrainConfig
+from plait.config_file import load_config
 from plait.distributed import init, make_mesh
 from plait.engine import Engine
 from plait.errors import ConfigError, DataError, PlaitError, TrainingError

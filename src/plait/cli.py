@@ -24,7 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-from plait.config import SECTIONS, field_type, flag_of, load_config, read_toml
+from plait.config import SECTIONS, field_type, flag_of
+from plait.config_file import load_config, read_toml
 from plait.errors import ConfigError, PlaitError, say
 from plait.parallel.schedule import SCHEDULES
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from plait.checkpoint import load_model, newest_intact, unique_tensors
-from plait.config import load_config
+from plait.config_file import load_config
 from plait.data.tokenizer import EOT, byte_tokenizer
 from plait.errors import ConfigError
 from plait.fsync import follow_umask, fsync

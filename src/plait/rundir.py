@@ -21,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 from plait.checkpoint import checkpoint_step, list_checkpoints, newest_intact
-from plait.config import Config, to_dict
+from plait.config import Config
+from plait.config_file import to_dict
 from plait.errors import ConfigError, say
 
 
