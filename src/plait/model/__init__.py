@@ -11,7 +11,9 @@ from plait.model.gpt import (
     flops_per_token,
     generate,
     gpt_loss,
+    init_gpt_layer,
 )
+from plait.model.materialize import gpt_init, is_meta, materialize
 
 __all__ = [
     "PRESETS",
@@ -23,5 +25,9 @@ __all__ = [
     "count_params",
     "flops_per_token",
     "generate",
+    "gpt_init",
     "gpt_loss",
+    "init_gpt_layer",
+    "is_meta",
+    "materialize",
 ]

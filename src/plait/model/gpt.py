@@ -128,18 +128,59 @@ class Head(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def _normal_(p: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Draw N(0, std) into p as build_gpt draws it: in the default dtype, then cast.
+
+    A layer converted to another dtype on the meta device (float64 for exactness
+    tests) must get build_gpt's float32 draws upcast, not a float64 draw.
+    """
+    dtype = torch.get_default_dtype()
+    if p.dtype == dtype:
+        p.normal_(0.0, std, generator=generator)
+    else:
+        p.copy_(torch.empty(p.shape, dtype=dtype, device=p.device).normal_(0.0, std, generator=generator))
+
+
+@torch.no_grad()
 def _init_layer(layer: nn.Module, cfg: GPTConfig, generator: torch.Generator) -> None:
     """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 N)."""
     for name, p in layer.named_parameters():
         if name.endswith("c_proj.weight"):
-            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer), generator=generator)
+            _normal_(p, 0.02 / math.sqrt(2 * cfg.n_layer), generator)
         elif name.startswith("ln") or name.endswith("bias"):
             continue  # LayerNorm keeps its ones and zeros; biases are zeroed below
         else:
-            nn.init.normal_(p, 0.0, 0.02, generator=generator)
+            _normal_(p, 0.02, generator)
     for m in layer.modules():
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def _layer_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """Layer `index`'s own generator: its values do not depend on which other layers exist."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+@torch.no_grad()
+def init_gpt_layer(index: int, layer: nn.Module, cfg: GPTConfig, seed: int = 0) -> None:
+    """Give layer `index` of a GPT the values `build_gpt(cfg, seed)` gives it, on its own device.
+
+    Everything the layer holds is set, LayerNorm's ones and zeros included, so a
+    layer fresh from `to_empty` (garbage memory) is fully initialised. A tied
+    Head (`tie_embeddings`) gets the Embedding's token-embedding values: the copy
+    a pipeline's last stage holds starts equal to the first stage's
+    ([Note: tied embeddings]).
+    """
+    device = next(layer.parameters()).device
+    for m in layer.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    _init_layer(layer, cfg, _layer_generator(seed, index, device))
+    if cfg.tie_embeddings and isinstance(layer, Head):
+        # wte.weight is the Embedding's first parameter, so its values are the first
+        # draw from layer 0's generator.
+        _normal_(layer.lm_head.weight, 0.02, _layer_generator(seed, 0, device))
 
 
 def build_gpt(cfg: GPTConfig, seed: int = 0, device: torch.device | str | None = None) -> list[nn.Module]:
@@ -155,10 +196,9 @@ def build_gpt(cfg: GPTConfig, seed: int = 0, device: torch.device | str | None =
         layers += [Block(cfg) for _ in range(cfg.n_layer)]
         # The head is initialised before it is tied, so an untied head gets its own values.
         layers.append(Head(cfg))
-    if device.type != "meta":  # meta tensors (for counting) have no values to set
+    if device.type != "meta":  # meta tensors have no values: see plait.model.materialize
         for index, layer in enumerate(layers):
-            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-            _init_layer(layer, cfg, g)
+            _init_layer(layer, cfg, _layer_generator(seed, index, device))
     if cfg.tie_embeddings:
         layers[-1].lm_head.weight = layers[0].wte.weight
     return layers
