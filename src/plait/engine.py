@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.model.materialize import Init, is_meta, materialize
 from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
@@ -52,14 +53,29 @@ class Engine:
         autocast_dtype: run forwards under `torch.autocast` in this dtype
             (e.g. torch.bfloat16); None for the parameters' own dtype.
         bucket_mb: gradient bucket size in MiB for the data-parallel all-reduce.
+        init: `init(layer_index, layer, device)`, for layers built on the meta device:
+            each rank gives real memory (`to_empty` on `device`) only to the layers of
+            its own stages and calls `init` on each; the others stay on the meta
+            device, untouched (plait.model.materialize; `plait.model.gpt_init` for
+            the GPT). Partitioning by "uniform", "params" or `split` works on meta
+            layers; "profile" times real layers and is refused.
+        device: where meta layers are materialised (default: the CPU).
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
                  schedule: str = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
-                 sample_input: torch.Tensor | None = None):
+                 sample_input: torch.Tensor | None = None, init: Init | None = None,
+                 device: torch.device | str | None = None):
         layers = list(layers)
+        on_meta = any(is_meta(layer) for layer in layers)
+        if on_meta and init is None:
+            raise ValueError("layers on the meta device need an initialiser: Engine(..., init=fn) with "
+                             "fn(layer_index, layer, device) setting every parameter and buffer")
+        if on_meta and partition_method == "profile":
+            raise ValueError("partition_method='profile' times real layers and these are on the meta device; "
+                             "use 'params' or 'uniform', or a manual split with partition_method='params'")
         self.loss_fn = loss_fn
         self.mesh = mesh
         self.num_microbatches = microbatches
@@ -80,14 +96,20 @@ class Engine:
         # This rank's stages, and the global index of each layer it holds (for state_dict keys).
         self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages)
         self.layer_ids = [j for s in self.stage_ids for j in self.partition.stage_layers(s)]
-        self.layers = {j: layers[j] for j in self.layer_ids}
         # Keys that name a weight another key already names (the tied LM head), for checkpoints.
+        # Found by identity, before any layer is materialised (a meta tied weight is one object).
         first_key: dict[nn.Parameter, str] = {}
         self.tied_keys: dict[str, str] = {}
         for j, layer in enumerate(layers):
             for name, p in layer.named_parameters(remove_duplicate=False):
                 self.tied_keys.update({f"{j}.{name}": first_key[p]} if p in first_key else {})
                 first_key.setdefault(p, f"{j}.{name}")
+        layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
+        tied = find_tied(layers, layer_stage, self.pp_size) if self.pp_size > 1 else []
+        # Only this rank's layers get memory; the rest of the list stays on the meta device.
+        real = materialize(layers, self.layer_ids, init, device or "cpu") if on_meta else {}
+        tied = [(real.get(p, p), ranks) for p, ranks in tied]
+        self.layers = {j: layers[j] for j in self.layer_ids}
         stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
@@ -110,12 +132,9 @@ class Engine:
                                           describe=self.describe)
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
         self.tied = None
-        if self.pp_size > 1:
-            layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
-            tied = find_tied(layers, layer_stage, self.pp_size)
-            if tied:
-                columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
-                self.tied = TiedGradients(tied, set(self.parameters()), columns)
+        if tied:
+            columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
+            self.tied = TiedGradients(tied, set(self.parameters()), columns)
 
     def describe(self, rank: int) -> str:
         """A global rank with its mesh coordinates, for messages: "rank 3 (dp=1, pp=1)"."""

@@ -39,7 +39,7 @@ from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
 from plait.errors import ConfigError, TrainingError
 from plait.lr import lr_at, plan_of, replan
-from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_loss
+from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_init, gpt_loss
 from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
 from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
 
@@ -172,17 +172,22 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
 
     torch.manual_seed(cfg.train.seed)
     gpt = cfg.model.gpt(data.tokenizer.vocab_size)
-    layers = build_gpt(gpt, seed=cfg.train.seed, device=device)
+    p = cfg.parallel
+    # Built on the meta device: the Engine gives memory to this rank's layers only and
+    # initialises them from their per-layer seeds (plait.model.materialize), so no rank holds
+    # the whole model. The profile partition times real layers, so it builds them all.
+    on_meta = p.partition != "profile"
+    layers = build_gpt(gpt, seed=cfg.train.seed, device="meta" if on_meta else device)
     dtype = DTYPES[cfg.train.dtype]
     if dtype == torch.float64:
         for layer in layers:
             layer.to(torch.float64)
-    p = cfg.parallel
     micro_rows = cfg.train.global_batch // (p.dp * p.num_microbatches)
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
                     virtual_stages=p.virtual_stages, partition_method=p.partition, split=p.cuts,
                     bucket_mb=p.bucket_mb, autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                    sample_input=torch.zeros(micro_rows, cfg.seq_len, dtype=torch.long, device=device))
+                    sample_input=torch.zeros(micro_rows, cfg.seq_len, dtype=torch.long, device=device),
+                    init=gpt_init(gpt, cfg.train.seed) if on_meta else None, device=device)
     optimizer = build_optimizer(engine, cfg)
     tokens_per_step = cfg.train.global_batch * cfg.seq_len
     flops = flops_per_token(gpt, cfg.seq_len)
@@ -299,10 +304,12 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     plot_throughput(records, run_dir / "throughput.png")
     peak, peak_source = peak_flops(device, cfg.train.dtype, distributed.world_size(), cfg.output.peak_tflops)
     if cfg.train.sample_tokens:
+        model = layers
         if cfg.parallel.pp > 1:  # rank 0 holds only its stages: take the whole model from the checkpoint
+            model = build_gpt(gpt, device="meta")
             final = load_model(latest_checkpoint(run_dir), verify=False)
-            torch.nn.Sequential(*layers).load_state_dict(final)
-        result.sample = sample_text(layers, data.tokenizer, cfg, device)
+            torch.nn.Sequential(*model).load_state_dict({k: v.to(device) for k, v in final.items()}, assign=True)
+        result.sample = sample_text(model, data.tokenizer, cfg, device)
         (run_dir / "sample.txt").write_text(result.sample)
         log(f"sample:\n{result.sample}")
     # The whole run, read back from metrics.jsonl: after a resume or a restart this process
