@@ -60,3 +60,27 @@ def test_eval_step_is_the_loss_without_gradients():
     loss = engine.eval_step(x, y)
     assert abs(loss - gpt_loss(nn.Sequential(*layers)(x), y).item()) < 1e-12
     assert all(p.grad is None for p in engine.parameters())
+
+
+def test_meta_layers_on_one_process_are_build_gpt_with_the_head_tied():
+    from plait.model import gpt_init
+
+    layers = build_gpt(CFG, seed=4, device="meta")
+    engine = Engine(layers, gpt_loss, None, init=gpt_init(CFG, 4), device="cpu")
+    assert layers[-1].lm_head.weight is layers[0].wte.weight  # one Parameter, as build_gpt's
+    want = nn.Sequential(*build_gpt(CFG, seed=4)).state_dict()
+    got = engine.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert len(list(engine.parameters())) == len(list(nn.Sequential(*build_gpt(CFG)).parameters()))
+
+
+def test_meta_layers_without_an_initialiser_are_refused():
+    with pytest.raises(ValueError, match="need an initialiser"):
+        Engine(build_gpt(CFG, device="meta"), gpt_loss, None)
+
+
+def test_meta_layers_cannot_be_profiled():
+    from plait.model import gpt_init
+
+    with pytest.raises(ValueError, match="'profile' times real layers"):
+        Engine(build_gpt(CFG, device="meta"), gpt_loss, None, partition_method="profile", init=gpt_init(CFG))
