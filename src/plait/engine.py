@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.model.gpt import sample_next
 from plait.model.materialize import Init, is_meta, materialize
 from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
@@ -113,6 +114,7 @@ class Engine:
         stages = {s: nn.Sequential(*(layers[j] for j in self.partition.stage_layers(s))) for s in self.stage_ids}
         self.module = nn.Sequential(*stages.values())  # this rank's part, for parameters() and .train()
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
+        self._pp_ranks = pp_ranks
         self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe,
                                          {s: self.partition.stage_layers(s) for s in self.stage_ids})
         # This rank's actions, and its plan of sends and receives around them (parallel/p2p.py).
@@ -122,6 +124,10 @@ class Engine:
         self.eval_actions = evaluate[self.pp_rank]
         lead = self.executor.lead
         self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
+        # Generation runs one micro-batch (the growing sequence) forward through the pipeline.
+        one = make_schedule("forward-only", self.pp_size, 1, virtual_stages)
+        self.generate_actions = one[self.pp_rank]
+        self.generate_plan = p2p_plan(one, self.pp_size, 1, virtual_stages, lead)[self.pp_rank]
         self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
@@ -192,6 +198,43 @@ class Engine:
         self.module.eval()
         total = self.executor.run(self.eval_actions, self.eval_plan, *self._split(inputs, targets), loss_scale=1.0)
         return self._reduce_and_read(total, torch.zeros_like(total), [])[0]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 0.8,
+                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of idx (B, T) through the pipeline; returns (B, T + new) on every rank.
+
+        Every rank of the job calls it with the same `idx`; each replica runs its own
+        pipeline, so no rank needs more than its own layers. Each token is one
+        forward-only pass of the last `block_size` positions through the stages;
+        the last stage samples it as `plait.model.generate` does (only its
+        `generator` is drawn from) and broadcasts it to the other ranks of its
+        pipeline. In one process it is `generate(nn.Sequential(*layers), ...)`.
+        """
+        self.module.eval()
+        ex = self.executor
+        last: list[torch.Tensor] = []
+        # The last stage's "loss" keeps the last position's logits (B, V) instead.
+        saved_loss_fn, saved_recorder = ex.loss_fn, ex.recorder
+        ex.loss_fn = lambda out, _targets: last.append(out[:, -1, :]) or out.new_zeros(())
+        ex.recorder = None  # generation is not part of any traced step
+        try:
+            for _ in range(max_new_tokens):
+                x = idx[:, -block_size:]
+                ex.run(self.generate_actions, self.generate_plan, [x], [x], loss_scale=1.0)
+                if self.is_last_stage:
+                    nxt = sample_next(last.pop(), temperature, top_k, generator)  # (B, 1)
+                else:
+                    nxt = torch.empty(idx.size(0), 1, dtype=torch.long, device=idx.device)
+                if self.pp_group is not None:
+                    work = dist.broadcast(nxt, src=self._pp_ranks[-1], group=self.pp_group, async_op=True)
+                    me = self.describe(dist.get_rank())
+                    wait(work, lambda s: f"{me} waited {s:.0f} s for the next sampled token from "
+                                         f"{self.describe(self._pp_ranks[-1])}")
+                idx = torch.cat([idx, nxt], dim=1)
+        finally:
+            ex.loss_fn, ex.recorder = saved_loss_fn, saved_recorder
+        return idx
 
     def _grad_norm_sq(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm, on the device.

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plait import distributed
-from plait.checkpoint import (checkpoint_group, latest_checkpoint, load_model, restore_training_state,
+from plait.checkpoint import (checkpoint_group, restore_training_state,
                               save_training_state, trainer_state)
 from plait.faults import maybe_die
 from plait.timing import Clock
@@ -39,7 +39,7 @@ from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
 from plait.errors import ConfigError, TrainingError
 from plait.lr import lr_at, plan_of, replan
-from plait.model import build_gpt, count_params, flops_per_token, generate, gpt_init, gpt_loss
+from plait.model import build_gpt, count_params, flops_per_token, gpt_init, gpt_loss
 from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
 from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
 
@@ -289,6 +289,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     recorder.step = -1
     events = recorder.gather() if cfg.output.trace else None
     memory = _peak_memory_mib(device)
+    # Every rank takes part: the sample runs through the pipeline, each rank with its own layers.
+    sample = sample_text(engine, data.tokenizer, cfg, device) if cfg.train.sample_tokens else None
     if not main:
         return result
     trace_stats = None
@@ -303,13 +305,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     plot_loss(records, run_dir / "loss.png", title=f"plait: {cfg.model.preset}, {cfg.train.steps} steps")
     plot_throughput(records, run_dir / "throughput.png")
     peak, peak_source = peak_flops(device, cfg.train.dtype, distributed.world_size(), cfg.output.peak_tflops)
-    if cfg.train.sample_tokens:
-        model = layers
-        if cfg.parallel.pp > 1:  # rank 0 holds only its stages: take the whole model from the checkpoint
-            model = build_gpt(gpt, device="meta")
-            final = load_model(latest_checkpoint(run_dir), verify=False)
-            torch.nn.Sequential(*model).load_state_dict({k: v.to(device) for k, v in final.items()}, assign=True)
-        result.sample = sample_text(model, data.tokenizer, cfg, device)
+    if sample is not None:
+        result.sample = sample
         (run_dir / "sample.txt").write_text(result.sample)
         log(f"sample:\n{result.sample}")
     # The whole run, read back from metrics.jsonl: after a resume or a restart this process
@@ -353,11 +350,14 @@ def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     return {str(r): m for r, m in enumerate(every)}
 
 
-def sample_text(layers, tokenizer, cfg: Config, device: torch.device) -> str:
-    """A few tokens of text continued from the prompt, reproducible from the seed."""
-    model = torch.nn.Sequential(*layers).eval()
+def sample_text(engine: Engine, tokenizer, cfg: Config, device: torch.device) -> str:
+    """A few tokens of text continued from the prompt, reproducible from the seed.
+
+    Called on every rank: the tokens are generated through the pipeline
+    (Engine.generate), so no rank loads the whole model.
+    """
     ids = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.eot_id]
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    out = generate(model, torch.tensor([ids], device=device), cfg.train.sample_tokens,
-                   block_size=cfg.model.shape[3], generator=g)
+    out = engine.generate(torch.tensor([ids], device=device), cfg.train.sample_tokens,
+                          block_size=cfg.model.shape[3], generator=g)
     return tokenizer.decode(out[0].tolist())

@@ -1,10 +1,11 @@
-"""Layers built on the meta device: each rank materialises only its own, with one process's values."""
+"""Layers built on the meta device: each rank materialises only its own, with one process's values,
+and samples through the pipeline the tokens one process samples."""
 
 import torch
 from torch import nn
 
 import plait
-from plait.model import GPTConfig, build_gpt, gpt_init, gpt_loss
+from plait.model import GPTConfig, build_gpt, generate, gpt_init, gpt_loss
 from tests.distributed.harness import spawn
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=4, n_head=2, n_embd=16, tie_embeddings=True)
@@ -36,6 +37,8 @@ def build_on_every_layout():
         others_meta = all(t.is_meta for j, layer in enumerate(layers) if j not in engine.layer_ids
                           for t in (*layer.parameters(), *layer.buffers()))
         mine_real = all(not p.is_meta for p in engine.parameters())
+        prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])  # two rows; 12 tokens overrun block_size 8
+        sampled = engine.generate(prompt, 12, CFG.block_size, generator=torch.Generator().manual_seed(9))
         trained = None
         if schedule == "interleaved-1f1b":  # the materialised tied copies train as one weight
             dp_rank = mesh["dp"].get_local_rank()
@@ -48,20 +51,24 @@ def build_on_every_layout():
                 opt.zero_grad()
             trained = {k: v.clone() for k, v in engine.state_dict().items()}
         out.append({"state": state, "layer_ids": engine.layer_ids, "others_meta": others_meta,
-                    "mine_real": mine_real, "trained": trained})
+                    "mine_real": mine_real, "trained": trained,
+                    "sampled": sampled})
     return out
 
 
 def reference():
     model = nn.Sequential(*[layer.double() for layer in build_gpt(CFG, seed=SEED)])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    sampled = generate(model.eval(), torch.tensor([[1, 2, 3], [4, 5, 6]]), 12, CFG.block_size,
+                       generator=torch.Generator().manual_seed(9))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(STEPS):
         x, y = global_batch(step)
         gpt_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    return initial, model.state_dict()
+    return initial, model.state_dict(), sampled
 
 
 def gather(ranks, n, field):
@@ -75,7 +82,7 @@ def gather(ranks, n, field):
 
 
 def test_meta_build_gives_one_process_parameters_on_every_layout():
-    initial, trained = reference()
+    initial, trained, sampled = reference()
     ranks = spawn(build_on_every_layout, 4, timeout=300)
     head = f"{CFG.n_layer + 1}.lm_head.weight"
     for n, (dp, pp, schedule, virtual) in enumerate(LAYOUTS):
@@ -87,6 +94,8 @@ def test_meta_build_gives_one_process_parameters_on_every_layout():
         assert torch.equal(state[head], state["0.wte.weight"])
         for r in ranks:
             assert r[n]["mine_real"] and r[n]["others_meta"], LAYOUTS[n]
+            # Sampled through the pipeline, on every rank: one process's tokens.
+            assert torch.equal(r[n]["sampled"], sampled), LAYOUTS[n]
             if pp == 1:  # one stage: every rank holds the whole model
                 assert r[n]["layer_ids"] == list(range(CFG.n_layer + 2))
         if pp > 1:  # a rank holds a part: every layer is held by exactly the ranks of one pp coordinate

@@ -230,6 +230,17 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
     return 6 * matmul_params + 12 * L * C * T
 
 
+def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = 40,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from the last position's logits (B, V): (B, 1) ids."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -240,13 +251,11 @@ def generate(
     top_k: int | None = 40,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Sample `max_new_tokens` continuations of idx (B, T); returns (B, T + new)."""
+    """Sample `max_new_tokens` continuations of idx (B, T); returns (B, T + new).
+
+    A pipeline samples the same way through `Engine.generate`.
+    """
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -block_size:])[:, -1, :].float() / temperature  # (B, V)
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
+        logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
+        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
     return idx
