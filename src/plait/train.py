@@ -170,7 +170,6 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
 
     on_rank0(open_run_dir, run_dir)
 
-    torch.manual_seed(cfg.train.seed)
     gpt = cfg.model.gpt(data.tokenizer.vocab_size)
     p = cfg.parallel
     # Built on the meta device: the Engine gives memory to this rank's layers only and
@@ -183,6 +182,10 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         for layer in layers:
             layer.to(torch.float64)
     micro_rows = cfg.train.global_batch // (p.dp * p.num_microbatches)
+    num_params = count_params(layers)  # before the Engine gives this rank's tied copy its own Parameter
+    # Seeded after the build: a real build (profile) draws torch's default inits from the global
+    # generator and a meta build draws nothing, and dropout must not depend on which ran.
+    torch.manual_seed(cfg.train.seed)
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
                     virtual_stages=p.virtual_stages, partition_method=p.partition, split=p.cuts,
                     bucket_mb=p.bucket_mb, autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
@@ -192,7 +195,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     tokens_per_step = cfg.train.global_batch * cfg.seq_len
     flops = flops_per_token(gpt, cfg.seq_len)
     log(f"model: {cfg.model.preset} {gpt.n_layer} layers x {gpt.n_embd} wide, {gpt.n_head} heads, "
-        f"vocab {gpt.vocab_size}, {count_params(layers) / 1e6:.2f} M parameters, "
+        f"vocab {gpt.vocab_size}, {num_params / 1e6:.2f} M parameters, "
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
         f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
@@ -318,7 +321,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         "val_loss": {str(r["step"]): r["val_loss"] for r in records if "val_loss" in r},
         "median_step_time_s": step_time,
         "tokens_per_s": tokens_per_s,
-        "parameters": count_params(layers),
+        "parameters": num_params,
         "flops_per_token": flops,
         "processes": distributed.world_size(),
         "peak_flops": peak,
