@@ -84,3 +84,14 @@ def test_meta_layers_cannot_be_profiled():
 
     with pytest.raises(ValueError, match="'profile' times real layers"):
         Engine(build_gpt(CFG, device="meta"), gpt_loss, None, partition_method="profile", init=gpt_init(CFG))
+
+
+def test_generate_in_one_process_is_generate_on_the_sequential():
+    from plait.model import generate
+
+    layers = [layer.double() for layer in build_gpt(CFG, seed=6)]
+    engine = Engine(layers, gpt_loss, None, microbatches=2)
+    prompt = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    got = engine.generate(prompt, 10, CFG.block_size, generator=torch.Generator().manual_seed(2))
+    want = generate(nn.Sequential(*layers), prompt, 10, CFG.block_size, generator=torch.Generator().manual_seed(2))
+    assert got.shape == (2, 13) and torch.equal(got, want)

@@ -337,3 +337,14 @@ def test_byte_run_records_the_vocabulary_it_used(tmp_path):
     assert "vocab_size = 257" in (run / "config.toml").read_text()
     assert load_config(run / "config.toml").data.vocab_size == 257
     assert load_checkpoint(run / "checkpoints" / "step-000001")["model"]["0.wte.weight"].shape[0] == 257
+
+
+def test_the_meta_build_trains_as_the_real_build(tmp_path, data_dir):
+    """--partition profile builds every layer for real; any other partition builds on the meta
+    device and lets the Engine initialise: the same run, loss for loss and the same sample."""
+    runs = {}
+    for method in ("profile", "uniform"):
+        cfg = small_config(tmp_path / method, data_dir, **{"train.steps": 3, "parallel.partition": method})
+        runs[method] = train(cfg, log=quiet)
+    assert runs["profile"].losses == runs["uniform"].losses
+    assert runs["profile"].sample == runs["uniform"].sample
