@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait import checkpointing
 from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
@@ -52,14 +53,18 @@ class Engine:
         autocast_dtype: run forwards under `torch.autocast` in this dtype
             (e.g. torch.bfloat16); None for the parameters' own dtype.
         bucket_mb: gradient bucket size in MiB for the data-parallel all-reduce.
+        activation_checkpointing: "none", "selective" or "full" (plait.checkpointing), applied
+            to every layer but the first and last.
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
                  schedule: str = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
-                 sample_input: torch.Tensor | None = None):
+                 sample_input: torch.Tensor | None = None, activation_checkpointing: str = "none"):
         layers = list(layers)
+        # Before the partition: "profile" then times the layers as they will run.
+        checkpointing.apply(layers, activation_checkpointing)
         self.loss_fn = loss_fn
         self.mesh = mesh
         self.num_microbatches = microbatches
