@@ -95,5 +95,14 @@ def test_engine_steps_equal_one_plain_process(mode):
 
 def test_unknown_mode_is_one_line_exit_2(capsys):
     assert main(["train", "--activation-checkpointing", "some", "--dp", "1", "--pp", "1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "activation" in err, err
+    assert capsys.readouterr().err == ("plait: error: invalid train.activation_checkpointing = 'some': must be one "
+                                       "of none, selective, full (--activation-checkpointing)\n")
+
+
+def test_plait_train_with_full_checkpointing_runs_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert main(["train", "--dp", "1", "--pp", "1", "--microbatches", "1", "--n-layer", "2", "--n-embd", "32",
+                 "--n-head", "2", "--seq-len", "32", "--global-batch", "4", "--steps", "2", "--eval-batches", "1",
+                 "--sample-tokens", "4", "--no-progress", "--data-dir", data_dir, "--out", str(out),
+                 "--activation-checkpointing", "full"]) == 0
+    assert 'activation_checkpointing = "full"' in (out / "config.toml").read_text()
