@@ -35,7 +35,7 @@ def grads(mode, dropout=0.0, steps=1):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_checkpointed_gradients_equal_the_plain_ones(mode, dropout):
     # Non-reentrant checkpointing restores the RNG state for the recomputation, and the selective
-    # policy keeps random ops' outputs, so even dropout masks repeat: equal bit for bit.
+    # policy recomputes every random op, in order, so even dropout masks repeat: equal bit for bit.
     ref_loss, ref_grads, ref_keys = grads("none", dropout)
     loss, g, keys = grads(mode, dropout)
     assert loss == ref_loss
@@ -62,7 +62,8 @@ def saved_for_backward(mode):
 
 def test_checkpointing_keeps_fewer_tensors():
     # Measured with torch 2.13: a plain block saves 24 tensors; checkpointed, only its input goes
-    # through the hooks (selective keeps its attention outputs in checkpoint's own cache).
+    # through the hooks (selective keeps its attention output in checkpoint's own cache, which the
+    # hooks do not see: the test below checks what it keeps).
     assert {m: saved_for_backward(m) for m in checkpointing.MODES} == {"none": 24, "selective": 1, "full": 1}
 
 
@@ -106,3 +107,25 @@ def test_plait_train_with_full_checkpointing_runs_end_to_end(tmp_path, data_dir)
                  "--sample-tokens", "4", "--no-progress", "--data-dir", data_dir, "--out", str(out),
                  "--activation-checkpointing", "full"]) == 0
     assert 'activation_checkpointing = "full"' in (out / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("dropout, kept", [
+    (0.0, ["aten._scaled_dot_product_flash_attention_for_cpu.default"]),
+    (0.2, []),  # attention with dropout runs unfused on the CPU, and random ops are always recomputed
+])
+def test_selective_keeps_the_attention_output_and_nothing_random(monkeypatch, dropout, kept):
+    decisions = []
+    policy = checkpointing._selective_policy
+
+    def spy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        decisions.append((str(op), decision.name))
+        return decision
+
+    monkeypatch.setattr(checkpointing, "_selective_policy", spy)
+    layers = [layer.double() for layer in build_gpt(GPTConfig(**{**CFG.__dict__, "dropout": dropout}), seed=0)]
+    checkpointing.apply(layers, "selective")
+    x = torch.randn(4, CFG.block_size, CFG.n_embd, dtype=torch.float64, requires_grad=True)
+    layers[1](x).sum().backward()
+    assert [op for op, d in decisions if d == "MUST_SAVE"] == kept
+    assert any(op == "aten.addmm.default" and d == "PREFER_RECOMPUTE" for op, d in decisions)

@@ -9,8 +9,10 @@ parameter names and `state_dict` keys stay those of `nn.Sequential(*layers)` (to
   output is only B x T x C) and everything else is recomputed: the LayerNorms, the linear
   layers and GELU, which are cheap relative to the memory of their B x T x 4C outputs. Matrix
   products are recomputed, not kept: keeping them would keep nearly everything.
-  Random ops (dropout) are kept as well: a kept op is not rerun, so a random op after it would
-  otherwise draw from a different generator state in the recomputation.
+  Random ops are never kept (a kept op is not rerun, and would leave the generator behind for
+  the dropout after it), so attention with dropout > 0 is recomputed too. On the CPU, attention
+  with dropout runs as PyTorch's unfused math (no attention op to keep): there selective keeps
+  nothing inside the block, as full.
 
 Both use `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, which restores the RNG state
 for the recomputation, so dropout masks are the same as in the forward.
@@ -28,13 +30,24 @@ from torch.utils.checkpoint import checkpoint
 MODES = ("none", "selective", "full")
 
 
+def _dropout_p(op, args, kwargs) -> float:
+    """The `dropout_p` argument of an attention op (0.0 if it has none)."""
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.name == "dropout_p":
+            return kwargs.get("dropout_p", args[i] if i < len(args) else arg.default_value or 0.0)
+    return 0.0
+
+
 def _selective_policy(ctx, op, *args, **kwargs):
-    """Keep attention outputs and random ops; recompute everything else."""
+    """Keep the fused attention op's outputs unless it draws dropout; recompute everything else.
+
+    A kept op is not rerun in the recomputation, so a random op kept would leave the generator
+    behind and every later random op (dropout) would draw other masks: random ops, attention with
+    dropout included, are always recomputed, in order, from the replayed RNG state.
+    """
     from torch.utils.checkpoint import CheckpointPolicy
 
-    name = str(op)
-    random = torch.Tag.nondeterministic_seeded in op.tags and not op._schema.is_mutable  # in-place: not cacheable
-    if "scaled_dot_product" in name or random:
+    if "scaled_dot_product" in str(op) and _dropout_p(op, args, kwargs) == 0.0:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
