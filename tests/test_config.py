@@ -108,7 +108,7 @@ def test_bad_values_give_one_line_and_exit_code_2(args, message, capsys):
     ("[train]\nsteps = 'ten'\n", "invalid train.steps = 'ten': must be a whole number (--steps)"),
     ("[train]\nstep = 3\n", "unknown config field train.step; known: steps, global_batch, seq_len, lr, "
                            "min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_every, "
-                           "eval_batches, seed, dtype, device, sample_tokens, sample_prompt"),
+                           "eval_batches, seed, dtype, device, activation_checkpointing, sample_tokens, sample_prompt"),
     ("[trainer]\nsteps = 3\n", "unknown config section [trainer]; known: model, data, parallel, launch, train, output"),
     ("[model]\ntie_embeddings = 'yes please'\n",
      "invalid model.tie_embeddings = 'yes please': must be true or false (--tie-embeddings)"),

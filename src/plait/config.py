@@ -194,6 +194,9 @@ class TrainConfig:
     dtype: str = option("float32", "compute dtype (bfloat16 uses autocast)", choices=DTYPES)
     device: str = option("auto", "device, which also picks the backend: cuda (cuda:LOCAL_RANK, nccl) or cpu "
                                  "(gloo); auto is cuda when a GPU is visible", choices=("auto", "cpu", "cuda"))
+    activation_checkpointing: str = option("none", "recompute activations in the backward: full (each block "
+                                                   "keeps only its input) or selective (keeps attention outputs)",
+                                           choices=("none", "selective", "full"))
     sample_tokens: int = option(120, "tokens of text sampled at the end (0: none)", min=0)
     sample_prompt: str = option("The", "prompt for the sample at the end")
 

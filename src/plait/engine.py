@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait import checkpointing
 from plait.model.gpt import sample_next
 from plait.model.materialize import Init, is_meta, materialize
 from plait.parallel.data_parallel import GradientSync
@@ -61,6 +62,8 @@ class Engine:
             the GPT). Partitioning by "uniform", "params" or `split` works on meta
             layers; "profile" times real layers and is refused.
         device: where meta layers are materialised (default: the CPU).
+        activation_checkpointing: "none", "selective" or "full" (plait.checkpointing), applied
+            to every layer but the first and last.
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
@@ -68,7 +71,7 @@ class Engine:
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
                  sample_input: torch.Tensor | None = None, init: Init | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, activation_checkpointing: str = "none"):
         layers = list(layers)
         on_meta = any(is_meta(layer) for layer in layers)
         if on_meta and init is None:
@@ -77,6 +80,8 @@ class Engine:
         if on_meta and partition_method == "profile":
             raise ValueError("partition_method='profile' times real layers and these are on the meta device; "
                              "use 'params' or 'uniform', or a manual split with partition_method='params'")
+        # Before the partition: "profile" then times the layers as they will run.
+        checkpointing.apply(layers, activation_checkpointing)
         self.loss_fn = loss_fn
         self.mesh = mesh
         self.num_microbatches = microbatches

@@ -188,7 +188,8 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
                     virtual_stages=p.virtual_stages, partition_method=p.partition, split=p.cuts,
-                    bucket_mb=p.bucket_mb, autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                    bucket_mb=p.bucket_mb, activation_checkpointing=cfg.train.activation_checkpointing,
+                    autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                     sample_input=torch.zeros(micro_rows, cfg.seq_len, dtype=torch.long, device=device),
                     init=gpt_init(gpt, cfg.train.seed) if on_meta else None, device=device)
     optimizer = build_optimizer(engine, cfg)

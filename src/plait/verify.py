@@ -143,7 +143,8 @@ def verify(cfg: Config, steps: int = STEPS, log=print, unused: list[str] = ()) -
     layers = [layer.double() for layer in build_gpt(gpt, seed=cfg.train.seed)]
     method = "uniform" if p.partition == "profile" else p.partition  # timings would differ run to run
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
-                    virtual_stages=p.virtual_stages, partition_method=method, split=p.cuts, bucket_mb=p.bucket_mb)
+                    virtual_stages=p.virtual_stages, partition_method=method, split=p.cuts, bucket_mb=p.bucket_mb,
+                    activation_checkpointing=cfg.train.activation_checkpointing)
     opt = _optimizer(engine.parameters(), cfg)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     share = cfg.train.global_batch // p.dp
