@@ -1,0 +1,58 @@
+"""ZeRO-1 (optimizer state sharded over dp) is exact: it ends where one process on the whole batch ends."""
+
+import pytest
+import torch
+
+import plait
+from plait import distributed
+from plait.model import build_gpt, gpt_loss
+from plait.parallel.zero import ShardedOptimizer
+from tests.distributed.harness import spawn
+from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKETS_MB, global_batch, reference
+
+STEPS = 3
+
+
+def train_zero(microbatches, bucket_mb, clip):
+    mesh = plait.make_mesh(dp=distributed.world_size(), pp=1)
+    dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    layers = [layer.double() for layer in build_gpt(CFG, seed=distributed.rank())]
+    engine = plait.Engine(layers, gpt_loss, mesh, microbatches=microbatches, bucket_mb=bucket_mb)
+    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+        losses.append(engine.train_step(x[rows], y[rows]))
+        if clip:
+            engine.clip_grad_norm_(clip)
+        opt.step()
+        opt.zero_grad()
+    full = sum(p.numel() for p in engine.parameters())
+    return {"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
+            "state_numel": opt.state_numel(), "full": full,
+            "shards": sum(-(-b.numel // dp) for b in engine.grad_sync.buckets)}
+
+
+@pytest.mark.parametrize("dp,microbatches,bucket_mb", [(2, 1, SMALL_BUCKETS_MB), (4, 2, SMALL_BUCKETS_MB),
+                                                       (2, 2, 25.0)])
+def test_zero1_equals_one_process(dp, microbatches, bucket_mb):
+    ref_state, ref_losses = reference(STEPS)
+    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0)
+    for r in results:
+        for name, value in ref_state.items():
+            assert torch.allclose(r["state"][name], value, rtol=0, atol=1e-9), name
+        assert r["losses"] == pytest.approx(ref_losses, abs=1e-9)
+    for r in results[1:]:  # replicas bit-identical
+        for name, value in results[0]["state"].items():
+            assert torch.equal(r["state"][name], value), name
+
+
+def test_zero1_holds_a_dp_share_of_the_optimizer_state():
+    results = spawn(train_zero, 2, 1, SMALL_BUCKETS_MB, 0.0)
+    # AdamW keeps exp_avg and exp_avg_sq per element: twice this rank's shard of each bucket.
+    total = 0
+    for r in results:
+        assert r["state_numel"] <= 2 * r["shards"]
+        total += r["state_numel"]
+    assert total == 2 * results[0]["full"]
