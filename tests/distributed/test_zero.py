@@ -56,3 +56,41 @@ def test_zero1_holds_a_dp_share_of_the_optimizer_state():
         assert r["state_numel"] <= 2 * r["shards"]
         total += r["state_numel"]
     assert total == 2 * results[0]["full"]
+
+
+def zero_and_plain_state(dp):
+    """The gathered state of a ZeRO-1 run, a plain AdamW's on the same data, and a reload's."""
+    mesh = plait.make_mesh(dp=dp, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+    out = []
+    for zero in (True, False):
+        layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+        engine = plait.Engine(layers, gpt_loss, mesh, bucket_mb=SMALL_BUCKETS_MB)
+        params = list(engine.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, groups, lr=1e-2) if zero
+               else torch.optim.AdamW(groups, lr=1e-2))
+        for step in range(2):
+            x, y = global_batch(step)
+            rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+            engine.train_step(x[rows], y[rows])
+            opt.step()
+            opt.zero_grad()
+        out.append(opt.state_dict())
+        if zero:
+            again = ShardedOptimizer(engine, torch.optim.AdamW, groups, lr=5.0)
+            again.load_state_dict(out[0])
+            out.append(again.state_dict())
+    return out
+
+
+def test_zero1_state_dict_is_the_whole_optimizers_and_reloads():
+    for zero, reloaded, plain in spawn(zero_and_plain_state, 2, 2):
+        for sd in (zero, reloaded):
+            assert sd["param_groups"] == plain["param_groups"]
+            assert sd["state"].keys() == plain["state"].keys()
+            for i, s in plain["state"].items():
+                assert s.keys() == sd["state"][i].keys()
+                for k, v in s.items():
+                    assert torch.allclose(sd["state"][i][k].to(v.device, v.dtype), v, rtol=0, atol=1e-12), (i, k)

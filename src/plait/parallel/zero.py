@@ -27,7 +27,8 @@ How (and why):
 
 Not yet done (issue 16 item 2): gradients are still all-reduced in full (a
 reduce-scatter mode of GradientSync would halve that traffic), ZeRO-2, and
-checkpoints (`state_dict` refuses rather than save a shard under full names).
+checkpoints of the sharded state are gathered whole to every dp rank
+(`state_dict`), simple and correct but not memory-lean.
 The all-gather is synchronous: its result is read only after it returns.
 """
 
@@ -69,6 +70,10 @@ class ShardedOptimizer:
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         group_of = {p: n for n, g in enumerate(groups) for p in g["params"]}
+        # The caller's parameters and groups: what state_dict() is indexed by, as a torch optimizer's.
+        self.full_param_groups = [list(g["params"]) for g in groups]
+        self.full_params = [p for g in self.full_param_groups for p in g]
+        self._offset: dict[nn.Parameter, int] = {}  # a parameter's offset in its bucket
         self._flats: list[tuple[torch.Tensor, object]] = []  # (flat parameter buffer, bucket)
         self._pieces: list[_Piece] = []
         pieces_by_group: list[list[torch.Tensor]] = [[] for _ in groups]
@@ -81,6 +86,7 @@ class ShardedOptimizer:
                 view = flat[offset:offset + p.numel()]
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
+                self._offset[p] = offset
                 start, stop = max(offset, lo), min(offset + p.numel(), hi)
                 if start < stop and p in group_of:
                     leaf = flat[start:stop].detach()  # shares the buffer: the optimizer writes into it
@@ -125,5 +131,70 @@ class ShardedOptimizer:
         return sum(v.numel() for s in self.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
 
-    def state_dict(self):
-        raise NotImplementedError("checkpoints of a ShardedOptimizer are not written yet (issue 16 item 2)")
+    def state_dict(self) -> dict:
+        """The whole optimizer's state, as torch.optim would give it over the full parameters
+        (indices in `full_param_groups` order). A collective over the dp group: every dp rank calls it.
+
+        Each state entry is gathered bucket by bucket, like the parameters; a scalar entry ("step")
+        is spread over its piece's elements for the gather and read back from a parameter's first one.
+        """
+        keys = sorted({k for piece in self._pieces for k in self.optimizer.state.get(piece.leaf, {})})
+        index = {p: i for i, p in enumerate(self.full_params)}
+        state: dict[int, dict] = {}
+        for flat, bucket in self._flats:
+            mine = [pc for pc in self._pieces if self._where(pc.param) is bucket]
+            lo = self.dp_rank * (flat.numel() // self.dp_size)
+            for key in ["<has state>", *keys]:
+                part = torch.zeros(flat.numel() // self.dp_size, dtype=torch.float64, device=flat.device)
+                for pc in mine:
+                    s = self.optimizer.state.get(pc.leaf, {})
+                    if key == "<has state>":
+                        part[pc.start - lo:pc.stop - lo] = 1.0 if s else 0.0
+                    elif key in s:
+                        part[pc.start - lo:pc.stop - lo] = s[key].reshape(-1).to(torch.float64)
+                full = torch.empty_like(flat, dtype=torch.float64)
+                dist.all_gather_into_tensor(full, part, group=self.group)
+                offset = 0
+                for p in bucket.params:
+                    values = full[offset:offset + p.numel()]
+                    offset += p.numel()
+                    if p not in index or (key != "<has state>" and state.get(index[p]) is None):
+                        continue
+                    if key == "<has state>":
+                        state[index[p]] = {} if values[0] == 1 else None
+                    elif key == "step":  # torch keeps it as a 0-d float32 tensor
+                        state[index[p]][key] = values[0].to(torch.float32).cpu()
+                    else:
+                        state[index[p]][key] = values.to(p.dtype).view_as(p).clone()
+        groups, start = [], 0
+        for group, full_group in zip(self.optimizer.param_groups, self.full_param_groups):
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + len(full_group)))})
+            start += len(full_group)
+        return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a full-parameter state (as `state_dict` gives, or a plain torch optimizer's over the
+        same parameters in the same groups): each rank keeps its pieces' slices."""
+        full = dict(zip(range(len(self.full_params)), self.full_params))
+        by_param = {full[i]: s for i, s in state_dict["state"].items()}
+        leaves = [leaf for g in self.optimizer.param_groups for leaf in g["params"]]
+        piece_of = {id(pc.leaf): pc for pc in self._pieces}
+        state = {}
+        for n, leaf in enumerate(leaves):
+            pc = piece_of[id(leaf)]
+            saved = by_param.get(pc.param)
+            if saved is None:
+                continue
+            begin = pc.start - self._offset[pc.param]
+            state[n] = {k: (v.reshape(-1)[begin:begin + pc.stop - pc.start].clone() if torch.is_tensor(v) and v.dim() > 0
+                            else v) for k, v in saved.items()}
+        groups, start = [], 0
+        for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
+            groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                           "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _where(self, p):
+        return self.engine.grad_sync._where[p][0]
