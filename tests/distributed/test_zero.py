@@ -5,6 +5,7 @@ import torch
 
 import plait
 from plait import distributed
+from plait.checkpoint import checkpoint_group, restore_training_state, save_training_state
 from plait.model import build_gpt, gpt_loss
 from plait.parallel.zero import ShardedOptimizer
 from tests.distributed.harness import spawn
@@ -94,3 +95,42 @@ def test_zero1_state_dict_is_the_whole_optimizers_and_reloads():
                 assert s.keys() == sd["state"][i].keys()
                 for k, v in s.items():
                     assert torch.allclose(sd["state"][i][k].to(v.device, v.dtype), v, rtol=0, atol=1e-12), (i, k)
+
+
+def zero_checkpoint(run_dir):
+    """Save a ZeRO-1 dp=2 checkpoint; restore it into a plain optimizer and into ZeRO-1 again."""
+    group = checkpoint_group(30.0)
+    mesh = plait.make_mesh(dp=2, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+
+    def trained(seed, zero, steps):
+        engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=seed)], gpt_loss, mesh,
+                              bucket_mb=SMALL_BUCKETS_MB)
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2) if zero
+               else torch.optim.AdamW(engine.parameters(), lr=1e-2))
+        for step in range(steps):
+            x, y = global_batch(step + seed)
+            engine.train_step(x[dp_rank * 4:(dp_rank + 1) * 4], y[dp_rank * 4:(dp_rank + 1) * 4])
+            opt.step()
+            opt.zero_grad()
+        return engine, opt
+
+    engine, opt = trained(0, True, 2)
+    path = save_training_state(run_dir, 2, engine, opt, group=group)
+    out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()}}
+    for zero in (False, True):
+        other = trained(7, zero, 1)
+        restore_training_state(path, *other)
+        out[zero] = {"opt": other[1].state_dict(), "params": dict(other[0].state_dict())}
+    return out
+
+
+def test_zero1_checkpoint_resumes_with_and_without_zero(tmp_path):
+    for r in spawn(zero_checkpoint, 2, str(tmp_path), timeout=180):
+        for zero in (False, True):
+            assert all(torch.equal(r[zero]["params"][k], v) for k, v in r["params"].items())
+            got, want = r[zero]["opt"], r["want"]
+            assert got["state"].keys() == want["state"].keys()
+            for i, s in want["state"].items():
+                for k, v in s.items():
+                    assert torch.equal(got["state"][i][k].cpu(), v.cpu()), (zero, i, k)
