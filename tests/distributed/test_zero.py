@@ -134,3 +134,30 @@ def test_zero1_checkpoint_resumes_with_and_without_zero(tmp_path):
             for i, s in want["state"].items():
                 for k, v in s.items():
                     assert torch.equal(got["state"][i][k].cpu(), v.cpu()), (zero, i, k)
+
+
+def built_by_train(zero):
+    """train.py's optimizer (fused AdamW, decay on >= 2-d weights) for --zero, after two steps."""
+    from plait.config import Config, ParallelConfig, TrainConfig
+    from plait.train import build_optimizer
+    mesh = plait.make_mesh(dp=2, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+    engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=0)], gpt_loss, mesh, bucket_mb=SMALL_BUCKETS_MB)
+    cfg = Config(parallel=ParallelConfig(dp=2, pp=1, zero=zero), train=TrainConfig(lr=1e-2, weight_decay=0.1))
+    opt = build_optimizer(engine, cfg)
+    for step in range(2):
+        x, y = global_batch(step)
+        engine.train_step(x[dp_rank * 4:(dp_rank + 1) * 4], y[dp_rank * 4:(dp_rank + 1) * 4])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return type(opt).__name__, {k: v.clone() for k, v in engine.state_dict().items()}
+
+
+def test_train_builds_a_sharded_optimizer_for_zero1():
+    plain = spawn(built_by_train, 2, 0)
+    zero = spawn(built_by_train, 2, 1)
+    assert [name for name, _ in plain] == ["AdamW", "AdamW"]
+    assert [name for name, _ in zero] == ["ShardedOptimizer", "ShardedOptimizer"]
+    for (_, want), (_, got) in zip(plain, zero):
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, rtol=0, atol=1e-9), k
