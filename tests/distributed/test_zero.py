@@ -32,7 +32,8 @@ def train_zero(microbatches, bucket_mb, clip):
     full = sum(p.numel() for p in engine.parameters())
     return {"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
             "state_numel": opt.state_numel(), "full": full,
-            "shards": sum(-(-b.numel // dp) for b in engine.grad_sync.buckets)}
+            "share": sum(max(0, min((dp_rank + 1) * -(-b.numel // dp), b.numel) - dp_rank * -(-b.numel // dp))
+                         for b in engine.grad_sync.buckets)}  # this rank's elements of each bucket
 
 
 @pytest.mark.parametrize("dp,microbatches,bucket_mb", [(2, 1, SMALL_BUCKETS_MB), (4, 2, SMALL_BUCKETS_MB),
@@ -54,7 +55,7 @@ def test_zero1_holds_a_dp_share_of_the_optimizer_state():
     # AdamW keeps exp_avg and exp_avg_sq per element: twice this rank's shard of each bucket.
     total = 0
     for r in results:
-        assert r["state_numel"] <= 2 * r["shards"]
+        assert r["state_numel"] == 2 * r["share"]
         total += r["state_numel"]
     assert total == 2 * results[0]["full"]
 
