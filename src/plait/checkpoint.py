@@ -135,12 +135,11 @@ def _describe(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
     return entry
 
 
-def _write_part(tmp: Path, engine, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+def _write_part(tmp: Path, engine, optim_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Write, fsync and hash this pipeline rank's files; returns their manifest entries."""
     r = engine.pp_rank
     model, optim, rng = f"model-pp{r:02d}.safetensors", f"optim-pp{r:02d}.pt", f"rng-pp{r:02d}.pt"
     tensors = unique_tensors(engine.state_dict())[0]
-    optim_state = optimizer_state_by_name(engine, optimizer)
     device = _device(engine)
     save_file(tensors, tmp / model)
     follow_umask(tmp / model)
@@ -169,7 +168,9 @@ def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch
         tmp.mkdir()
     _barrier(group, step)
     first_replica = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
-    written = _write_part(tmp, engine, optimizer) if first_replica else {}
+    # Every dp rank takes part: a ZeRO optimizer gathers its shards here (plait.parallel.zero).
+    optim_state = optimizer_state_by_name(engine, optimizer)
+    written = _write_part(tmp, engine, optim_state) if first_replica else {}
     maybe_die("in-checkpoint", step)
     parts = _gather(written, group, step)  # on rank 0 once every writer's files are on disk
     if rank0:
@@ -194,11 +195,18 @@ def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch
     return final
 
 
+def _param_groups(optimizer) -> list[list]:
+    """The parameters the optimizer's state_dict is indexed by, group by group: a ZeRO
+    ShardedOptimizer's are the full parameters (`full_param_groups`), not its shard pieces."""
+    full = getattr(optimizer, "full_param_groups", None)
+    return full if full is not None else [group["params"] for group in optimizer.param_groups]
+
+
 def optimizer_state_by_name(engine, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's per-parameter state keyed by parameter name (a tied copy by its first name)."""
     names = {p: engine.tied_keys.get(n, n) for n, p in engine.named_parameters()}
     sd = optimizer.state_dict()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [p for group in _param_groups(optimizer) for p in group]
     return {"state": {names[params[i]]: s for i, s in sd["state"].items()},
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
 
@@ -206,12 +214,12 @@ def optimizer_state_by_name(engine, optimizer: torch.optim.Optimizer) -> dict[st
 def load_optimizer_state_by_name(engine, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load name-keyed optimizer state into this rank's optimizer, whatever layout saved it."""
     names = {p: engine.tied_keys.get(n, n) for n, p in engine.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [p for group in _param_groups(optimizer) for p in group]
     state = {i: saved["state"][names[p]] for i, p in enumerate(params) if names[p] in saved["state"]}
     groups, index = [], 0
-    for group, kept in zip(optimizer.param_groups, saved["param_groups"]):
-        groups.append({**kept, "params": list(range(index, index + len(group["params"])))})
-        index += len(group["params"])
+    for group, kept in zip(_param_groups(optimizer), saved["param_groups"]):
+        groups.append({**kept, "params": list(range(index, index + len(group)))})
+        index += len(group)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -55,7 +55,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                                    default=argparse.SUPPRESS, help=help_text)
             else:
                 kind = field_type(cls, f.name)[0]
-                metavar = ("{" + ",".join(meta["choices"]) + "}" if meta.get("choices")
+                metavar = ("{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices")
                            else {int: "N", float: "X"}.get(kind, f.name.upper()))
                 group.add_argument(flag_of(f), dest=dest, default=argparse.SUPPRESS, metavar=metavar,
                                    help=help_text)

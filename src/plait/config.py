@@ -115,6 +115,8 @@ class ParallelConfig:
                                listed=True)
     bucket_mb: float = option(25.0, "gradient bucket size of the data-parallel all-reduce, in MiB",
                               min=0.0, min_open=True)
+    zero: int = option(0, "ZeRO level: 0 replicated optimizer state; 1 each dp rank keeps 1/dp of it "
+                          "(a no-op at dp=1)", choices=(0, 1))
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
                             min=1.0, max=WEEK_S)
 
@@ -322,7 +324,7 @@ def _check_fields(obj: Any, section: str) -> None:
             continue
         where, flag = f"{section}.{key_of(f)} = {value!r}", flag_of(f)
         if meta.get("choices") and value not in meta["choices"]:
-            allowed = ", ".join(meta["choices"])
+            allowed = ", ".join(map(str, meta["choices"]))
             raise ConfigError(f"invalid {where}: must be one of {allowed} ({flag})")
         lo, hi = meta.get("min"), meta.get("max")
         above = None if lo is None else f"> {lo}" if meta.get("min_open") else f">= {lo}"

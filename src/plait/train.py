@@ -37,6 +37,7 @@ from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config
 from plait.data import check_length, get_batch, prepare
 from plait.engine import Engine
+from plait.parallel.zero import ShardedOptimizer
 from plait.errors import ConfigError, TrainingError
 from plait.lr import lr_at, plan_of, replan
 from plait.model import build_gpt, count_params, flops_per_token, gpt_init, gpt_loss
@@ -119,7 +120,10 @@ def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
+    options = {"lr": cfg.train.lr, "betas": (cfg.train.beta1, cfg.train.beta2), "fused": fused}
+    if cfg.parallel.zero >= 1 and engine.grad_sync is not None:  # at dp=1 there is nothing to shard
+        return ShardedOptimizer(engine, torch.optim.AdamW, groups, **options)
+    return torch.optim.AdamW(groups, **options)
 
 
 def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device, dp_rank: int) -> float:

@@ -20,6 +20,7 @@ from plait import distributed
 from plait.config import SECTIONS, Config, flag_of, key_of
 from plait.errors import ConfigError
 from plait.engine import Engine
+from plait.parallel.zero import ShardedOptimizer
 from plait.model import GPTConfig, build_gpt, gpt_loss
 
 TOLERANCE = 1e-9
@@ -145,7 +146,12 @@ def verify(cfg: Config, steps: int = STEPS, log=print, unused: list[str] = ()) -
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
                     virtual_stages=p.virtual_stages, partition_method=method, split=p.cuts, bucket_mb=p.bucket_mb,
                     activation_checkpointing=cfg.train.activation_checkpointing)
-    opt = _optimizer(engine.parameters(), cfg)
+    if p.zero >= 1 and engine.grad_sync is not None:  # ZeRO-1: each dp rank steps 1/dp of the state
+        t = cfg.train
+        opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=t.lr, betas=(t.beta1, t.beta2),
+                               weight_decay=t.weight_decay)
+    else:
+        opt = _optimizer(engine.parameters(), cfg)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     share = cfg.train.global_batch // p.dp
     losses = []

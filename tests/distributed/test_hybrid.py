@@ -1,10 +1,12 @@
 """dp x pp on one mesh, with GPT-2's tied embedding cut across stages: still one process's result."""
 
+import pytest
 import torch
 from torch import nn
 
 import plait
 from plait.model import GPTConfig, build_gpt, gpt_loss
+from plait.parallel.zero import ShardedOptimizer
 from tests.distributed.harness import spawn
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=4, n_head=2, n_embd=16, tie_embeddings=True)
@@ -32,7 +34,7 @@ def reference():
     return model.state_dict(), norms
 
 
-def train_hybrid():
+def train_hybrid(zero=False):
     mesh = plait.make_mesh(dp=2, pp=2)
     dp_rank = mesh["dp"].get_local_rank()
     out = []
@@ -40,7 +42,10 @@ def train_hybrid():
         layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual,
                               bucket_mb=0.004)
-        opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
+        if zero:  # ZeRO-1: each dp rank steps half of each bucket (plait.parallel.zero)
+            opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        else:
+            opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
         norms = []
         for step in range(STEPS):
             x, y = global_batch(step)
@@ -54,9 +59,10 @@ def train_hybrid():
     return out
 
 
-def test_dp2_pp2_with_tied_embeddings_equals_one_process():
+@pytest.mark.parametrize("zero", [False, True], ids=["zero0", "zero1"])
+def test_dp2_pp2_with_tied_embeddings_equals_one_process(zero):
     ref_state, ref_norms = reference()
-    ranks = spawn(train_hybrid, 4, timeout=300)
+    ranks = spawn(train_hybrid, 4, zero, timeout=300)
     assert [(r[0]["pp_rank"], r[0]["dp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for n, (schedule, m, virtual) in enumerate(LAYOUTS):
         state = {}

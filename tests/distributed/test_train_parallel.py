@@ -89,3 +89,10 @@ def test_verify_passes_for_a_hybrid_layout():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plait verify: dp=2 x pp=2, interleaved-1f1b, 2 micro-batches, 3 steps" in proc.stdout
     assert proc.stdout.rstrip().endswith("verdict: PASS (tolerance 1e-09)")
+
+
+def test_verify_passes_with_zero1():
+    proc = plait(["verify", "--dp", "2", "--pp", "1", "--zero", "1", "--microbatches", "2", "--global-batch", "8",
+                  "--n-layer", "2", "--bucket-mb", "0.004", "--weight-decay", "0.1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("verdict: PASS (tolerance 1e-09)")

@@ -1,0 +1,200 @@
+"""ZeRO-1, first part: optimizer state sharded over the data-parallel group.
+
+`ShardedOptimizer(engine, torch.optim.AdamW, lr=..., ...)` takes the place of
+`torch.optim.AdamW(engine.parameters(), ...)`. Each dp rank keeps optimizer
+state for 1/dp of each gradient bucket and steps only that slice; the updated
+parameters are then all-gathered, so every replica ends the step with the
+same parameters, as with plain data parallelism.
+
+How (and why):
+- Each `GradientSync` bucket gets a flat parameter buffer laid out like its
+  gradient buffer (padded to a multiple of dp, for the all-gather), and each
+  parameter's `.data` becomes a view of it: the all-gather then writes
+  straight into the parameters, nothing is copied back.
+- This rank's shard of a bucket is cut at parameter boundaries into pieces,
+  one leaf tensor per (parameter, shard) overlap, each a view of the flat
+  parameter buffer. Pieces inherit their parameter's param group, so per-group
+  options (weight decay only on >= 2-d weights) hold whatever the cut. The
+  pieces are what the wrapped torch optimizer sees: its state is 1/dp.
+- A piece's gradient is the matching slice of the bucket's gradient buffer,
+  set at step() time (after clipping, which scales `.grad` in place): a
+  parameter with no gradient (`.grad` None, as in one process) gives pieces
+  with none, which torch optimizers skip, as they would the whole parameter.
+- Element-wise optimizers (SGD, Adam, AdamW, ...) step a piece exactly as
+  they would step those elements of the whole parameter. Optimizers whose
+  update depends on the whole tensor (LBFGS, Adafactor-style factored
+  state) do not: they are not supported here.
+
+Not yet done (issue 16 item 2): gradients are still all-reduced in full (a
+reduce-scatter mode of GradientSync would halve that traffic), ZeRO-2, and
+checkpoints of the sharded state are gathered whole to every dp rank
+(`state_dict`), simple and correct but not memory-lean.
+The all-gather is synchronous: its result is read only after it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class _Piece:
+    param: nn.Parameter  # the full parameter this piece is part of
+    start: int  # offset in the bucket's gradient / flat parameter buffer
+    stop: int
+    leaf: torch.Tensor  # what the torch optimizer steps: a view of the flat parameter buffer
+
+
+class ShardedOptimizer:
+    """Wraps a torch.optim optimizer class so that each dp rank holds and steps 1/dp of the state.
+
+    Args:
+        engine: a plait.Engine with data parallelism (dp >= 2).
+        optimizer_class: any element-wise torch.optim optimizer class (SGD, Adam, AdamW, ...).
+        params: the engine's parameters, or param groups (dicts with "params") over them;
+            None means all of engine.parameters() in one group.
+        **kwargs: the optimizer's options, as for optimizer_class(params, **kwargs).
+    """
+
+    def __init__(self, engine, optimizer_class, params=None, **kwargs):
+        sync = engine.grad_sync
+        if sync is None:
+            raise ValueError("ShardedOptimizer needs data parallelism (dp >= 2); with dp=1 use the optimizer itself")
+        self.engine, self.group = engine, sync.group
+        self.dp_size, self.dp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        groups = [{"params": list(engine.parameters())}] if params is None else list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        group_of = {p: n for n, g in enumerate(groups) for p in g["params"]}
+        # The caller's parameters and groups: what state_dict() is indexed by, as a torch optimizer's.
+        self.full_param_groups = [list(g["params"]) for g in groups]
+        self.full_params = [p for g in self.full_param_groups for p in g]
+        self._offset: dict[nn.Parameter, int] = {}  # a parameter's offset in its bucket
+        self._flats: list[tuple[torch.Tensor, object]] = []  # (flat parameter buffer, bucket)
+        self._pieces: list[_Piece] = []
+        pieces_by_group: list[list[torch.Tensor]] = [[] for _ in groups]
+        for bucket in sync.buckets:
+            shard = -(-bucket.numel // self.dp_size)  # ceil: the last rank's shard holds the padding
+            flat = torch.zeros(shard * self.dp_size, dtype=bucket.flat.dtype, device=bucket.flat.device)
+            lo, hi = self.dp_rank * shard, (self.dp_rank + 1) * shard
+            offset = 0
+            for p in bucket.params:
+                view = flat[offset:offset + p.numel()]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+                self._offset[p] = offset
+                start, stop = max(offset, lo), min(offset + p.numel(), hi)
+                if start < stop and p in group_of:
+                    leaf = flat[start:stop].detach()  # shares the buffer: the optimizer writes into it
+                    self._pieces.append(_Piece(p, start, stop, leaf))
+                    pieces_by_group[group_of[p]].append(leaf)
+                offset += p.numel()
+            self._flats.append((flat, bucket))
+        # Every group is kept (an empty one too), so that group options line up with the caller's.
+        self.optimizer = optimizer_class(
+            [{**g, "params": ps} for g, ps in zip(groups, pieces_by_group)], **kwargs)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Step this rank's shard with the bucket gradients, then all-gather the parameters."""
+        for piece in self._pieces:
+            grad = piece.param.grad
+            piece.leaf.grad = None if grad is None else self._bucket_grad(piece)
+        self.optimizer.step()
+        for flat, _ in self._flats:
+            mine = flat.chunk(self.dp_size)[self.dp_rank]
+            dist.all_gather_into_tensor(flat, mine.clone(), group=self.group)
+
+    def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
+        bucket = self.engine.grad_sync._where[piece.param][0]
+        return bucket.flat[piece.start:piece.stop]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for piece in self._pieces:
+            piece.leaf.grad = None
+        for p in self.engine.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_numel(self) -> int:
+        """Elements of optimizer state this rank holds (tensors with more than one element)."""
+        return sum(v.numel() for s in self.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+    def state_dict(self) -> dict:
+        """The whole optimizer's state, as torch.optim would give it over the full parameters
+        (indices in `full_param_groups` order). A collective over the dp group: every dp rank calls it.
+
+        Each state entry is gathered bucket by bucket, like the parameters; a scalar entry ("step")
+        is spread over its piece's elements for the gather and read back from a parameter's first one.
+        """
+        keys = sorted({k for piece in self._pieces for k in self.optimizer.state.get(piece.leaf, {})})
+        index = {p: i for i, p in enumerate(self.full_params)}
+        state: dict[int, dict] = {}
+        for flat, bucket in self._flats:
+            mine = [pc for pc in self._pieces if self._where(pc.param) is bucket]
+            lo = self.dp_rank * (flat.numel() // self.dp_size)
+            for key in ["<has state>", *keys]:
+                part = torch.zeros(flat.numel() // self.dp_size, dtype=torch.float64, device=flat.device)
+                for pc in mine:
+                    s = self.optimizer.state.get(pc.leaf, {})
+                    if key == "<has state>":
+                        part[pc.start - lo:pc.stop - lo] = 1.0 if s else 0.0
+                    elif key in s:
+                        part[pc.start - lo:pc.stop - lo] = s[key].reshape(-1).to(torch.float64)
+                full = torch.empty_like(flat, dtype=torch.float64)
+                dist.all_gather_into_tensor(full, part, group=self.group)
+                offset = 0
+                for p in bucket.params:
+                    values = full[offset:offset + p.numel()]
+                    offset += p.numel()
+                    if p not in index or (key != "<has state>" and state.get(index[p]) is None):
+                        continue
+                    if key == "<has state>":
+                        state[index[p]] = {} if values[0] == 1 else None
+                    elif key == "step":  # torch keeps it as a 0-d float32 tensor
+                        state[index[p]][key] = values[0].to(torch.float32).cpu()
+                    else:
+                        state[index[p]][key] = values.to(p.dtype).view_as(p).clone()
+        groups, start = [], 0
+        for group, full_group in zip(self.optimizer.param_groups, self.full_param_groups):
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + len(full_group)))})
+            start += len(full_group)
+        return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a full-parameter state (as `state_dict` gives, or a plain torch optimizer's over the
+        same parameters in the same groups): each rank keeps its pieces' slices."""
+        full = dict(zip(range(len(self.full_params)), self.full_params))
+        by_param = {full[i]: s for i, s in state_dict["state"].items()}
+        leaves = [leaf for g in self.optimizer.param_groups for leaf in g["params"]]
+        piece_of = {id(pc.leaf): pc for pc in self._pieces}
+        state = {}
+        for n, leaf in enumerate(leaves):
+            pc = piece_of[id(leaf)]
+            saved = by_param.get(pc.param)
+            if saved is None:
+                continue
+            begin = pc.start - self._offset[pc.param]
+            state[n] = {k: (v.reshape(-1)[begin:begin + pc.stop - pc.start].clone() if torch.is_tensor(v) and v.dim() > 0
+                            else v) for k, v in saved.items()}
+        groups, start = [], 0
+        for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
+            groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                           "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _where(self, p):
+        return self.engine.grad_sync._where[p][0]

@@ -1,0 +1,164 @@
+"""ZeRO-1 (optimizer state sharded over dp) is exact: it ends where one process on the whole batch ends."""
+
+import pytest
+import torch
+
+import plait
+from plait import distributed
+from plait.checkpoint import checkpoint_group, restore_training_state, save_training_state
+from plait.model import build_gpt, gpt_loss
+from plait.parallel.zero import ShardedOptimizer
+from tests.distributed.harness import spawn
+from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKETS_MB, global_batch, reference
+
+STEPS = 3
+
+
+def train_zero(microbatches, bucket_mb, clip):
+    mesh = plait.make_mesh(dp=distributed.world_size(), pp=1)
+    dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    layers = [layer.double() for layer in build_gpt(CFG, seed=distributed.rank())]
+    engine = plait.Engine(layers, gpt_loss, mesh, microbatches=microbatches, bucket_mb=bucket_mb)
+    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    losses = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+        losses.append(engine.train_step(x[rows], y[rows]))
+        if clip:
+            engine.clip_grad_norm_(clip)
+        opt.step()
+        opt.zero_grad()
+    full = sum(p.numel() for p in engine.parameters())
+    return {"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
+            "state_numel": opt.state_numel(), "full": full,
+            "share": sum(max(0, min((dp_rank + 1) * -(-b.numel // dp), b.numel) - dp_rank * -(-b.numel // dp))
+                         for b in engine.grad_sync.buckets)}  # this rank's elements of each bucket
+
+
+@pytest.mark.parametrize("dp,microbatches,bucket_mb", [(2, 1, SMALL_BUCKETS_MB), (4, 2, SMALL_BUCKETS_MB),
+                                                       (2, 2, 25.0)])
+def test_zero1_equals_one_process(dp, microbatches, bucket_mb):
+    ref_state, ref_losses = reference(STEPS)
+    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0)
+    for r in results:
+        for name, value in ref_state.items():
+            assert torch.allclose(r["state"][name], value, rtol=0, atol=1e-9), name
+        assert r["losses"] == pytest.approx(ref_losses, abs=1e-9)
+    for r in results[1:]:  # replicas bit-identical
+        for name, value in results[0]["state"].items():
+            assert torch.equal(r["state"][name], value), name
+
+
+def test_zero1_holds_a_dp_share_of_the_optimizer_state():
+    results = spawn(train_zero, 2, 1, SMALL_BUCKETS_MB, 0.0)
+    # AdamW keeps exp_avg and exp_avg_sq per element: twice this rank's shard of each bucket.
+    total = 0
+    for r in results:
+        assert r["state_numel"] == 2 * r["share"]
+        total += r["state_numel"]
+    assert total == 2 * results[0]["full"]
+
+
+def zero_and_plain_state(dp):
+    """The gathered state of a ZeRO-1 run, a plain AdamW's on the same data, and a reload's."""
+    mesh = plait.make_mesh(dp=dp, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+    out = []
+    for zero in (True, False):
+        layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+        engine = plait.Engine(layers, gpt_loss, mesh, bucket_mb=SMALL_BUCKETS_MB)
+        params = list(engine.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, groups, lr=1e-2) if zero
+               else torch.optim.AdamW(groups, lr=1e-2))
+        for step in range(2):
+            x, y = global_batch(step)
+            rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+            engine.train_step(x[rows], y[rows])
+            opt.step()
+            opt.zero_grad()
+        out.append(opt.state_dict())
+        if zero:
+            again = ShardedOptimizer(engine, torch.optim.AdamW, groups, lr=5.0)
+            again.load_state_dict(out[0])
+            out.append(again.state_dict())
+    return out
+
+
+def test_zero1_state_dict_is_the_whole_optimizers_and_reloads():
+    for zero, reloaded, plain in spawn(zero_and_plain_state, 2, 2):
+        for sd in (zero, reloaded):
+            assert sd["param_groups"] == plain["param_groups"]
+            assert sd["state"].keys() == plain["state"].keys()
+            for i, s in plain["state"].items():
+                assert s.keys() == sd["state"][i].keys()
+                for k, v in s.items():
+                    assert torch.allclose(sd["state"][i][k].to(v.device, v.dtype), v, rtol=0, atol=1e-12), (i, k)
+
+
+def zero_checkpoint(run_dir):
+    """Save a ZeRO-1 dp=2 checkpoint; restore it into a plain optimizer and into ZeRO-1 again."""
+    group = checkpoint_group(30.0)
+    mesh = plait.make_mesh(dp=2, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+
+    def trained(seed, zero, steps):
+        engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=seed)], gpt_loss, mesh,
+                              bucket_mb=SMALL_BUCKETS_MB)
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2) if zero
+               else torch.optim.AdamW(engine.parameters(), lr=1e-2))
+        for step in range(steps):
+            x, y = global_batch(step + seed)
+            engine.train_step(x[dp_rank * 4:(dp_rank + 1) * 4], y[dp_rank * 4:(dp_rank + 1) * 4])
+            opt.step()
+            opt.zero_grad()
+        return engine, opt
+
+    engine, opt = trained(0, True, 2)
+    path = save_training_state(run_dir, 2, engine, opt, group=group)
+    out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()}}
+    for zero in (False, True):
+        other = trained(7, zero, 1)
+        restore_training_state(path, *other)
+        out[zero] = {"opt": other[1].state_dict(), "params": dict(other[0].state_dict())}
+    return out
+
+
+def test_zero1_checkpoint_resumes_with_and_without_zero(tmp_path):
+    for r in spawn(zero_checkpoint, 2, str(tmp_path), timeout=180):
+        for zero in (False, True):
+            assert all(torch.equal(r[zero]["params"][k], v) for k, v in r["params"].items())
+            got, want = r[zero]["opt"], r["want"]
+            assert got["state"].keys() == want["state"].keys()
+            for i, s in want["state"].items():
+                for k, v in s.items():
+                    assert torch.equal(got["state"][i][k].cpu(), v.cpu()), (zero, i, k)
+
+
+def built_by_train(zero):
+    """train.py's optimizer (fused AdamW, decay on >= 2-d weights) for --zero, after two steps."""
+    from plait.config import Config, ParallelConfig, TrainConfig
+    from plait.train import build_optimizer
+    mesh = plait.make_mesh(dp=2, pp=1)
+    dp_rank = mesh["dp"].get_local_rank()
+    engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=0)], gpt_loss, mesh, bucket_mb=SMALL_BUCKETS_MB)
+    cfg = Config(parallel=ParallelConfig(dp=2, pp=1, zero=zero), train=TrainConfig(lr=1e-2, weight_decay=0.1))
+    opt = build_optimizer(engine, cfg)
+    for step in range(2):
+        x, y = global_batch(step)
+        engine.train_step(x[dp_rank * 4:(dp_rank + 1) * 4], y[dp_rank * 4:(dp_rank + 1) * 4])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return type(opt).__name__, {k: v.clone() for k, v in engine.state_dict().items()}
+
+
+def test_train_builds_a_sharded_optimizer_for_zero1():
+    plain = spawn(built_by_train, 2, 0)
+    zero = spawn(built_by_train, 2, 1)
+    assert [name for name, _ in plain] == ["AdamW", "AdamW"]
+    assert [name for name, _ in zero] == ["ShardedOptimizer", "ShardedOptimizer"]
+    for (_, want), (_, got) in zip(plain, zero):
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, rtol=0, atol=1e-9), k
