@@ -41,6 +41,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments), which
+# older torch (>= 2.4, what plait supports) does not have.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
 class _Piece:
     param: nn.Parameter  # the full parameter this piece is part of
@@ -111,7 +116,7 @@ class ShardedOptimizer:
         self.optimizer.step()
         for flat, _ in self._flats:
             mine = flat.chunk(self.dp_size)[self.dp_rank]
-            dist.all_gather_into_tensor(flat, mine.clone(), group=self.group)
+            _all_gather(flat, mine.clone(), group=self.group)
 
     def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
         bucket = self.engine.grad_sync._where[piece.param][0]
@@ -153,7 +158,7 @@ class ShardedOptimizer:
                     elif key in s:
                         part[pc.start - lo:pc.stop - lo] = s[key].reshape(-1).to(torch.float64)
                 full = torch.empty_like(flat, dtype=torch.float64)
-                dist.all_gather_into_tensor(full, part, group=self.group)
+                _all_gather(full, part, group=self.group)
                 offset = 0
                 for p in bucket.params:
                     values = full[offset:offset + p.numel()]
