@@ -106,6 +106,10 @@ class GradientSync:
         self._me = describe(dist.get_rank())  # for messages
         self._peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
 
+    def bucket_of(self, p: nn.Parameter) -> _Bucket:
+        """The bucket holding `p`'s gradient (and, under ZeRO, its flat parameter slice)."""
+        return self._where[p][0]
+
     @staticmethod
     def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
         groups: list[list[nn.Parameter]] = []

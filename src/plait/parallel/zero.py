@@ -119,8 +119,7 @@ class ShardedOptimizer:
             _all_gather(flat, mine.clone(), group=self.group)
 
     def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
-        bucket = self.engine.grad_sync._where[piece.param][0]
-        return bucket.flat[piece.start:piece.stop]
+        return self._where(piece.param).flat[piece.start:piece.stop]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for piece in self._pieces:
@@ -202,4 +201,4 @@ class ShardedOptimizer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def _where(self, p):
-        return self.engine.grad_sync._where[p][0]
+        return self.engine.grad_sync.bucket_of(p)
