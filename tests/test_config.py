@@ -93,8 +93,8 @@ BAD = [
     (["--weight-decay", "inf"], "invalid train.weight_decay = inf: must be a finite number >= 0.0 (--weight-decay)"),
     (["--peak-tflops", "nan"], "invalid output.peak_tflops = nan: must be a finite number > 0.0 (--peak-tflops)"),
     # Issue 16 item 2: ZeRO levels (2 is not written yet).
-    (["--zero", "2"], "invalid parallel.zero = 2: must be one of 0, 1 (--zero)"),
-    (["--zero=-1"], "invalid parallel.zero = -1: must be one of 0, 1 (--zero)"),
+    (["--zero", "3"], "invalid parallel.zero = 3: must be one of 0, 1, 2 (--zero)"),
+    (["--zero=-1"], "invalid parallel.zero = -1: must be one of 0, 1, 2 (--zero)"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no config.toml there; "
                                        "give the directory of a plait run"),
 ]

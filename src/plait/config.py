@@ -115,8 +115,9 @@ class ParallelConfig:
                                listed=True)
     bucket_mb: float = option(25.0, "gradient bucket size of the data-parallel all-reduce, in MiB",
                               min=0.0, min_open=True)
-    zero: int = option(0, "ZeRO level: 0 replicated optimizer state; 1 each dp rank keeps 1/dp of it "
-                          "(a no-op at dp=1)", choices=(0, 1))
+    zero: int = option(0, "ZeRO level: 0 replicated; 1 each dp rank keeps 1/dp of the optimizer state and "
+                          "receives 1/dp of the reduced gradients; 2 also keeps only that 1/dp of the gradients "
+                          "(reduced every micro-batch) (a no-op at dp=1)", choices=(0, 1, 2))
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
                             min=1.0, max=WEEK_S)
 

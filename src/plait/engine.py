@@ -138,14 +138,18 @@ class Engine:
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
         self.grad_sync = None
-        if self.dp_group is not None:
-            self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
-                                          describe=self.describe)
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
         self.tied = None
         if tied:
             columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
             self.tied = TiedGradients(tied, set(self.parameters()), columns)
+        if self.dp_group is not None:
+            # Under ZeRO a bucket holds one stage's gradients, and a tied weight one of its own, so
+            # that both holders of the tied weight cut it into the same shards (parallel/data_parallel.py).
+            tied_index = {p: n for n, (p, _) in enumerate(tied)}  # the same list on every rank
+            keys = {p: (s, tied_index.get(p, -1)) for s, stage in stages.items() for p in stage.parameters()}
+            self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
+                                          describe=self.describe, keys=keys)
 
     def describe(self, rank: int) -> str:
         """A global rank with its mesh coordinates, for messages: "rank 3 (dp=1, pp=1)"."""
@@ -176,8 +180,8 @@ class Engine:
             sync.prepare()
 
         def on_backward(action):
-            if sync is not None:  # accumulate locally; send during each stage's last backward
-                sync.sync = action.microbatch == m - 1
+            if sync is not None:  # ZeRO-2 sends every micro-batch; otherwise only during the last backward
+                sync.begin_backward(action.stage, last=action.microbatch == m - 1)
 
         # Equal micro-batches and equal shares: the mean over the global batch is the
         # sum over replicas and micro-batches of loss / (m * dp).
@@ -188,7 +192,8 @@ class Engine:
             for name, start, end in sync.spans():
                 self.executor.recorder.add("wait" if name.startswith("wait") else "allreduce", name, start, end)
         if self.tied is not None:
-            self.tied.sync(self.describe)
+            sharded = sync is not None and sync.zero > 0  # then the reduced gradient is the bucket's shard
+            self.tied.sync(self.describe, grad_of=(lambda p: sync.bucket_of(p).shard) if sharded else None)
         # [Note: one read per step] The loss, the gradient norm and the used-flags come back to
         # the host in one transfer: the step's only synchronisation with the device.
         values = self._reduce_and_read(total, self._grad_norm_sq(), flags)
@@ -245,13 +250,16 @@ class Engine:
         """This rank's share of the squared global gradient norm, on the device.
 
         Replicas hold identical gradients, so only the first replica counts; a tied
-        copy counts once, on its first holder.
+        copy counts once, on its first holder. Under ZeRO each replica holds its own
+        shard of the gradients, and each counts that.
         """
         device = next(self.module.parameters()).device
+        elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
+        if self.grad_sync is not None and self.grad_sync.zero > 0:
+            return self.grad_sync.shard_norm_sq(skip=elsewhere)
         sq = torch.zeros((), dtype=torch.float64, device=device)
         if self.dp_rank != 0:
             return sq
-        elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
         for p in self.parameters():
             if p.grad is not None and p not in elsewhere:
                 sq += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
@@ -286,6 +294,9 @@ class Engine:
         norm, norm_tensor = self._grad_norm
         if max_norm > 0:
             scale = torch.clamp(max_norm / (norm_tensor + 1e-6), max=1.0)
+            if self.grad_sync is not None and self.grad_sync.zero > 0:
+                self.grad_sync.scale_shards_(scale)
+                return norm
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))

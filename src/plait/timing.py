@@ -66,8 +66,17 @@ class Clock:
                 event.record()
             return event
         later = _Later()
-        later.future = work.get_future().then(later.stamp)
+        try:
+            later.future = work.get_future().then(later.stamp)
+        except RuntimeError:  # gloo's reduce-scatter has no future: `waited` stamps it instead
+            pass
         return later
+
+    def waited(self, mark) -> None:
+        """Call when the work of `mark_done`'s mark has been waited on: a CPU mark that no future
+        could stamp takes this time, the first moment its completion was known."""
+        if isinstance(mark, _Later) and mark.future is None and mark.at is None:
+            mark.at = time.perf_counter()
 
     def seconds(self, start, end) -> float:
         """Seconds from mark `start` to mark `end`. On a GPU this waits for both: call it after the step."""

@@ -146,10 +146,10 @@ def verify(cfg: Config, steps: int = STEPS, log=print, unused: list[str] = ()) -
     engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
                     virtual_stages=p.virtual_stages, partition_method=method, split=p.cuts, bucket_mb=p.bucket_mb,
                     activation_checkpointing=cfg.train.activation_checkpointing)
-    if p.zero >= 1 and engine.grad_sync is not None:  # ZeRO-1: each dp rank steps 1/dp of the state
+    if p.zero >= 1 and engine.grad_sync is not None:  # ZeRO: each dp rank steps 1/dp of the state
         t = cfg.train
         opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=t.lr, betas=(t.beta1, t.beta2),
-                               weight_decay=t.weight_decay)
+                               weight_decay=t.weight_decay, zero=p.zero)
     else:
         opt = _optimizer(engine.parameters(), cfg)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0

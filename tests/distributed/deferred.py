@@ -8,8 +8,9 @@ NCCL the operation runs on its own CUDA stream: only `work.wait()`, or
 next. A `then()` child of that future, whose value holds no tensor, orders
 nothing.
 
-`install()` wraps the asynchronous calls plait makes (`all_reduce` and
-`broadcast` with `async_op=True`, and the receives of `batch_isend_irecv`)
+`install()` wraps the asynchronous calls plait makes (`all_reduce`,
+`broadcast` and the reduce-scatter with `async_op=True`, and the receives of
+`batch_isend_irecv`)
 so that gloo runs them into private buffers, and the caller's tensor gets the
 result only when the returned work, or its `get_future()`, is waited on.
 Everything else (blocking collectives, sends) is left as it is. The
@@ -110,6 +111,16 @@ def _broadcast(tensor, src=None, group=None, async_op=False, group_src=None):
     return DeferredWork(work, _Landing([(private, tensor)]), [tensor])
 
 
+def _reduce_scatter(name):
+    def wrapper(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not async_op:
+            return _REAL[name](output, input, op=op, group=group)
+        private = torch.empty_like(output)
+        work = _REAL[name](private, input, op=op, group=group, async_op=True)
+        return DeferredWork(work, _Landing([(private, output)]), [output])
+    return wrapper
+
+
 def _batch_isend_irecv(ops):
     swapped, privates = [], []
     for op in ops:
@@ -132,7 +143,10 @@ def install() -> None:
     """Wrap this process's asynchronous torch.distributed calls (idempotent)."""
     if _REAL:
         return
-    for name, wrapper in (("all_reduce", _all_reduce), ("broadcast", _broadcast),
-                          ("batch_isend_irecv", _batch_isend_irecv)):
+    wrappers = {"all_reduce": _all_reduce, "broadcast": _broadcast, "batch_isend_irecv": _batch_isend_irecv,
+                "reduce_scatter_tensor": _reduce_scatter("reduce_scatter_tensor")}
+    if hasattr(dist, "reduce_scatter_single"):  # torch >= 2.13's name for it
+        wrappers["reduce_scatter_single"] = _reduce_scatter("reduce_scatter_single")
+    for name, wrapper in wrappers.items():
         _REAL[name] = getattr(dist, name)
         setattr(dist, name, wrapper)

@@ -58,9 +58,9 @@ def count_reads_in_steps(dp, pp, zero=0):
     mesh = plait.make_mesh(dp=dp, pp=pp)
     layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
     engine = plait.Engine(layers, gpt_loss, mesh, microbatches=2, bucket_mb=0.004)
-    if zero:  # ZeRO-1 (plait.parallel.zero): the shard step and the all-gather read nothing either
+    if zero:  # ZeRO (plait.parallel.zero): the shard step and the all-gather read nothing either
         from plait.parallel.zero import ShardedOptimizer
-        opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, fused=True)
+        opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, fused=True, zero=zero)
     else:
         opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, fused=True)  # as plait train steps it
     g = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def count_reads_in_steps(dp, pp, zero=0):
 def test_a_step_reads_the_device_once():
     # [Note: one read per step] in engine.py: the loss, the gradient norm and the used-flags
     # come back together; nothing else in train_step, clip_grad_norm_ or the optimizer reads.
-    for dp, pp, zero in [(2, 1, 0), (1, 2, 0), (2, 2, 0), (2, 1, 1), (2, 2, 1)]:
+    for dp, pp, zero in [(2, 1, 0), (1, 2, 0), (2, 2, 0), (2, 1, 1), (2, 2, 1), (2, 2, 2)]:
         ranks = spawn(count_reads_in_steps, dp * pp, dp, pp, zero, timeout=120)
         for counts in ranks:
             assert counts == {"tolist": 1}, (dp, pp, zero, counts)

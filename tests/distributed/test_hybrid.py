@@ -34,7 +34,7 @@ def reference():
     return model.state_dict(), norms
 
 
-def train_hybrid(zero=False):
+def train_hybrid(zero=0):
     mesh = plait.make_mesh(dp=2, pp=2)
     dp_rank = mesh["dp"].get_local_rank()
     out = []
@@ -42,8 +42,8 @@ def train_hybrid(zero=False):
         layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual,
                               bucket_mb=0.004)
-        if zero:  # ZeRO-1: each dp rank steps half of each bucket (plait.parallel.zero)
-            opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        if zero:  # ZeRO: each dp rank steps half of each bucket (plait.parallel.zero)
+            opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
         else:
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
         norms = []
@@ -59,7 +59,7 @@ def train_hybrid(zero=False):
     return out
 
 
-@pytest.mark.parametrize("zero", [False, True], ids=["zero0", "zero1"])
+@pytest.mark.parametrize("zero", [0, 1, 2], ids=["zero0", "zero1", "zero2"])
 def test_dp2_pp2_with_tied_embeddings_equals_one_process(zero):
     ref_state, ref_norms = reference()
     ranks = spawn(train_hybrid, 4, zero, timeout=300)

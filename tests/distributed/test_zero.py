@@ -1,4 +1,5 @@
-"""ZeRO-1 (optimizer state sharded over dp) is exact: it ends where one process on the whole batch ends."""
+"""ZeRO-1 and ZeRO-2 (optimizer state, and gradients, sharded over dp) are exact: they end where one process on
+the whole batch ends."""
 
 import pytest
 import torch
@@ -14,33 +15,42 @@ from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKET
 STEPS = 3
 
 
-def train_zero(microbatches, bucket_mb, clip):
+def train_zero(microbatches, bucket_mb, clip, zero=1):
     mesh = plait.make_mesh(dp=distributed.world_size(), pp=1)
     dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=distributed.rank())]
     engine = plait.Engine(layers, gpt_loss, mesh, microbatches=microbatches, bucket_mb=bucket_mb)
-    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-    losses = []
+    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
+    sync = engine.grad_sync
+    losses, held = [], []
     for step in range(STEPS):
         x, y = global_batch(step)
         rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
         losses.append(engine.train_step(x[rows], y[rows]))
+        # What gradient memory the step leaves: full buffers (ZeRO-1) or none (ZeRO-2), and no .grad.
+        held.append((sum(b.flat.numel() for b in sync.buckets if b.flat is not None),
+                     sum(p.grad is not None for p in engine.parameters())))
         if clip:
             engine.clip_grad_norm_(clip)
         opt.step()
         opt.zero_grad()
     full = sum(p.numel() for p in engine.parameters())
     return {"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
-            "state_numel": opt.state_numel(), "full": full,
+            "state_numel": opt.state_numel(), "full": full, "held": held,
+            "shards": sum(b.shard.numel() for b in sync.buckets),
+            "padded": sum(b.padded for b in sync.buckets),
+            "spans": sorted({name if name.startswith("wait") else name.rsplit(" ", 2)[0]  # drop "bucket N"
+                             for name, _, _ in sync.spans()}),
             "share": sum(max(0, min((dp_rank + 1) * -(-b.numel // dp), b.numel) - dp_rank * -(-b.numel // dp))
                          for b in engine.grad_sync.buckets)}  # this rank's elements of each bucket
 
 
-@pytest.mark.parametrize("dp,microbatches,bucket_mb", [(2, 1, SMALL_BUCKETS_MB), (4, 2, SMALL_BUCKETS_MB),
-                                                       (2, 2, 25.0)])
-def test_zero1_equals_one_process(dp, microbatches, bucket_mb):
+@pytest.mark.parametrize("zero,dp,microbatches,bucket_mb", [
+    (1, 2, 1, SMALL_BUCKETS_MB), (1, 4, 2, SMALL_BUCKETS_MB), (1, 2, 2, 25.0),
+    (2, 2, 2, SMALL_BUCKETS_MB), (2, 4, 2, SMALL_BUCKETS_MB), (2, 2, 1, 25.0)])
+def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb):
     ref_state, ref_losses = reference(STEPS)
-    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0)
+    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0, zero)
     for r in results:
         for name, value in ref_state.items():
             assert torch.allclose(r["state"][name], value, rtol=0, atol=1e-9), name
@@ -50,13 +60,19 @@ def test_zero1_equals_one_process(dp, microbatches, bucket_mb):
             assert torch.equal(r["state"][name], value), name
 
 
-def test_zero1_holds_a_dp_share_of_the_optimizer_state():
-    results = spawn(train_zero, 2, 1, SMALL_BUCKETS_MB, 0.0)
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_holds_a_dp_share_of_the_optimizer_state_and_gradients(zero):
+    results = spawn(train_zero, 2, 2, SMALL_BUCKETS_MB, 0.5, zero)
     # AdamW keeps exp_avg and exp_avg_sq per element: twice this rank's shard of each bucket.
     total = 0
     for r in results:
         assert r["state_numel"] == 2 * r["share"]
         total += r["state_numel"]
+        # The reduced gradients are this rank's half of the (padded) buckets, and nothing else:
+        # ZeRO-1 keeps its full buffers between steps, ZeRO-2 none; no parameter keeps a .grad.
+        assert 2 * r["shards"] == r["padded"]
+        assert r["held"] == [(r["padded"] if zero == 1 else 0, 0)] * STEPS
+        assert r["spans"] == ["reduce-scatter", "wait for reduce-scatter"]
     assert total == 2 * results[0]["full"]
 
 
@@ -98,8 +114,8 @@ def test_zero1_state_dict_is_the_whole_optimizers_and_reloads():
                     assert torch.allclose(sd["state"][i][k].to(v.device, v.dtype), v, rtol=0, atol=1e-12), (i, k)
 
 
-def zero_checkpoint(run_dir):
-    """Save a ZeRO-1 dp=2 checkpoint; restore it into a plain optimizer and into ZeRO-1 again."""
+def zero_checkpoint(run_dir, level):
+    """Save a ZeRO-`level` dp=2 checkpoint; restore it into a plain optimizer, ZeRO-1 and ZeRO-2."""
     group = checkpoint_group(30.0)
     mesh = plait.make_mesh(dp=2, pp=1)
     dp_rank = mesh["dp"].get_local_rank()
@@ -107,7 +123,7 @@ def zero_checkpoint(run_dir):
     def trained(seed, zero, steps):
         engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=seed)], gpt_loss, mesh,
                               bucket_mb=SMALL_BUCKETS_MB)
-        opt = (ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2) if zero
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, zero=zero) if zero
                else torch.optim.AdamW(engine.parameters(), lr=1e-2))
         for step in range(steps):
             x, y = global_batch(step + seed)
@@ -116,19 +132,20 @@ def zero_checkpoint(run_dir):
             opt.zero_grad()
         return engine, opt
 
-    engine, opt = trained(0, True, 2)
+    engine, opt = trained(0, level, 2)
     path = save_training_state(run_dir, 2, engine, opt, group=group)
     out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()}}
-    for zero in (False, True):
+    for zero in (0, 1, 2):
         other = trained(7, zero, 1)
         restore_training_state(path, *other)
         out[zero] = {"opt": other[1].state_dict(), "params": dict(other[0].state_dict())}
     return out
 
 
-def test_zero1_checkpoint_resumes_with_and_without_zero(tmp_path):
-    for r in spawn(zero_checkpoint, 2, str(tmp_path), timeout=180):
-        for zero in (False, True):
+@pytest.mark.parametrize("level", [1, 2])
+def test_zero_checkpoint_resumes_with_and_without_zero(tmp_path, level):
+    for r in spawn(zero_checkpoint, 2, str(tmp_path), level, timeout=180):
+        for zero in (0, 1, 2):
             assert all(torch.equal(r[zero]["params"][k], v) for k, v in r["params"].items())
             got, want = r[zero]["opt"], r["want"]
             assert got["state"].keys() == want["state"].keys()
@@ -151,14 +168,15 @@ def built_by_train(zero):
         engine.train_step(x[dp_rank * 4:(dp_rank + 1) * 4], y[dp_rank * 4:(dp_rank + 1) * 4])
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return type(opt).__name__, {k: v.clone() for k, v in engine.state_dict().items()}
+    return type(opt).__name__, engine.grad_sync.zero, {k: v.clone() for k, v in engine.state_dict().items()}
 
 
-def test_train_builds_a_sharded_optimizer_for_zero1():
+def test_train_builds_a_sharded_optimizer_for_zero():
     plain = spawn(built_by_train, 2, 0)
-    zero = spawn(built_by_train, 2, 1)
-    assert [name for name, _ in plain] == ["AdamW", "AdamW"]
-    assert [name for name, _ in zero] == ["ShardedOptimizer", "ShardedOptimizer"]
-    for (_, want), (_, got) in zip(plain, zero):
-        for k, v in want.items():
-            assert torch.allclose(got[k], v, rtol=0, atol=1e-9), k
+    assert [name for name, _, _ in plain] == ["AdamW", "AdamW"]
+    for level in (1, 2):
+        zero = spawn(built_by_train, 2, level)
+        assert [(name, got_level) for name, got_level, _ in zero] == [("ShardedOptimizer", level)] * 2
+        for (_, _, want), (_, _, got) in zip(plain, zero):
+            for k, v in want.items():
+                assert torch.allclose(got[k], v, rtol=0, atol=1e-9), k

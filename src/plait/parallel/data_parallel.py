@@ -1,4 +1,4 @@
-"""Data parallelism: bucketed gradient all-reduce, overlapped with backward.
+"""Data parallelism: bucketed gradient reduction, overlapped with backward.
 
 Every data-parallel rank holds the same parameters and computes gradients on
 its own share of the batch. `GradientSync` then sums the gradients over the
@@ -13,18 +13,35 @@ How (and why):
 - Buckets are filled in reverse registration order, the order in which
   backward produces gradients, so the last layers' bucket is ready first.
 - A hook on each parameter (`register_post_accumulate_grad_hook`) counts
-  the bucket down; when its last gradient is in, the bucket's all-reduce is
+  the bucket down; when its last gradient is in, the bucket's reduction is
   launched asynchronously and runs while backward goes on.
 - Buckets are launched strictly in index order on every rank: collectives
   must be issued in the same order everywhere or the group deadlocks.
 - A parameter may get no gradient on some rank (or on all). Each bucket
-  carries one "used" flag per parameter in its tail, summed with the
-  gradients: a parameter no rank used gets `.grad = None` afterwards, just
-  as in one process; one that only some ranks used gets the reduced sum.
-  The flags stay on the device; the Engine reads them in the same transfer
-  as the step's loss, the step's one host synchronisation.
+  carries one "used" flag per parameter, summed over the ranks: a parameter
+  no rank used gets no gradient afterwards, just as in one process; one that
+  only some ranks used gets the reduced sum. The flags stay on the device;
+  the Engine reads them in the same transfer as the step's loss, the step's
+  one host synchronisation.
 - With `sync` off (gradient accumulation), hooks only record use; nothing
   is sent until the last micro-batch.
+
+ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
+- 0: each bucket (gradients, then its flags in the tail) is all-reduced;
+  every rank ends with every gradient in `.grad`.
+- 1: each bucket, padded to a multiple of dp, is reduce-scattered once, at
+  the last micro-batch: this rank keeps the reduced gradient of its 1/dp
+  slice (`bucket.shard`), half the all-reduce's traffic. The full buffers
+  stay, accumulating over micro-batches as at level 0. The flags travel in
+  one small all-reduce of their own at the end.
+- 2: as 1, but the full buffers do not outlive a micro-batch: each
+  micro-batch's bucket is reduce-scattered as soon as it is complete, added
+  into the shard, and dropped. Gradient memory is 1/dp of the model plus the
+  buckets in flight, for m times the traffic of level 1 with m micro-batches.
+  This is the trade-off gradient accumulation forces (README, "ZeRO").
+Under ZeRO the parameters' `.grad` are None after `finish()`: the reduced
+gradient exists only as shards, and reading a local, unreduced `.grad` as
+if it were reduced would be silently wrong.
 
 The caller scales the loss so that the SUM over ranks is the mean over the
 global batch (see Engine), which saves a pass over every buffer.
@@ -45,22 +62,35 @@ from plait.watchdog import wait
 FIRST_BUCKET_BYTES = 1 << 20
 
 
-@dataclass
+def _reduce_scatter(output, input, group, async_op):
+    # torch 2.13 deprecates reduce_scatter_tensor for reduce_scatter_single (same arguments), which
+    # older torch (>= 2.4, what plait supports) does not have. Looked up at each call, not bound at
+    # import, so that a wrapper installed later (the tests' deferred completion) is the one called.
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+@dataclass(eq=False)  # buckets are compared by identity (list.index)
 class _Bucket:
     params: list[nn.Parameter]
-    flat: torch.Tensor  # (numel of all params + one used-flag per param,)
-    views: list[torch.Tensor]
+    key: object  # what separates buckets besides dtype and device: (stage, tied) under ZeRO
     numel: int
-    used: list[bool] = field(default_factory=list)
+    padded: int  # numel rounded up to a multiple of dp under ZeRO (reduce-scatter needs equal slices)
+    flat: torch.Tensor | None = None  # gradients (+ the flags' tail at level 0); None between micro-batches at 2
+    views: list[torch.Tensor] | None = None
+    used: list[bool] = field(default_factory=list)  # over the step
+    fresh: list[bool] = field(default_factory=list)  # this micro-batch (level 2)
     pending: int = 0
-    work: object = None  # the all-reduce's Work: the only thing whose wait orders its result (NCCL)
-    launched: object = None  # timing marks (plait.timing): launch and completion of the all-reduce
-    done: object = None
+    work: object = None  # level 0: the all-reduce's Work, the only thing whose wait orders its result (NCCL)
+    shard: torch.Tensor | None = None  # levels 1 and 2: this rank's slice of the reduced gradients
+    flag_buf: torch.Tensor | None = None  # levels 1 and 2: the used-flags, reduced at finish()
+    in_flight: list = field(default_factory=list)  # levels 1 and 2: (Work, full buffer, output to add or None, done mark)
+    scattered: bool = False  # level 2: a reduce-scatter of this step has written `shard`
 
     @property
     def flags(self) -> torch.Tensor:
-        """The used-flags after the all-reduce: how many ranks produced each parameter's gradient."""
-        return self.flat[self.numel:]
+        """The used-flags after the reduction: how many ranks produced each parameter's gradient."""
+        return self.flat[self.numel:] if self.flag_buf is None else self.flag_buf
 
 
 @dataclass
@@ -73,8 +103,16 @@ class SyncStats:
 
     @property
     def hidden_fraction(self) -> float:
-        """Share of the all-reduce time that ran behind backward."""
+        """Share of the reduction time that ran behind backward."""
         return 1.0 - self.exposed_s / self.comm_s if self.comm_s > 0 else 0.0
+
+
+def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
 
 
 class GradientSync:
@@ -85,40 +123,80 @@ class GradientSync:
         group: the data-parallel process group.
         bucket_bytes: target bucket size; a parameter larger than this gets
             a bucket of its own.
+        keys: optional {param: key}; under ZeRO two parameters with different keys never
+            share a bucket (the Engine keys each pipeline stage, and a tied weight apart,
+            so that both holders of a tied weight cut it into the same shards).
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
-                 describe=lambda r: f"rank {r}"):
+                 describe=lambda r: f"rank {r}", keys: dict[nn.Parameter, object] | None = None):
         self.group = group
         self.describe = describe
         self.sync = True
-        params = [p for p in dict.fromkeys(params) if p.requires_grad]
-        self.clock = Clock(params[0].device if params else "cpu")
-        broadcast_parameters(params, group)
-        self.buckets = self._make_buckets(params, bucket_bytes)
+        self.zero = 0
+        self.dp_size, self.dp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
+        self.keys = keys or {}
+        self.bucket_bytes = bucket_bytes
+        self.clock = Clock(self.params[0].device if self.params else "cpu")
+        broadcast_parameters(self.params, group)
+        self._build()
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        self._timed: list[tuple] = []  # (what, bucket, launched, done) of the step's collectives
+        self._waited = (None, None)  # marks around finish()'s wait
+        self._flags_work = None
+        self.no_grad: set[nn.Parameter] = set()  # under ZeRO: parameters no rank produced a gradient for
+        self._me = describe(dist.get_rank())  # for messages
+        self._peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
+
+    def set_zero(self, level: int) -> None:
+        """Reduce gradients as ZeRO `level` (0, 1 or 2) says, from the next step on; see the module's doc.
+
+        Rebuilds the buckets (ZeRO pads them and keys them apart), so it is called once, before
+        training: plait.parallel.zero.ShardedOptimizer does.
+        """
+        if level not in (0, 1, 2):
+            raise ValueError(f"ZeRO level must be 0, 1 or 2 (got {level})")
+        for p in self.params:
+            p.grad = None  # held gradients point into the old buckets
+        self.zero = level
+        self._build()
+
+    def _build(self) -> None:
+        self.buckets = self._make_buckets()
         self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
         for bucket in self.buckets:
             for slot, p in enumerate(bucket.params):
                 self._where[p] = (bucket, slot)
-                p.register_post_accumulate_grad_hook(self._on_grad)
         self._next = 0
-        self._waited = (None, None)  # marks around finish()'s wait
-        self._me = describe(dist.get_rank())  # for messages
-        self._peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
+        # Level 2 reduces each backward action's buckets (one stage, one micro-batch) in index order.
+        self._stage_buckets: dict[object, list[_Bucket]] = {}
+        for bucket in self.buckets:
+            self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
+        self._stage = None  # level 2: the stage whose backward is running, and its next bucket
+        self._cursor = 0
 
     def bucket_of(self, p: nn.Parameter) -> _Bucket:
         """The bucket holding `p`'s gradient (and, under ZeRO, its flat parameter slice)."""
         return self._where[p][0]
 
-    @staticmethod
-    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+    def shard_range(self, bucket: _Bucket) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of a bucket under ZeRO (the last rank's holds the padding)."""
+        size = bucket.padded // self.dp_size
+        return self.dp_rank * size, (self.dp_rank + 1) * size
+
+    def _make_buckets(self) -> list[_Bucket]:
         groups: list[list[nn.Parameter]] = []
         size = 0
-        for p in reversed(params):  # backward's order
+        keyed = self.zero > 0
+        for p in reversed(self.params):  # backward's order
             # The first bucket is kept small so that sending starts early in backward.
-            cap = min(bucket_bytes, FIRST_BUCKET_BYTES) if len(groups) == 1 else bucket_bytes
+            cap = min(self.bucket_bytes, FIRST_BUCKET_BYTES) if len(groups) == 1 else self.bucket_bytes
             fits = groups and size + p.numel() * p.element_size() <= cap
-            same_kind = groups and (p.dtype, p.device) == (groups[-1][0].dtype, groups[-1][0].device)
+            kind = (p.dtype, p.device, self.keys.get(p) if keyed else None)
+            same_kind = groups and kind == (groups[-1][0].dtype, groups[-1][0].device,
+                                            self.keys.get(groups[-1][0]) if keyed else None)
             if not (fits and same_kind):
                 groups.append([])
                 size = 0
@@ -127,39 +205,69 @@ class GradientSync:
         buckets = []
         for ps in groups:
             numel = sum(p.numel() for p in ps)
-            flat = torch.zeros(numel + len(ps), dtype=ps[0].dtype, device=ps[0].device)
-            views, offset = [], 0
-            for p in ps:
-                views.append(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            buckets.append(_Bucket(ps, flat, views, numel, used=[False] * len(ps)))
+            key = self.keys.get(ps[0]) if keyed else None
+            if self.zero == 0:
+                b = _Bucket(ps, key, numel, numel)
+                b.flat = torch.zeros(numel + len(ps), dtype=ps[0].dtype, device=ps[0].device)
+            else:
+                padded = -(-numel // self.dp_size) * self.dp_size
+                b = _Bucket(ps, key, numel, padded, flag_buf=torch.zeros(len(ps), dtype=ps[0].dtype,
+                                                                          device=ps[0].device))
+                b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
+                if self.zero == 1:
+                    b.flat = torch.zeros(padded, dtype=ps[0].dtype, device=ps[0].device)
+            b.views = _views(b.flat, ps) if b.flat is not None else None
+            b.used = [False] * len(ps)
+            b.fresh = [False] * len(ps)
+            buckets.append(b)
         return buckets
 
     def prepare(self) -> None:
         """Before a step's first backward: reset the buckets' bookkeeping.
 
-        A gradient still held from before (accumulating over several steps) is
-        moved into its bucket and counts as used; a parameter whose `.grad` is
-        None gets its bucket view at its first gradient, in `_on_grad`.
+        A gradient still held from before (accumulating over several steps, level 0 or 1) is
+        moved into its bucket and counts as used; a parameter whose `.grad` is None gets its
+        bucket view at its first gradient, in `_on_grad`. Under ZeRO each step's reduced
+        gradient replaces the last (`.grad` is None between steps).
         """
         for bucket in self.buckets:
-            for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
-                held = p.grad is not None
-                if held and p.grad.data_ptr() != view.data_ptr():
-                    view.copy_(p.grad)
-                    p.grad = view
+            for slot, p in enumerate(bucket.params):
+                held = p.grad is not None and bucket.views is not None
+                if held and p.grad.data_ptr() != bucket.views[slot].data_ptr():
+                    bucket.views[slot].copy_(p.grad)
+                    p.grad = bucket.views[slot]
                 bucket.used[slot] = held
+                bucket.fresh[slot] = False
             bucket.pending = len(bucket.params)
             bucket.work = None
+            bucket.scattered = False
         self._next = 0
+        self._stage, self._cursor = None, 0
+        self._timed = []
+        self.no_grad = set()
+
+    def begin_backward(self, stage: int, last: bool) -> None:
+        """Called before each backward action (one stage, one micro-batch); `last` is the step's last
+        micro-batch. Levels 0 and 1 reduce only then; level 2 reduces every micro-batch, and first
+        sends what the previous action left (buckets holding a parameter that got no gradient)."""
+        if self.zero < 2:
+            self.sync = last
+            return
+        self._flush_stage()
+        self._stage, self._cursor = stage, 0
 
     def _on_grad(self, p: nn.Parameter) -> None:
         bucket, slot = self._where[p]
+        if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
+            self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
+            bucket.flat = torch.empty(bucket.padded, dtype=p.dtype, device=p.device)
+            bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
+            bucket.views = _views(bucket.flat, bucket.params)
         view = bucket.views[slot]
-        if p.grad.data_ptr() != view.data_ptr():  # the step's first gradient: autograd's own tensor
+        if p.grad.data_ptr() != view.data_ptr():  # the step's (level 2: micro-batch's) first gradient
             view.copy_(p.grad)
-            p.grad = view
-        bucket.used[slot] = True
+            p.grad = None if self.zero == 2 else view  # level 2: autograd's next one starts afresh
+        bucket.used[slot] = bucket.fresh[slot] = True
         if not self.sync:
             return
         bucket.pending -= 1
@@ -167,6 +275,12 @@ class GradientSync:
             self._launch_ready()
 
     def _launch_ready(self, everything: bool = False) -> None:
+        if self.zero == 2:
+            order = self._stage_buckets.get(self._stage, [])
+            while self._cursor < len(order) and (everything or order[self._cursor].pending == 0):
+                self._launch(order[self._cursor])
+                self._cursor += 1
+            return
         while self._next < len(self.buckets):
             bucket = self.buckets[self._next]
             if not (everything or bucket.pending == 0):
@@ -174,48 +288,121 @@ class GradientSync:
             self._launch(bucket)
             self._next += 1
 
+    def _flush_stage(self) -> None:
+        if self._stage is not None:
+            self._launch_ready(everything=True)
+
     def _launch(self, bucket: _Bucket) -> None:
-        # The flags are written on the device, one fill per parameter this rank did not use:
-        # a host list copied in would be a blocking copy into a CUDA bucket on every launch.
-        bucket.flags.fill_(1)
-        for slot, (view, used) in enumerate(zip(bucket.views, bucket.used)):
-            if not used:  # this rank has no gradient for it: it adds zero (its place holds an old step's)
+        written = bucket.fresh if self.zero == 2 else bucket.used
+        if bucket.flat is None:  # level 2: no gradient at all for this bucket in this micro-batch
+            bucket.flat = torch.zeros(bucket.padded, dtype=bucket.shard.dtype, device=bucket.shard.device)
+            bucket.views = _views(bucket.flat, bucket.params)
+        for view, w in zip(bucket.views, written):
+            if not w:  # this rank has no gradient for it: it adds zero (its place holds an old one)
                 view.zero_()
-                bucket.flags[slot] = 0
-        bucket.launched = self.clock.mark()
-        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
-        bucket.done = self.clock.mark_done(bucket.work)
+        launched = self.clock.mark()
+        if self.zero == 0:
+            # The flags are written on the device, one fill per parameter this rank did not use:
+            # a host list copied in would be a blocking copy into a CUDA bucket on every launch.
+            bucket.flags.fill_(1)
+            for slot, used in enumerate(bucket.used):
+                if not used:
+                    bucket.flags[slot] = 0
+            bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+            self._timed.append(("all-reduce", bucket, launched, self.clock.mark_done(bucket.work)))
+        else:
+            # The first reduce-scatter of the step writes the shard; later ones (level 2) are added in.
+            out = torch.empty_like(bucket.shard) if bucket.scattered else bucket.shard
+            work = _reduce_scatter(out, bucket.flat, group=self.group, async_op=True)
+            done = self.clock.mark_done(work)
+            bucket.in_flight.append((work, bucket.flat, out if bucket.scattered else None, done))
+            bucket.scattered = True
+            self._timed.append(("reduce-scatter", bucket, launched, done))
+        bucket.pending = len(bucket.params)
+        if self.zero == 2:  # dropped once its reduce-scatter is waited on (in_flight holds it till then)
+            bucket.flat, bucket.views = None, None
+            bucket.fresh = [False] * len(bucket.params)
+
+    def _drain(self, bucket: _Bucket, everything: bool) -> None:
+        n = self.buckets.index(bucket)
+        while bucket.in_flight:
+            work, _full, out, done = bucket.in_flight[0]
+            if not everything and not work.is_completed():
+                return
+            wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
+                                 f"{n + 1} of {len(self.buckets)} with {self._peers}")
+            self.clock.waited(done)
+            if out is not None:
+                bucket.shard.add_(out)
+            bucket.in_flight.pop(0)
 
     def finish(self) -> list[torch.Tensor]:
         """After the last backward: launch what is left and wait for every bucket.
 
-        Waiting on each all-reduce's own Work orders its result before whatever
-        reads the gradients next (on NCCL the compute stream waits; the host
-        does not). Returns each bucket's flags, still on the device: the caller
-        reads them with the step's loss and hands them to `apply_flags`.
+        Waiting on each collective's own Work orders its result before whatever reads the
+        gradients next (on NCCL the compute stream waits; the host does not). Returns the
+        flags, still on the device: the caller reads them with the step's loss and hands
+        them (concatenated, in bucket order) to `apply_flags`.
         """
         start = self.clock.mark()
-        self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
+        if self.zero == 2:
+            self._flush_stage()
+        else:
+            self._launch_ready(everything=True)  # buckets holding a parameter that got no gradient
+        if self.zero > 0:
+            flags = torch.cat([b.flag_buf for b in self.buckets])
+            flags.fill_(1)
+            offset = 0
+            for bucket in self.buckets:
+                for slot, used in enumerate(bucket.used):
+                    if not used:
+                        flags[offset + slot] = 0
+                offset += len(bucket.params)
+            self._flags_work = dist.all_reduce(flags, group=self.group, async_op=True)
         for n, bucket in enumerate(self.buckets):
-            wait(bucket.work, lambda s, n=n: f"{self._me} waited {s:.0f} s in the gradient all-reduce of bucket "
-                                             f"{n + 1} of {len(self.buckets)} with {self._peers}")
+            if self.zero == 0:
+                wait(bucket.work, lambda s, n=n: f"{self._me} waited {s:.0f} s in the gradient all-reduce of "
+                                                 f"bucket {n + 1} of {len(self.buckets)} with {self._peers}")
+            else:
+                self._drain(bucket, everything=True)
+        if self.zero > 0:
+            wait(self._flags_work, lambda s: f"{self._me} waited {s:.0f} s in the gradient flags' all-reduce "
+                                             f"with {self._peers}")
         self._waited = (start, self.clock.mark())
-        for bucket in self.buckets:  # a parameter other ranks used gets the reduced gradient too
-            for p, view in zip(bucket.params, bucket.views):
-                if p.grad is None:
+        for bucket in self.buckets:
+            for p, view in zip(bucket.params, bucket.views or bucket.params):
+                if self.zero > 0:
+                    p.grad = None  # see the module's doc: only the shards are reduced
+                elif p.grad is None:  # a parameter other ranks used gets the reduced gradient too
                     p.grad = view
-        return [bucket.flags for bucket in self.buckets]
+        return [flags] if self.zero > 0 else [bucket.flags for bucket in self.buckets]
 
     def apply_flags(self, flags: list[float], keep: set[nn.Parameter] = frozenset()) -> None:
         """Given every bucket's flags read back (concatenated): a parameter no rank used loses its
         (zero) gradient, as in one process, unless it is in `keep` (a tied weight, whose other
-        copy's gradient it now holds)."""
+        copy's gradient it now holds). Under ZeRO it is listed in `no_grad` instead."""
         offset = 0
         for bucket in self.buckets:
             for p, flag in zip(bucket.params, flags[offset:offset + len(bucket.params)]):
                 if flag == 0 and p not in keep:
-                    p.grad = None
+                    if self.zero > 0:
+                        self.no_grad.add(p)
+                    else:
+                        p.grad = None
             offset += len(bucket.params)
+
+    def shard_norm_sq(self, skip: set[nn.Parameter] = frozenset()) -> torch.Tensor:
+        """Under ZeRO: the squared norm of this rank's gradient shards (buckets of `skip` left out)."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.buckets[0].shard.device)
+        for bucket in self.buckets:
+            if not skip.intersection(bucket.params):
+                sq += torch.linalg.vector_norm(bucket.shard, dtype=torch.float64) ** 2
+        return sq
+
+    def scale_shards_(self, scale: torch.Tensor) -> None:
+        """Under ZeRO: multiply the reduced gradient shards by `scale` (clipping)."""
+        for bucket in self.buckets:
+            bucket.shard.mul_(scale.to(bucket.shard.dtype))
 
     @property
     def stats(self) -> SyncStats:
@@ -223,13 +410,15 @@ class GradientSync:
         start, end = self._waited
         if start is None:
             return SyncStats(buckets=len(self.buckets))
-        comm = sum(self.clock.seconds(b.launched, b.done) for b in self.buckets)
+        comm = sum(self.clock.seconds(launched, done) for _, _, launched, done in self._timed)
         return SyncStats(comm_s=comm, exposed_s=self.clock.seconds(start, end), buckets=len(self.buckets))
 
     def spans(self) -> list[tuple[str, object, object]]:
         """The last step's timed spans, as (name, start mark, end mark), for the trace."""
-        out = [("wait for all-reduce", *self._waited)] if self._waited[0] is not None else []
-        return out + [(f"all-reduce bucket {n + 1}", b.launched, b.done) for n, b in enumerate(self.buckets)]
+        what = "all-reduce" if self.zero == 0 else "reduce-scatter"
+        out = [(f"wait for {what}", *self._waited)] if self._waited[0] is not None else []
+        index = {id(b): n for n, b in enumerate(self.buckets)}
+        return out + [(f"{kind} bucket {index[id(b)] + 1}", launched, done) for kind, b, launched, done in self._timed]
 
 
 def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:

@@ -61,18 +61,23 @@ class TiedGradients:
         """This rank's tied copies."""
         return {p for p, _ in self.pairs}
 
-    def sync(self, describe=lambda r: f"rank {r}") -> None:
+    def sync(self, describe=lambda r: f"rank {r}", grad_of=None) -> None:
         """After backward (and after the data-parallel reduction): sum each tied gradient.
 
-        All sums are launched before the first is waited on; each result is read only
-        after its own Work is waited on (on NCCL, that orders it before the norm and the
-        optimizer).
+        `grad_of(p)` gives the tensor to sum in place; by default `p.grad` (ZeRO passes the
+        shard of the bucket holding p, cut alike on every holder). All sums are launched
+        before the first is waited on; each result is read only after its own Work is
+        waited on (on NCCL, that orders it before the norm and the optimizer).
         """
         works = []
         for p, group in self.pairs:
-            if p.grad is None:  # this copy took no part: it still contributes zero
-                p.grad = torch.zeros_like(p)
-            works.append((dist.all_reduce(p.grad, group=group, async_op=True), group))
+            if grad_of is not None:
+                grad = grad_of(p)
+            else:
+                if p.grad is None:  # this copy took no part: it still contributes zero
+                    p.grad = torch.zeros_like(p)
+                grad = p.grad
+            works.append((dist.all_reduce(grad, group=group, async_op=True), group))
         me = describe(dist.get_rank())
         for work, group in works:
             peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))

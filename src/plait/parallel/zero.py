@@ -1,10 +1,19 @@
-"""ZeRO-1, first part: optimizer state sharded over the data-parallel group.
+"""ZeRO-1 and ZeRO-2: optimizer state (and gradients) sharded over the data-parallel group.
 
 `ShardedOptimizer(engine, torch.optim.AdamW, lr=..., ...)` takes the place of
 `torch.optim.AdamW(engine.parameters(), ...)`. Each dp rank keeps optimizer
 state for 1/dp of each gradient bucket and steps only that slice; the updated
 parameters are then all-gathered, so every replica ends the step with the
 same parameters, as with plain data parallelism.
+
+[Note: ZeRO levels] `zero=1` (the default) has the Engine's GradientSync
+reduce-scatter each bucket once per step, so each rank receives only the
+reduced gradients of its slice; `zero=2` also drops the full gradient
+buffers after each micro-batch (parallel/data_parallel.py says how, and what
+it costs with gradient accumulation). Either way the engine's parameters
+have no `.grad` after a step: the reduced gradients are the buckets' shards,
+which this optimizer steps, `Engine.clip_grad_norm_` clips and the tied-weight
+sum adds. `zero=0` keeps the all-reduce and steps slices of its full result.
 
 How (and why):
 - Each `GradientSync` bucket gets a flat parameter buffer laid out like its
@@ -16,20 +25,18 @@ How (and why):
   parameter buffer. Pieces inherit their parameter's param group, so per-group
   options (weight decay only on >= 2-d weights) hold whatever the cut. The
   pieces are what the wrapped torch optimizer sees: its state is 1/dp.
-- A piece's gradient is the matching slice of the bucket's gradient buffer,
-  set at step() time (after clipping, which scales `.grad` in place): a
-  parameter with no gradient (`.grad` None, as in one process) gives pieces
-  with none, which torch optimizers skip, as they would the whole parameter.
+- A piece's gradient is the matching slice of the bucket's gradient shard,
+  set at step() time (after clipping, which scales the shard in place): a
+  parameter no rank produced a gradient for gives pieces with none, which
+  torch optimizers skip, as they would the whole parameter in one process.
 - Element-wise optimizers (SGD, Adam, AdamW, ...) step a piece exactly as
   they would step those elements of the whole parameter. Optimizers whose
   update depends on the whole tensor (LBFGS, Adafactor-style factored
   state) do not: they are not supported here.
 
-Not yet done (issue 16 item 2): gradients are still all-reduced in full (a
-reduce-scatter mode of GradientSync would halve that traffic), ZeRO-2, and
-checkpoints of the sharded state are gathered whole to every dp rank
-(`state_dict`), simple and correct but not memory-lean.
-The all-gather is synchronous: its result is read only after it returns.
+Not done: checkpoints of the sharded state are gathered whole to every dp
+rank (`state_dict`), simple and correct but not memory-lean; the all-gather
+is synchronous (its overlap with the next forward is not built).
 """
 
 from __future__ import annotations
@@ -62,13 +69,16 @@ class ShardedOptimizer:
         optimizer_class: any element-wise torch.optim optimizer class (SGD, Adam, AdamW, ...).
         params: the engine's parameters, or param groups (dicts with "params") over them;
             None means all of engine.parameters() in one group.
+        zero: 1 or 2 (reduce-scattered gradients; 2 also drops the full gradient buffers
+            between micro-batches), or 0 (all-reduced gradients, only the state sharded).
         **kwargs: the optimizer's options, as for optimizer_class(params, **kwargs).
     """
 
-    def __init__(self, engine, optimizer_class, params=None, **kwargs):
+    def __init__(self, engine, optimizer_class, params=None, zero: int = 1, **kwargs):
         sync = engine.grad_sync
         if sync is None:
             raise ValueError("ShardedOptimizer needs data parallelism (dp >= 2); with dp=1 use the optimizer itself")
+        sync.set_zero(zero)
         self.engine, self.group = engine, sync.group
         self.dp_size, self.dp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         groups = [{"params": list(engine.parameters())}] if params is None else list(params)
@@ -84,7 +94,8 @@ class ShardedOptimizer:
         pieces_by_group: list[list[torch.Tensor]] = [[] for _ in groups]
         for bucket in sync.buckets:
             shard = -(-bucket.numel // self.dp_size)  # ceil: the last rank's shard holds the padding
-            flat = torch.zeros(shard * self.dp_size, dtype=bucket.flat.dtype, device=bucket.flat.device)
+            first = bucket.params[0]
+            flat = torch.zeros(shard * self.dp_size, dtype=first.dtype, device=first.device)
             lo, hi = self.dp_rank * shard, (self.dp_rank + 1) * shard
             offset = 0
             for p in bucket.params:
@@ -110,16 +121,22 @@ class ShardedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Step this rank's shard with the bucket gradients, then all-gather the parameters."""
+        sync = self.engine.grad_sync
         for piece in self._pieces:
-            grad = piece.param.grad
-            piece.leaf.grad = None if grad is None else self._bucket_grad(piece)
+            has = piece.param not in sync.no_grad if sync.zero > 0 else piece.param.grad is not None
+            piece.leaf.grad = self._bucket_grad(piece) if has else None
         self.optimizer.step()
         for flat, _ in self._flats:
             mine = flat.chunk(self.dp_size)[self.dp_rank]
             _all_gather(flat, mine.clone(), group=self.group)
 
     def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
-        return self._where(piece.param).flat[piece.start:piece.stop]
+        sync = self.engine.grad_sync
+        bucket = sync.bucket_of(piece.param)
+        if sync.zero == 0:
+            return bucket.flat[piece.start:piece.stop]
+        lo, _ = sync.shard_range(bucket)
+        return bucket.shard[piece.start - lo:piece.stop - lo]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for piece in self._pieces:
