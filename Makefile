@@ -3,7 +3,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench-dp
+.PHONY: demo test bench-dp bench-memory
 
 $(STAMP): pyproject.toml scripts/setup-venv.sh
 	bash scripts/setup-venv.sh
@@ -19,3 +19,7 @@ test: $(STAMP)
 ## bench-dp: plait's data parallelism against torch DDP (prints a table; a few minutes)
 bench-dp: $(STAMP)
 	$(VENV)/bin/python benchmarks/data_parallel.py
+
+## bench-memory: each rank's predicted and measured peak memory and step time, plait and torch (a table; tens of minutes)
+bench-memory: $(STAMP)
+	$(VENV)/bin/python benchmarks/memory.py
