@@ -4,7 +4,9 @@ A step takes this data-parallel rank's share of the global batch, splits it
 into `microbatches` equal micro-batches and runs this rank's part of the
 pipeline schedule on them. Afterwards every parameter's `.grad` holds exactly
 the gradient of the mean loss over the whole global batch, as one process
-running `loss_fn(nn.Sequential(*layers)(x), y).backward()` would.
+running `loss_fn(nn.Sequential(*layers)(x), y).backward()` would (under ZeRO,
+with a plait.parallel.zero.ShardedOptimizer, each dp rank holds its shard of
+those gradients instead, and `.grad` is None).
 
 It composes the pieces on a mesh with axes "pp" and "dp":
 - partition.py cuts the layers into pp x virtual_stages stages;
