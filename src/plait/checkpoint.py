@@ -12,7 +12,9 @@ A checkpoint is a folder `checkpoints/step-000200/` holding
 Every key is the parameter's name in the whole model, so what is saved does
 not depend on how the layers were split: a run saved at dp=2 x pp=2 resumes
 at dp=1 x pp=4 by reading the keys its stages need, and each rank opens only
-the files that the manifest says hold them. The first data-parallel replica
+the files that the manifest says hold them. A tied weight is stored once,
+under its first key, whatever the layout; the manifest's "tied" maps its
+other keys to that one. The first data-parallel replica
 writes (replicas are identical), each pipeline rank its own files, into
 `.step-000200.tmp`; each writer fsyncs and hashes its own files and hands
 their sizes and hashes to rank 0, which writes the manifest and renames the
@@ -139,7 +141,15 @@ def _write_part(tmp: Path, engine, optim_state: dict[str, Any]) -> dict[str, dic
     """Write, fsync and hash this pipeline rank's files; returns their manifest entries."""
     r = engine.pp_rank
     model, optim, rng = f"model-pp{r:02d}.safetensors", f"optim-pp{r:02d}.pt", f"rng-pp{r:02d}.pt"
-    tensors = unique_tensors(engine.state_dict())[0]
+    # [Note: a tied weight is stored once] Whatever the layout, a tied weight is one tensor under
+    # its first key, written by the rank holding that key's layer; its other keys are only the
+    # manifest's "tied". A rank holding its own copy under another key (the last pipeline stage's
+    # head) writes neither the copy nor its optimizer state: both copies take identical steps
+    # (parallel/tied.py), so the first holder's weight and state are the copy's too.
+    tied = engine.tied_keys
+    tensors = unique_tensors({k: v for k, v in engine.state_dict().items() if k not in tied})[0]
+    copies = {tied[n] for n, _ in engine.named_parameters() if n in tied}
+    optim_state = {**optim_state, "state": {k: v for k, v in optim_state["state"].items() if k not in copies}}
     device = _device(engine)
     save_file(tensors, tmp / model)
     follow_umask(tmp / model)
@@ -294,11 +304,13 @@ def plan_reads(manifest: dict[str, Any], prefix: str, wanted: Iterable[str] | No
                tied: dict[str, str] | None = None) -> dict[str, set[str] | None]:
     """The files named `prefix`... to open for the keys `wanted`, each with the keys to take from it.
 
-    A key no file holds is read under the key it is tied to (a one-stage run
-    stores the tied head once, as the embedding). A key several files hold
-    (the optimizer state of a tied weight, saved by both stages holding a copy)
-    comes from a file opened anyway, if there is one. `wanted=None`, or a
-    format-2 manifest, which lists no keys: every file, whole (None).
+    A key no file holds is read under the key it is tied to: a tied head is
+    stored once, as the embedding, on every layout, so the last pipeline
+    stage reads its copy from the first stage's file. A key several files
+    hold (the head's copy and its optimizer state, which older pp > 1
+    checkpoints also stored on the last stage) comes from a file opened
+    anyway, if there is one. `wanted=None`, or a format-2 manifest, which
+    lists no keys: every file, whole (None).
     """
     names = sorted(n for n in manifest["files"] if n.startswith(prefix))
     if wanted is None or manifest.get("format", 2) < 3:
@@ -323,8 +335,10 @@ def _read_model(path: Path, plan: dict[str, set[str] | None], tied: dict[str, st
         with safe_open(str(path / name), framework="pt", device="cpu") as fh:
             for key in fh.keys() if keys is None else sorted(keys):
                 model[key] = fh.get_tensor(key)
+    # A tied key names the weight it is tied to, even where an older pp > 1 checkpoint also
+    # stored the last stage's copy: read together, they are one tensor, as in one process.
     for alias, key in tied.items():
-        if alias not in model and key in model:
+        if key in model:
             model[alias] = model[key]
     return model
 
