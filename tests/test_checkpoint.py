@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from plait import checkpoint
+from plait import checkpoint, checkpoint_read
 from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               plan_reads, restore_training_state, save_training_state)
 from plait.cli import _config_from, build_parser
@@ -97,7 +97,8 @@ def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
     # No GPU here: the engine's parameters are said to live on cuda:0 and torch.cuda's
     # generator calls are stand-ins, so what is checked is what checkpoint.py asks of them.
     cuda0, calls = torch.device("cuda", 0), []
-    monkeypatch.setattr(checkpoint, "_device", lambda engine: cuda0)
+    for module in (checkpoint, checkpoint_read):  # the writer and the reader each ask
+        monkeypatch.setattr(module, "_device", lambda engine: cuda0)
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device: calls.append(("get", device)) or torch.arange(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state",
@@ -112,7 +113,7 @@ def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
     restore_training_state(path, fresh, fresh_opt)
     assert calls[1:] == [("set", cuda0, list(range(16)))]
     assert torch.equal(torch.get_rng_state(), saved_cpu)
-    monkeypatch.setattr(checkpoint, "_device", lambda engine: torch.device("cpu"))
+    monkeypatch.setattr(checkpoint_read, "_device", lambda engine: torch.device("cpu"))
     restore_training_state(path, fresh, fresh_opt)  # a GPU run resumed on the CPU: no GPU generator to set
     assert len(calls) == 2
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import plait
-from plait import checkpoint
+from plait import checkpoint_read
 from plait.checkpoint import checkpoint_group, restore_training_state, save_training_state, verify_checkpoint
 from plait.errors import TrainingError
 from plait.model import GPTConfig, build_gpt, gpt_loss
@@ -31,10 +31,11 @@ def _trained(mesh, seed):
 
 def _record_reads(into: set):
     """Note the name of every file this process hashes or loads from a checkpoint."""
-    load, sha, safe_open = checkpoint._load, checkpoint._sha256, checkpoint.safe_open
-    checkpoint._load = lambda path: into.add(path.name) or load(path)
-    checkpoint._sha256 = lambda path: into.add(path.name) or sha(path)
-    checkpoint.safe_open = lambda path, **kw: into.add(path.rsplit("/", 1)[-1]) or safe_open(path, **kw)
+    reader = checkpoint_read
+    load, sha, safe_open = reader._load, reader._sha256, reader.safe_open
+    reader._load = lambda path: into.add(path.name) or load(path)
+    reader._sha256 = lambda path: into.add(path.name) or sha(path)
+    reader.safe_open = lambda path, **kw: into.add(path.rsplit("/", 1)[-1]) or safe_open(path, **kw)
 
 
 def save_and_restore(run_dir):
