@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import plait
 from plait import checkpoint, checkpoint_read
-from plait.checkpoint import checkpoint_group, restore_training_state, save_training_state, verify_checkpoint
+from plait.checkpoint import (checkpoint_group, latest_checkpoint, restore_training_state, save_training_state,
+                              verify_checkpoint)
 from plait.errors import TrainingError
 from plait.model import GPTConfig, build_gpt, gpt_loss
 from tests.distributed.harness import spawn
@@ -198,3 +199,14 @@ def test_checkpoint_waits_time_out_on_their_own_limit(tmp_path):
     assert message.startswith("rank 0 gave up waiting for the other ranks while saving checkpoint 1: ")
     assert message.endswith("; if writing it takes longer, raise --checkpoint-timeout")
     assert 1.5 < waited < 6.0
+
+
+def test_a_launched_pipelined_run_stores_each_weight_once(hybrid_run, single_run):
+    """dp=2 x pp=2 through `plait train`: across its files, the keys one process's checkpoint holds, each once."""
+    hybrid, single = (json.loads((latest_checkpoint(run) / "manifest.json").read_text())
+                      for run in (hybrid_run, single_run))
+    assert hybrid["layout"]["pp"] == 2
+    assert hybrid["tied"] == single["tied"] == {HEAD: WTE}
+    for kind, one_file in (("model-", "model-pp00.safetensors"), ("optim-", "optim-pp00.pt")):
+        held = [k for name, info in hybrid["files"].items() if name.startswith(kind) for k in info["keys"]]
+        assert sorted(held) == single["files"][one_file]["keys"]
