@@ -178,8 +178,8 @@ def test_each_stage_reads_only_the_files_holding_its_keys():
 
 
 # The same checkpoint as plait writes it now: the tied weight and its optimizer state once, on stage 0.
-PP2_ONCE = {"format": 3, "files": {
-    **PP2["files"], "model-pp01.safetensors": {"keys": ["2.ln_f.weight"]}, "optim-pp01.pt": {"keys": ["2.ln_f.weight"]}}}
+PP2_ONCE = {"format": 3, "files": {**PP2["files"], "model-pp01.safetensors": {"keys": ["2.ln_f.weight"]},
+                                   "optim-pp01.pt": {"keys": ["2.ln_f.weight"]}}}
 
 
 def test_the_last_stage_reads_the_tied_head_from_the_first_stages_files():

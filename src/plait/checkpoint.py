@@ -138,7 +138,8 @@ def _write_part(tmp: Path, engine, optim_state: dict[str, Any]) -> dict[str, dic
     # (parallel/tied.py), so the first holder's weight and state are the copy's too.
     tied = engine.tied_keys
     tensors = unique_tensors({k: v for k, v in engine.state_dict().items() if k not in tied})[0]
-    copies = {tied[n] for n, _ in engine.named_parameters() if n in tied}
+    names = [n for n, _ in engine.named_parameters()]
+    copies = {tied[n] for n in names if n in tied} - set(names)  # state saved under a first key held elsewhere
     optim_state = {**optim_state, "state": {k: v for k, v in optim_state["state"].items() if k not in copies}}
     device = _device(engine)
     save_file(tensors, tmp / model)
