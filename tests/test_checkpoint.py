@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from plait import checkpoint
+from plait import checkpoint, checkpoint_read
 from plait.checkpoint import (checkpoint_group, latest_checkpoint, list_checkpoints, load_checkpoint, newest_intact,
                               plan_reads, restore_training_state, save_training_state)
 from plait.cli import _config_from, build_parser
@@ -97,7 +97,8 @@ def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
     # No GPU here: the engine's parameters are said to live on cuda:0 and torch.cuda's
     # generator calls are stand-ins, so what is checked is what checkpoint.py asks of them.
     cuda0, calls = torch.device("cuda", 0), []
-    monkeypatch.setattr(checkpoint, "_device", lambda engine: cuda0)
+    for module in (checkpoint, checkpoint_read):  # the writer and the reader each ask
+        monkeypatch.setattr(module, "_device", lambda engine: cuda0)
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device: calls.append(("get", device)) or torch.arange(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state",
@@ -112,7 +113,7 @@ def test_gpu_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
     restore_training_state(path, fresh, fresh_opt)
     assert calls[1:] == [("set", cuda0, list(range(16)))]
     assert torch.equal(torch.get_rng_state(), saved_cpu)
-    monkeypatch.setattr(checkpoint, "_device", lambda engine: torch.device("cpu"))
+    monkeypatch.setattr(checkpoint_read, "_device", lambda engine: torch.device("cpu"))
     restore_training_state(path, fresh, fresh_opt)  # a GPU run resumed on the CPU: no GPU generator to set
     assert len(calls) == 2
 
@@ -148,8 +149,9 @@ def test_format_2_checkpoint_still_loads(tmp_path):
     assert torch.equal(state["rng"][0]["torch_rng"], saved_cpu) and state["rng"][0]["cuda_rng"] is None
 
 
-# A dp x pp=2 checkpoint's manifest, cut down: the head is tied to the embedding, so stage 1's
-# optimizer state of it is saved under the embedding's name, as stage 0's is.
+# A dp x pp=2 checkpoint's manifest as plait wrote them before a tied weight was stored once, cut
+# down: stage 1 also stored its copy of the head, and that copy's optimizer state under the
+# embedding's name, as stage 0's is.
 PP2 = {"format": 3, "files": {
     "model-pp00.safetensors": {"keys": ["0.wte.weight", "1.ln_1.weight"]},
     "model-pp01.safetensors": {"keys": ["2.ln_f.weight", "3.lm_head.weight"]},
@@ -173,6 +175,22 @@ def test_each_stage_reads_only_the_files_holding_its_keys():
                                                         "model-pp01.safetensors": {"2.ln_f.weight", "3.lm_head.weight"}}
     assert plan_reads(PP2, "optim-", ["0.wte.weight", "1.ln_1.weight", "2.ln_f.weight"]) == {
         "optim-pp00.pt": {"0.wte.weight", "1.ln_1.weight"}, "optim-pp01.pt": {"2.ln_f.weight"}}
+
+
+# The same checkpoint as plait writes it now: the tied weight and its optimizer state once, on stage 0.
+PP2_ONCE = {"format": 3, "files": {**PP2["files"], "model-pp01.safetensors": {"keys": ["2.ln_f.weight"]},
+                                   "optim-pp01.pt": {"keys": ["2.ln_f.weight"]}}}
+
+
+def test_the_last_stage_reads_the_tied_head_from_the_first_stages_files():
+    stage1 = ["2.ln_f.weight", "3.lm_head.weight"]
+    assert plan_reads(PP2_ONCE, "model-", stage1, TIED) == {"model-pp00.safetensors": {"0.wte.weight"},
+                                                            "model-pp01.safetensors": {"2.ln_f.weight"}}
+    assert plan_reads(PP2_ONCE, "optim-", ["0.wte.weight", "2.ln_f.weight"]) == {
+        "optim-pp00.pt": {"0.wte.weight"}, "optim-pp01.pt": {"2.ln_f.weight"}}
+    everything = ["0.wte.weight", "1.ln_1.weight", "2.ln_f.weight", "3.lm_head.weight"]
+    assert plan_reads(PP2_ONCE, "model-", everything, TIED) == {
+        "model-pp00.safetensors": {"0.wte.weight", "1.ln_1.weight"}, "model-pp01.safetensors": {"2.ln_f.weight"}}
 
 
 def test_a_tied_key_is_read_from_the_weight_it_is_tied_to_and_format_2_reads_every_part():
