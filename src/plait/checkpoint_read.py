@@ -33,10 +33,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, mmap: bool = False) -> Any:
     # On the CPU whatever device saved it (a GPU run exported on a laptop); the
     # optimizer's load_state_dict moves each state to its parameter's device.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: only the tensors used are read (another stage's file, for a tied weight's state).
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _device(engine) -> torch.device:
@@ -158,8 +159,14 @@ def _read_optimizer(path: Path, plan: dict[str, set[str] | None]) -> dict[str, A
     """The planned optimizer states, name-keyed, with the saved param_groups."""
     optim: dict[str, Any] = {"state": {}, "param_groups": None}
     for name, keys in plan.items():
-        saved = _load(path / name)["optimizer"]
-        optim["state"].update(saved["state"] if keys is None else {k: saved["state"][k] for k in keys})
+        # A few entries of another rank's file (a tied weight's state) are read from a mapping of
+        # it and copied out: the rest of that rank's optimizer state is never loaded.
+        saved = _load(path / name, mmap=keys is not None)["optimizer"]
+        if keys is None:
+            optim["state"].update(saved["state"])
+        else:
+            optim["state"].update({k: {n: v.clone() if torch.is_tensor(v) else v for n, v in saved["state"][k].items()}
+                                   for k in keys})
         optim["param_groups"] = saved["param_groups"]
     return optim
 

@@ -39,7 +39,7 @@ def _record_reads(into: set):
     """Note the name of every file this process hashes or loads from a checkpoint."""
     reader = checkpoint_read
     load, sha, safe_open = reader._load, reader._sha256, reader.safe_open
-    reader._load = lambda path: into.add(path.name) or load(path)
+    reader._load = lambda path, **kw: into.add(path.name) or load(path, **kw)
     reader._sha256 = lambda path: into.add(path.name) or sha(path)
     reader.safe_open = lambda path, **kw: into.add(path.rsplit("/", 1)[-1]) or safe_open(path, **kw)
 

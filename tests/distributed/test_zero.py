@@ -180,3 +180,65 @@ def test_train_builds_a_sharded_optimizer_for_zero():
         for (_, _, want), (_, _, got) in zip(plain, zero):
             for k, v in want.items():
                 assert torch.allclose(got[k], v, rtol=0, atol=1e-9), k
+
+
+def zero_across_layouts(run_dir):
+    """A ZeRO-2 dp=2 x pp=2 checkpoint (tied head cut across the stages), restored at dp=4 x pp=1
+    with ZeRO-1 and without ZeRO: every rank's parameters and name-keyed optimizer state, gathered."""
+    import torch.distributed as dist
+
+    from plait.checkpoint import optimizer_state_by_name
+
+    group = checkpoint_group(30.0)
+
+    def gathered(engine, opt):
+        mine = ({k: v.clone() for k, v in engine.state_dict().items()},
+                optimizer_state_by_name(engine, opt)["state"])  # a collective under ZeRO
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        params, state = {}, {}
+        for p, s in parts:
+            params.update(p)
+            state.update(s)
+        return params, state
+
+    def trained(mesh, zero, seed, steps, microbatches):
+        dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+        engine = plait.Engine([m.double() for m in build_gpt(CFG, seed=seed)], gpt_loss, mesh,
+                              microbatches=microbatches, bucket_mb=SMALL_BUCKETS_MB)
+        opt = (ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, zero=zero) if zero
+               else torch.optim.AdamW(engine.parameters(), lr=1e-2))
+        for step in range(steps):
+            x, y = global_batch(step + seed)
+            rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+            engine.train_step(x[rows], y[rows])
+            engine.clip_grad_norm_(0.5)
+            opt.step()
+            opt.zero_grad()
+        return engine, opt
+
+    engine, opt = trained(plait.make_mesh(dp=2, pp=2), 2, 0, 2, 2)
+    path = save_training_state(run_dir, 2, engine, opt, group=group)
+    out = {"saved": gathered(engine, opt)}
+    wide = plait.make_mesh(dp=4, pp=1)
+    for zero in (0, 1):
+        other = trained(wide, zero, 7, 1, 1)
+        restore_training_state(path, *other)
+        out[zero] = gathered(*other)
+    return out
+
+
+def test_a_zero2_pipeline_checkpoint_resumes_on_another_layout_with_and_without_zero(tmp_path):
+    for r in spawn(zero_across_layouts, 4, str(tmp_path), timeout=180):
+        params, state = r["saved"]
+        assert CFG.tie_embeddings and f"{CFG.n_layer + 1}.lm_head.weight" in params  # the tie was cut
+        for zero in (0, 1):
+            got_params, got_state = r[zero]
+            assert got_params.keys() == params.keys()
+            for k, v in got_params.items():
+                assert torch.equal(v, params[k]), (zero, k)
+            assert got_state.keys() == state.keys()
+            for name, s in state.items():
+                for k, v in s.items():
+                    assert torch.equal(torch.as_tensor(got_state[name][k]).cpu(), torch.as_tensor(v).cpu()), \
+                        (zero, name, k)
