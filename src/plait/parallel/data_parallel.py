@@ -31,7 +31,9 @@ ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
   every rank ends with every gradient in `.grad`.
 - 1: each bucket, padded to a multiple of dp, is reduce-scattered once, at
   the last micro-batch: this rank keeps the reduced gradient of its 1/dp
-  slice (`bucket.shard`), half the all-reduce's traffic. The full buffers
+  slice (`bucket.shard`), half the all-reduce's traffic (on gloo, whose
+  reduce-scatter is slow, an all-reduce of which it keeps its slice: [Note:
+  reduce-scatter on gloo]). The full buffers
   stay, accumulating over micro-batches as at level 0. The flags travel in
   one small all-reduce of their own at the end.
 - 2: as 1, but the full buffers do not outlive a micro-batch: each
@@ -62,6 +64,14 @@ from plait.watchdog import wait
 FIRST_BUCKET_BYTES = 1 << 20
 
 
+# [Note: reduce-scatter on gloo] gloo's reduce-scatter is slower than its all-reduce of the whole
+# buffer (2 dp ranks, 25 MiB float32 bucket, this 2-core machine: 99-115 ms against 41-57 ms), so
+# on gloo a ZeRO bucket is all-reduced and each rank keeps its slice; the memory is the same (the
+# full buffer exists until the reduction completes either way). NCCL's reduce-scatter moves half
+# the all-reduce's bytes and is used there. The tests run both paths (`native_scatter`).
+NATIVE_SCATTER_BACKENDS = ("nccl",)
+
+
 def _reduce_scatter(output, input, group, async_op):
     # torch 2.13 deprecates reduce_scatter_tensor for reduce_scatter_single (same arguments), which
     # older torch (>= 2.4, what plait supports) does not have. Looked up at each call, not bound at
@@ -84,7 +94,7 @@ class _Bucket:
     work: object = None  # level 0: the all-reduce's Work, the only thing whose wait orders its result (NCCL)
     shard: torch.Tensor | None = None  # levels 1 and 2: this rank's slice of the reduced gradients
     flag_buf: torch.Tensor | None = None  # levels 1 and 2: the used-flags, reduced at finish()
-    in_flight: list = field(default_factory=list)  # levels 1 and 2: (Work, full buffer, output to add or None, done mark)
+    in_flight: list = field(default_factory=list)  # levels 1 and 2: (Work, full buffer, output, add?, done mark)
     scattered: bool = False  # level 2: a reduce-scatter of this step has written `shard`
 
     @property
@@ -135,6 +145,7 @@ class GradientSync:
         self.sync = True
         self.zero = 0
         self.dp_size, self.dp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.native_scatter = dist.get_backend(group) in NATIVE_SCATTER_BACKENDS
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.keys = keys or {}
         self.bucket_bytes = bucket_bytes
@@ -311,11 +322,16 @@ class GradientSync:
             bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
             self._timed.append(("all-reduce", bucket, launched, self.clock.mark_done(bucket.work)))
         else:
-            # The first reduce-scatter of the step writes the shard; later ones (level 2) are added in.
-            out = torch.empty_like(bucket.shard) if bucket.scattered else bucket.shard
-            work = _reduce_scatter(out, bucket.flat, group=self.group, async_op=True)
+            # The first reduction of the step writes the shard; later ones (level 2) are added in.
+            add = bucket.scattered
+            if self.native_scatter:
+                out = torch.empty_like(bucket.shard) if add else bucket.shard
+                work = _reduce_scatter(out, bucket.flat, group=self.group, async_op=True)
+            else:  # [Note: reduce-scatter on gloo] the whole bucket is summed; _drain keeps this rank's slice
+                out = None
+                work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
             done = self.clock.mark_done(work)
-            bucket.in_flight.append((work, bucket.flat, out if bucket.scattered else None, done))
+            bucket.in_flight.append((work, bucket.flat, out, add, done))
             bucket.scattered = True
             self._timed.append(("reduce-scatter", bucket, launched, done))
         bucket.pending = len(bucket.params)
@@ -326,13 +342,18 @@ class GradientSync:
     def _drain(self, bucket: _Bucket, everything: bool) -> None:
         n = self.buckets.index(bucket)
         while bucket.in_flight:
-            work, _full, out, done = bucket.in_flight[0]
+            work, full, out, add, done = bucket.in_flight[0]
             if not everything and not work.is_completed():
                 return
             wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
                                  f"{n + 1} of {len(self.buckets)} with {self._peers}")
             self.clock.waited(done)
-            if out is not None:
+            if out is None:  # summed whole: this rank's slice of it
+                lo, hi = self.shard_range(bucket)
+                out = full[lo:hi]
+                if not add:
+                    bucket.shard.copy_(out)
+            if add:
                 bucket.shard.add_(out)
             bucket.in_flight.pop(0)
 
