@@ -224,9 +224,12 @@ class GradientSync:
                 padded = -(-numel // self.dp_size) * self.dp_size
                 b = _Bucket(ps, key, numel, padded, flag_buf=torch.zeros(len(ps), dtype=ps[0].dtype,
                                                                           device=ps[0].device))
-                b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
-                if self.zero == 1:
+                if self.zero == 1:  # the shard is this rank's slice of the full buffer, reduced in place
                     b.flat = torch.zeros(padded, dtype=ps[0].dtype, device=ps[0].device)
+                    size = padded // self.dp_size
+                    b.shard = b.flat[self.dp_rank * size:(self.dp_rank + 1) * size]
+                else:  # level 2: the shard outlives the micro-batches' full buffers
+                    b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
             b.views = _views(b.flat, ps) if b.flat is not None else None
             b.used = [False] * len(ps)
             b.fresh = [False] * len(ps)
@@ -348,10 +351,10 @@ class GradientSync:
             wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
                                  f"{n + 1} of {len(self.buckets)} with {self._peers}")
             self.clock.waited(done)
-            if out is None:  # summed whole: this rank's slice of it
+            if out is None:  # summed whole: this rank's slice of it (level 1: the shard itself)
                 lo, hi = self.shard_range(bucket)
                 out = full[lo:hi]
-                if not add:
+                if not add and out.data_ptr() != bucket.shard.data_ptr():
                     bucket.shard.copy_(out)
             if add:
                 bucket.shard.add_(out)
