@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from plait import distributed
+from plait import distributed, memory
 from plait.distributed import on_rank0, to_device, use_tf32  # noqa: F401 - use_tf32: part of this module's API
 from plait.checkpoint import (checkpoint_group, restore_training_state,
                               save_training_state, trainer_state)
@@ -111,6 +111,9 @@ class Run:
     metrics: MetricsLog | None
     recorder: Recorder
     ckpt_group: object
+    memory_plan: list  # of memory.RankPlan, one per rank
+    memory_baseline: float  # MiB in use before the model was built: the measured peak is above it
+    measured_memory: dict | None = None  # rank -> MiB above the baseline, after the last step
 
     @property
     def tokens_per_step(self) -> int:
@@ -139,7 +142,13 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
 
 
 def set_up(cfg: Config, resume: str | None, log) -> Run:
-    """Join the job, prepare the data and the run directory, build the model, and resume if asked."""
+    """Join the job, prepare the data and the run directory, build the model, and resume if asked.
+
+    A layout predicted to need more than --max-memory-gb is refused first, before any process
+    group exists (plait/memory.py).
+    """
+    if cfg.parallel.max_memory_gb is not None:
+        memory.check_fits(cfg, cfg.data.vocab_size, distributed.choose_device(cfg.train.device, cfg.launch.backend))
     # --device decides the device and the backend together ([Note: one device choice]).
     device = distributed.init(device=cfg.train.device, backend=cfg.launch.backend, timeout_s=cfg.parallel.timeout)
     use_tf32(device)
@@ -155,9 +164,14 @@ def set_up(cfg: Config, resume: str | None, log) -> Run:
     run_dir, start = on_rank0(plan_run_dir, cfg, resume)
     data = _prepare_data(cfg)
     on_rank0(open_run_dir, run_dir)
+    # Planned before the baseline is read: the plan's meta-device build pays torch's one-time cost
+    # of meta support (about 70 MiB of modules), which is not the model's memory.
+    memory_plan = memory.plan_memory(cfg, data.tokenizer.vocab_size, device.type)
+    baseline = memory.baseline_mib(device)
     engine, optimizer, num_params = _build(cfg, data.tokenizer.vocab_size, mesh, device)
     flops = flops_per_token(cfg.model.gpt(data.tokenizer.vocab_size), cfg.seq_len)
     _log_layout(cfg, data, engine, mesh, device, num_params, flops, log)
+    log(memory.describe_plan(memory_plan))
 
     first_step, anchor = 0, None
     if start is not None:
@@ -181,7 +195,7 @@ def set_up(cfg: Config, resume: str | None, log) -> Run:
         engine.executor.recorder = recorder
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     return Run(cfg, device, dp_rank, main, log, run_dir, data, engine, optimizer, num_params, flops,
-               first_step, anchor, metrics, recorder, ckpt_group)
+               first_step, anchor, metrics, recorder, ckpt_group, memory_plan, baseline)
 
 
 def _prepare_data(cfg: Config):
@@ -302,6 +316,9 @@ def run_steps(run: Run, result: TrainResult) -> None:
                 run.checkpoint(done)
             maybe_die("after-step", done)
         bar.close()
+        # Measured here, not at the end: the plan is of training, and saving a checkpoint (ZeRO's
+        # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
+        run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
         if run.first_step < cfg.train.steps:
             run.checkpoint(cfg.train.steps)
     finally:
@@ -314,7 +331,7 @@ def wrap_up(run: Run, result: TrainResult) -> None:
     cfg, device, log, run_dir, recorder, p = run.cfg, run.device, run.log, run.run_dir, run.recorder, run.cfg.parallel
     recorder.step = -1
     events = recorder.gather() if cfg.output.trace else None
-    memory = _peak_memory_mib(device)
+    peak_memory = memory.gather_mib(memory.peak_mib(device))
     # Every rank takes part: the sample runs through the pipeline, each rank with its own layers.
     sample = sample_text(run.engine, run.data.tokenizer, cfg, device) if cfg.train.sample_tokens else None
     if not run.main:
@@ -349,30 +366,17 @@ def wrap_up(run: Run, result: TrainResult) -> None:
         "processes": distributed.world_size(),
         "peak_flops": peak,
         "peak_source": peak_source,
-        "peak_memory_mib": memory,
+        "peak_memory_mib": peak_memory,
+        "memory_plan_mib": {str(plan.rank): plan.mib() for plan in run.memory_plan},
+        "measured_memory_mib": run.measured_memory,
         "trace": trace_stats,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(memory.describe_measured(run.memory_plan, run.measured_memory))
     log(summary_table(summary, records))
     final_val = summary["val_loss"].get(str(cfg.train.steps))
     log(f"done: {cfg.train.steps} steps, validation loss {final_val:.4f}, run directory {run_dir}"
         if final_val is not None else f"done: run directory {run_dir}")
-
-
-def _peak_memory_mib(device: torch.device) -> dict[str, float]:
-    """Each rank's peak memory, gathered on every rank: the GPU's allocator peak, or the process's
-    largest resident set on the CPU."""
-    if device.type == "cuda":
-        mine = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
-
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    every = [mine]
-    if dist.is_initialized():
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-    return {str(r): m for r, m in enumerate(every)}
 
 
 def sample_text(engine: Engine, tokenizer, cfg: Config, device: torch.device) -> str:
