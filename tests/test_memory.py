@@ -154,6 +154,15 @@ REFUSALS = [
 ]
 
 
+def test_max_memory_is_an_option_of_the_parallel_section(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[parallel]\nmax_memory_gb = 0.5\n")
+    assert load_config(path).parallel.max_memory_gb == 0.5
+    assert load_config(None).parallel.max_memory_gb is None  # no limit unless asked
+    assert main(["train", "--max-memory-gb", "0"]) == 2
+    assert capsys.readouterr().err == "plait: error: invalid parallel.max_memory_gb = 0.0: must be > 0.0 (--max-memory-gb)\n"
+
+
 @pytest.mark.parametrize("args,message", REFUSALS)
 def test_a_layout_over_max_memory_is_refused_in_one_line(tmp_path, args, message, capsys):
     out = tmp_path / "run"

@@ -40,16 +40,13 @@ from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config
 from plait.data import check_length, get_batch, prepare
+from plait.build import build_engine, build_optimizer  # noqa: F401 - build_optimizer: this module's API too
 from plait.engine import Engine
-from plait.parallel.zero import ShardedOptimizer
 from plait.errors import TrainingError
 from plait.lr import lr_at, plan_of, replan
-from plait.model import build_gpt, count_params, flops_per_token, gpt_init, gpt_loss
+from plait.model import flops_per_token
 from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
 from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
 
 @dataclass
 class TrainResult:
@@ -60,25 +57,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
     sample: str = ""
-
-
-def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices and embeddings, not on biases and LayerNorm gains.
-
-    Fused (one kernel pass over all tensors) where torch has that kernel: on the CPU
-    torch's default is a Python loop over the tensors, three times slower for our GPT,
-    and every data-parallel replica repeats the step.
-    """
-    params = list(engine.parameters())
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
-    options = {"lr": cfg.train.lr, "betas": (cfg.train.beta1, cfg.train.beta2), "fused": fused}
-    if cfg.parallel.zero >= 1 and engine.grad_sync is not None:  # at dp=1 there is nothing to shard
-        return ShardedOptimizer(engine, torch.optim.AdamW, groups, **options)
-    return torch.optim.AdamW(groups, **options)
 
 
 def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device, dp_rank: int) -> float:
@@ -168,7 +146,7 @@ def set_up(cfg: Config, resume: str | None, log) -> Run:
     # of meta support (about 70 MiB of modules), which is not the model's memory.
     memory_plan = memory.plan_memory(cfg, data.tokenizer.vocab_size, device.type)
     baseline = memory.baseline_mib(device)
-    engine, optimizer, num_params = _build(cfg, data.tokenizer.vocab_size, mesh, device)
+    engine, optimizer, num_params = build_engine(cfg, data.tokenizer.vocab_size, mesh, device)
     flops = flops_per_token(cfg.model.gpt(data.tokenizer.vocab_size), cfg.seq_len)
     _log_layout(cfg, data, engine, mesh, device, num_params, flops, log)
     log(memory.describe_plan(memory_plan))
@@ -213,33 +191,6 @@ def _prepare_data(cfg: Config):
     if dist.is_initialized():
         on_rank0(lambda: prepare_data() and None)
     return prepare_data()
-
-
-def _build(cfg: Config, vocab_size: int, mesh, device: torch.device):
-    """This rank's part of the model in an Engine, its optimizer, and the model's parameter count."""
-    gpt = cfg.model.gpt(vocab_size)
-    p = cfg.parallel
-    # Built on the meta device: the Engine gives memory to this rank's layers only and
-    # initialises them from their per-layer seeds (plait.model.materialize), so no rank holds
-    # the whole model. The profile partition times real layers, so it builds them all.
-    on_meta = p.partition != "profile"
-    layers = build_gpt(gpt, seed=cfg.train.seed, device="meta" if on_meta else device)
-    dtype = DTYPES[cfg.train.dtype]
-    if dtype == torch.float64:
-        for layer in layers:
-            layer.to(torch.float64)
-    micro_rows = cfg.train.global_batch // (p.dp * p.num_microbatches)
-    num_params = count_params(layers)  # before the Engine gives this rank's tied copy its own Parameter
-    # Seeded after the build: a real build (profile) draws torch's default inits from the global
-    # generator and a meta build draws nothing, and dropout must not depend on which ran.
-    torch.manual_seed(cfg.train.seed)
-    engine = Engine(layers, gpt_loss, mesh, schedule=p.schedule, microbatches=p.num_microbatches,
-                    virtual_stages=p.virtual_stages, partition_method=p.partition, split=p.cuts,
-                    bucket_mb=p.bucket_mb, activation_checkpointing=cfg.train.activation_checkpointing,
-                    autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                    sample_input=torch.zeros(micro_rows, cfg.seq_len, dtype=torch.long, device=device),
-                    init=gpt_init(gpt, cfg.train.seed) if on_meta else None, device=device)
-    return engine, build_optimizer(engine, cfg), num_params
 
 
 def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, num_params: int, flops: int,
