@@ -5,7 +5,7 @@ the meta device (no memory), cut into stages as the Engine will cut them, and ea
 are counted from their parameters and the schedule's micro-batches in flight. `plait train`
 prints it at the start, refuses a layout over `--max-memory-gb` before any process group exists
 (`check_fits`, with the options that would bring it under), and prints the measured peak beside
-it at the end (`measured_mib`).
+it at the end (`peak_mib` less `baseline_mib`, gathered by `gather_mib`).
 
 What is modelled, in bytes, with s the parameters' element size (4 for float32 and for bfloat16
 runs, which autocast over float32 parameters; 8 for float64):
