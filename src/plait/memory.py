@@ -39,7 +39,10 @@ PARTS = ("weights", "gradients", "optimizer", "activations")
 # above the one before the model was built exceeded the parts by about 14 MiB plus 0.55 x the
 # activations, fitted on the one-process runs: glibc keeps the micro-batches' freed activations
 # and the backward's temporaries in fragmented heaps rather than returning them, and the first
-# steps create one-time state (autograd's and oneDNN's caches, gloo's buffers). ZeRO-1 runs
+# steps create one-time state (autograd's and oneDNN's caches, gloo's buffers). Checkpointing did
+# not shrink that share (measured: `small` with full checkpointing kept it whole), as the forward
+# and the recomputation still allocate every activation, if briefly: the share is of the
+# activations the layout would keep without checkpointing. ZeRO-1 runs
 # peaked about one copy of the weights higher still: the parameters' first storage, freed when
 # ZeRO moves them into its flat buffer, stays in the process. CUDA's max_memory_allocated counts
 # live tensors only: no share there, a small allowance for the optimizer step's temporaries.
@@ -221,11 +224,15 @@ def plan_layout(gpt, layout: Layout) -> list[RankPlan]:
             optimizer = optimizer // dp
         if dp > 1 and layout.zero >= 2:
             gradients = weights // dp + min(int(layout.bucket_mb * MIB), weights)
-        per_mb = sum(_layer_activations(gpt, layout, kinds[j]) for j in held)
         in_flight = peak_in_flight(actions[pp_rank], virtual)
-        activations = int(per_mb * in_flight) + _once_bytes(gpt, layout, {kinds[j] for j in held})
+
+        def activations_of(lay: Layout) -> int:
+            per_mb = sum(_layer_activations(gpt, lay, kinds[j]) for j in held)
+            return int(per_mb * in_flight) + _once_bytes(gpt, lay, {kinds[j] for j in held})
+
+        activations = activations_of(layout)
         share, fixed = OVERHEAD.get(layout.device, OVERHEAD["cpu"])  # [Note: overhead]
-        overhead = int(share * activations + fixed * MIB)
+        overhead = int(share * activations_of(dataclasses.replace(layout, checkpointing="none")) + fixed * MIB)
         if layout.device == "cpu" and dp > 1 and layout.zero >= 1:
             overhead += weights
         for dp_rank in range(dp):

@@ -48,6 +48,7 @@ from plait.model import flops_per_token
 from plait.report import MetricsLog, peak_flops, plot_loss, plot_throughput, read_metrics, summary_table, throughput
 from plait.rundir import open_run_dir, plan_run_dir, restarted, save_config
 
+
 @dataclass
 class TrainResult:
     """What a finished run reports back."""
