@@ -341,6 +341,9 @@ class GradientSync:
         if self.zero == 2:  # dropped once its reduce-scatter is waited on (in_flight holds it till then)
             bucket.flat, bucket.views = None, None
             bucket.fresh = [False] * len(bucket.params)
+            for other in self.buckets:  # free what has arrived: a full buffer lives only while in flight
+                if other.in_flight:
+                    self._drain(other, everything=False)
 
     def _drain(self, bucket: _Bucket, everything: bool) -> None:
         n = self.buckets.index(bucket)

@@ -113,24 +113,6 @@ class ShardedOptimizer:
         # Every group is kept (an empty one too), so that group options line up with the caller's.
         self.optimizer = optimizer_class(
             [{**g, "params": ps} for g, ps in zip(groups, pieces_by_group)], **kwargs)
-        if self._flats and self._flats[0][0].device.type == "cpu":
-            _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand the parameters' old storage, just freed, back to the OS.
-
-    glibc keeps large freed blocks in its heap once its dynamic mmap threshold has risen past
-    their size, so without this the process stays one copy of the weights larger for the whole
-    run (measured on the CPU: the resident set of a ZeRO-1 run peaked about one copy of the
-    weights above its live tensors). `malloc_trim` releases the free pages; elsewhere it is a no-op.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
     @property
     def param_groups(self):
