@@ -62,6 +62,7 @@ from plait.watchdog import wait
 
 
 FIRST_BUCKET_BYTES = 1 << 20
+STAGING_BUFFERS = 2  # ZeRO-2: full bucket buffers, one being filled while the other is reduced
 
 
 # [Note: reduce-scatter on gloo] gloo's reduce-scatter is slower than its all-reduce of the whole
@@ -94,7 +95,8 @@ class _Bucket:
     work: object = None  # level 0: the all-reduce's Work, the only thing whose wait orders its result (NCCL)
     shard: torch.Tensor | None = None  # levels 1 and 2: this rank's slice of the reduced gradients
     flag_buf: torch.Tensor | None = None  # levels 1 and 2: the used-flags, reduced at finish()
-    in_flight: list = field(default_factory=list)  # levels 1 and 2: (Work, full buffer, output, add?, done mark)
+    in_flight: list = field(default_factory=list)  # (Work, full buffer, output, add?, staging buffer, done mark)
+    staging: torch.Tensor | None = None  # level 2: the pooled buffer `flat` is cut from this micro-batch
     scattered: bool = False  # level 2: a reduce-scatter of this step has written `shard`
 
     @property
@@ -172,6 +174,7 @@ class GradientSync:
         for p in self.params:
             p.grad = None  # held gradients point into the old buckets
         self.zero = level
+        self.buckets, self._where, self._stage_buckets = [], {}, {}  # freed before the new ones exist
         self._build()
 
     def _build(self) -> None:
@@ -187,6 +190,9 @@ class GradientSync:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
         self._cursor = 0
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
+        self._made: dict[tuple, int] = {}
+        self._staging_numel = max((b.padded for b in self.buckets), default=0)
 
     def bucket_of(self, p: nn.Parameter) -> _Bucket:
         """The bucket holding `p`'s gradient (and, under ZeRO, its flat parameter slice)."""
@@ -274,9 +280,7 @@ class GradientSync:
         bucket, slot = self._where[p]
         if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
             self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
-            bucket.flat = torch.empty(bucket.padded, dtype=p.dtype, device=p.device)
-            bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
-            bucket.views = _views(bucket.flat, bucket.params)
+            self._stage_bucket(bucket)
         view = bucket.views[slot]
         if p.grad.data_ptr() != view.data_ptr():  # the step's (level 2: micro-batch's) first gradient
             view.copy_(p.grad)
@@ -309,8 +313,7 @@ class GradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         written = bucket.fresh if self.zero == 2 else bucket.used
         if bucket.flat is None:  # level 2: no gradient at all for this bucket in this micro-batch
-            bucket.flat = torch.zeros(bucket.padded, dtype=bucket.shard.dtype, device=bucket.shard.device)
-            bucket.views = _views(bucket.flat, bucket.params)
+            self._stage_bucket(bucket)
         for view, w in zip(bucket.views, written):
             if not w:  # this rank has no gradient for it: it adds zero (its place holds an old one)
                 view.zero_()
@@ -334,7 +337,7 @@ class GradientSync:
                 out = None
                 work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
             done = self.clock.mark_done(work)
-            bucket.in_flight.append((work, bucket.flat, out, add, done))
+            bucket.in_flight.append((work, bucket.flat, out, add, bucket.staging if self.zero == 2 else None, done))
             bucket.scattered = True
             self._timed.append(("reduce-scatter", bucket, launched, done))
         bucket.pending = len(bucket.params)
@@ -345,10 +348,34 @@ class GradientSync:
                 if other.in_flight:
                     self._drain(other, everything=False)
 
+    def _stage_bucket(self, bucket: _Bucket) -> None:
+        """Level 2: give `bucket` a full buffer for this micro-batch, from a pool of STAGING_BUFFERS
+        reused all run long (as DeepSpeed's reduction bucket): gradients then cost 1/dp of the
+        model plus the pool, and nothing is allocated per micro-batch (on the CPU, freeing and
+        reallocating bucket-sized blocks fragments the heap and the memory is never given back).
+        When every buffer is in flight, the oldest reduction is waited for; when every one is
+        being filled (gradients arriving out of bucket order), one more is made."""
+        kind = (bucket.shard.dtype, bucket.shard.device)
+        pool = self._pool.setdefault(kind, [])
+        if not pool and self._made.get(kind, 0) >= STAGING_BUFFERS:
+            for _, other, _, _ in self._timed:  # in launch order: the oldest reduction first
+                self._drain(other, everything=True)  # returns its buffer to the pool
+                if pool:
+                    break
+        if pool:
+            base = pool.pop()
+        else:
+            base = torch.empty(self._staging_numel, dtype=kind[0], device=kind[1])
+            self._made[kind] = self._made.get(kind, 0) + 1
+        bucket.flat = base[:bucket.padded]
+        bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
+        bucket.views = _views(bucket.flat, bucket.params)
+        bucket.staging = base
+
     def _drain(self, bucket: _Bucket, everything: bool) -> None:
         n = self.buckets.index(bucket)
         while bucket.in_flight:
-            work, full, out, add, done = bucket.in_flight[0]
+            work, full, out, add, staging, done = bucket.in_flight[0]
             if not everything and not work.is_completed():
                 return
             wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
@@ -362,6 +389,8 @@ class GradientSync:
             if add:
                 bucket.shard.add_(out)
             bucket.in_flight.pop(0)
+            if staging is not None:  # level 2: the buffer goes back to the pool
+                self._pool[(staging.dtype, staging.device)].append(staging)
 
     def finish(self) -> list[torch.Tensor]:
         """After the last backward: launch what is left and wait for every bucket.
