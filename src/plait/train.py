@@ -35,7 +35,7 @@ from plait.faults import maybe_die
 from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config
-from plait.data import check_length, get_batch, prepare
+from plait.data import check_length, get_batch, is_prepared, load_prepared, prepare
 from plait.engine import Engine
 from plait.parallel.zero import ShardedOptimizer
 from plait.errors import ConfigError, TrainingError
@@ -161,16 +161,20 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
     again = restarted()
     run_dir, start = on_rank0(plan_run_dir, cfg, resume)
 
-    def prepare_data():
-        data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                       val_fraction=d.val_fraction)
+    def prepare_data(folder: str | None = None):
+        if folder is not None and is_prepared(folder):
+            data = load_prepared(folder)
+        else:  # rank 0; or a rank on another machine that does not see rank 0's folder
+            data = prepare(d.data, d.data_dir, progress=main and cfg.output.progress, **d.prepare_options())
         check_length(data.train, cfg.seq_len, "train")
         check_length(data.val, cfg.seq_len, "validation")
         return data
 
-    if dist.is_initialized():  # rank 0 tokenizes once; the others then load its cache
-        on_rank0(lambda: prepare_data() and None)
-    data = prepare_data()
+    # Rank 0 alone looks at the corpus: its fingerprint, and all of its text only when the
+    # cache lacks it. The other ranks then open the folder it names, memory-mapped, and
+    # read no text.
+    folder = on_rank0(lambda: str(prepare_data().dir))
+    data = prepare_data(folder)
 
     on_rank0(open_run_dir, run_dir)
 
@@ -203,7 +207,7 @@ def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
         f"vocab {gpt.vocab_size}, {num_params / 1e6:.2f} M parameters, "
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
-        f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
+        f"({data.tokenizer.kind}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
     log(f"layout: dp={p.dp} x pp={p.pp} on {distributed.world_size()} process(es), {device.type}; "
         f"global batch {cfg.train.global_batch} = {micro_rows} sequences x {p.num_microbatches} "
         f"micro-batches x {p.dp} replicas")

@@ -2,7 +2,7 @@
 
 `prepare` keys the folder by a fingerprint of the corpus's files and the
 preparation options ([Note: the corpus fingerprint]) and builds it only when
-it is missing (plait/data/prepare.py streams the text); `load_prepared` opens
+it is missing (plait/data/preparation.py streams the text); `load_prepared` opens
 a prepared folder memory-mapped and reads no text.
 """
 
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from plait.data.fingerprint import fingerprint
-from plait.data.prepare import MANIFEST, PrepareOptions, build, make_tokenizer
+from plait.data.preparation import MANIFEST, PrepareOptions, build, make_tokenizer
 from plait.data.shards import Tokens, open_range
 from plait.data.sources import default_corpus, open_source, read_documents  # noqa: F401 - public here too
 from plait.data.tokenizer import Tokenizer
 from plait.errors import ConfigError, DataError
+from plait.fsync import _umask
 
 # Part of the cache key: bump it whenever what `prepare` writes changes.
 FORMAT_VERSION = 2
@@ -113,6 +114,7 @@ def _build_into(folder: Path, source, tok, opts: PrepareOptions, fp: str, key: s
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder is data for the group too
     except OSError as e:
         raise ConfigError(f"{what} {parent}: cannot write there ({e.strerror}); pick a writable folder") from None
     try:
