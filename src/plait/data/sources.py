@@ -213,7 +213,7 @@ class DocumentReader:
                     raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line); "
                                     "convert the file to UTF-8") from None
                 except ValueError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1}); "
                                     "fix or remove that line") from None
                 if not isinstance(obj, dict) or field not in obj:
                     raise DataError(f'{where}: no "{field}" field; name the field that holds the text '

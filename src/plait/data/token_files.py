@@ -28,7 +28,8 @@ def bin_layout(path: Path, bin_dtype: str = "uint16") -> tuple[np.dtype, int, in
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            head = np.frombuffer(f.read(12), dtype="<i4")
+            first = f.read(12)
+            head = np.frombuffer(first, dtype="<i4") if len(first) == 12 else np.zeros(0, dtype="<i4")
     except OSError as e:
         raise DataError(f"--data {path}: cannot read it ({e.strerror}); check its permissions") from None
     if len(head) == 3 and head[0] == LLMC_MAGIC and int(head[1]) in LLMC_DTYPES:
