@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +119,12 @@ def _build_into(folder: Path, source, tok, opts: PrepareOptions, fp: str, key: s
     except OSError as e:
         raise ConfigError(f"{what} {parent}: cannot write there ({e.strerror}); pick a writable folder") from None
     try:
+        t0 = time.perf_counter()
         if tok is None:
             tok = make_tokenizer(source, opts)
         header = {"format_version": FORMAT_VERSION, "key": key, "source": source.describe(),
-                  "source_kind": source.kind, "fingerprint": fp, "files": len(source.files)}
+                  "source_kind": source.kind, "fingerprint": fp, "files": len(source.files),
+                  "tokenizer_seconds": round(time.perf_counter() - t0, 3)}
         build(tmp, source, opts, tok, header, progress)
         _move_into_place(tmp, folder)
     finally:

@@ -28,7 +28,7 @@ from plait.fsync import fsync
 
 BATCH_CHARS = 1 << 21  # text per encode_batch call: enough to keep every core busy, bounded
 BATCH_PIECES = 4096
-DEFAULT_BPE_SAMPLE_MB = 64.0
+DEFAULT_BPE_SAMPLE_MB = 16.0
 MANIFEST = "manifest.json"
 
 
@@ -149,7 +149,7 @@ def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, heade
         "bpe_sample_mb": opts.bpe_sample_mb if tok.kind == "bpe" else None,
         "dtype": dtype.name, "tokens": n, "shards": shards,
         "val_fraction": opts.val_fraction, "train_tokens": n - n_val, "val_tokens": n_val,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "encode_seconds": round(time.perf_counter() - t0, 3),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     # On disk before the rename, so after a power cut a folder that looks
