@@ -55,7 +55,7 @@ class AsciiEncoder:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """The ids (uint32) of each text; the stretches that are not ASCII go to `tokenizers` in one batch."""
-        plans: list[list] = []  # per text, its parts in order: an id array, or an index into slow
+        plans: list[list] = []  # per text, its parts in order: the EOT array, a str (slow), a list (words)
         slow: list[str] = []
         for text in texts:
             parts: list = []
@@ -65,27 +65,34 @@ class AsciiEncoder:
                     parts.append(self._eot)
                 for segment, ascii_only in ascii_segments(piece):
                     if ascii_only:
-                        parts.append(self._encode_ascii(segment))
+                        parts.append(_ASCII_PATTERN.findall(segment))
                     else:
-                        parts.append(len(slow))
+                        parts.append(segment)
                         slow.append(segment)
             plans.append(parts)
-        done = [np.asarray(e.ids, dtype=np.uint32) for e in self.hf.encode_batch_fast(slow, add_special_tokens=False)]
-        return [np.concatenate([done[p] if isinstance(p, int) else p for p in parts]) if parts
-                else np.empty(0, dtype=np.uint32) for parts in plans]
+        self._learn({w for parts in plans for p in parts if isinstance(p, list) for w in p})
+        done = iter([np.asarray(e.ids, dtype=np.uint32)
+                     for e in self.hf.encode_batch_fast(slow, add_special_tokens=False)])
+        get = self._cache.__getitem__
+        out = []
+        for parts in plans:
+            arrays = [np.frombuffer(b"".join(map(get, p)), dtype=np.uint32) if isinstance(p, list)
+                      else next(done) if isinstance(p, str) else p for p in parts]
+            out.append(np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32))
+        return out
 
-    def _encode_ascii(self, text: str) -> np.ndarray:
-        words = _ASCII_PATTERN.findall(text)
+    def _learn(self, words: set[str]) -> None:
+        """Put every word of `words` in the cache, encoding those not there yet in one batch."""
         cache = self._cache
-        missing = [w for w in set(words) if w not in cache]
-        if missing:
-            if len(cache) + len(missing) > CACHE_WORDS:
-                cache.clear()
-                missing = list(set(words))
-            # A pre-token alone pre-tokenizes to itself, so this is its BPE.
-            for word, enc in zip(missing, self.hf.encode_batch_fast(missing, add_special_tokens=False)):
-                cache[word] = np.asarray(enc.ids, dtype=np.uint32).tobytes()
-        return np.frombuffer(b"".join([cache[w] for w in words]), dtype=np.uint32)
+        missing = [w for w in words if w not in cache]
+        if not missing:
+            return
+        if len(cache) + len(missing) > CACHE_WORDS:
+            cache.clear()
+            missing = list(words)
+        # A pre-token alone pre-tokenizes to itself, so this is its BPE.
+        for word, enc in zip(missing, self.hf.encode_batch_fast(missing, add_special_tokens=False)):
+            cache[word] = np.asarray(enc.ids, dtype=np.uint32).tobytes()
 
 
 def ascii_segments(text: str):

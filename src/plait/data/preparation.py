@@ -10,8 +10,11 @@ its ids, plus the BPE trainer's counts of the sample's words.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +33,9 @@ BATCH_CHARS = 1 << 21  # text per encode_batch call: enough to keep every core b
 BATCH_PIECES = 4096
 DEFAULT_BPE_SAMPLE_MB = 16.0
 MANIFEST = "manifest.json"
+# The trained BPE's fast path is Python (GIL-bound), so it runs in forked worker processes,
+# one per core, for any corpus bigger than this; a small one is not worth the forks.
+POOL_MIN_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,47 @@ def _batches(reader: DocumentReader) -> Iterator[tuple[list[str], list[bool]]]:
         yield texts, ends
 
 
+_WORKER: tuple | None = None  # (tokenizer, dtype), set before the workers are forked
+
+
+def _encode_in_worker(texts: list[str], ends: list[bool]) -> np.ndarray:
+    tok, dtype = _WORKER
+    return _with_eot(tok.encode_batch(texts), ends, tok.eot_id, dtype)
+
+
+def encoded_batches(reader: DocumentReader, tok: Tokenizer, dtype: np.dtype, workers: int) -> Iterator[np.ndarray]:
+    """The ids of the reader's batches, in order, EOT after each document; encoded by
+    `workers` forked processes when more than one, with a few batches in flight, so
+    memory stays bounded (not Pool.imap, which would read the whole corpus ahead)."""
+    if workers <= 1:
+        for texts, ends in _batches(reader):
+            yield _with_eot(tok.encode_batch(texts), ends, tok.eot_id, dtype)
+        return
+    global _WORKER
+    _WORKER = (tok, dtype)
+    # tokenizers warns in a child forked after its threads ran; the workers need none of them.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    try:
+        pending: deque = deque()
+        for texts, ends in _batches(reader):
+            pending.append(pool.apply_async(_encode_in_worker, (texts, ends)))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()  # also on an error or an interrupt: no worker outlives the preparation
+        _WORKER = None
+
+
 def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, header: dict,
           progress: bool = False) -> dict:
     """Tokenize `source` into shards in the folder `tmp`; write the tokenizer and,
@@ -127,10 +174,17 @@ def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, heade
     else:
         # [Note: cutting text without changing its tokens]: a tokenizer file gets whole documents.
         reader = DocumentReader(source, opts.text_field, cut=tok.kind != "file")
-        for texts, ends in _batches(reader):
-            writer.append(_with_eot(tok.encode_batch(texts), ends, tok.eot_id, dtype))
-            bar.update(reader.bytes_read - bar.n)
-            bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
+        # Only the trained BPE gains from processes: bytes need no work, and tokenizers
+        # encodes a tokenizer file's batches on every core by itself.
+        many = tok.kind == "bpe" and source.total_bytes >= POOL_MIN_BYTES
+        batches = encoded_batches(reader, tok, dtype, (os.cpu_count() or 1) if many else 1)
+        try:
+            for ids in batches:
+                writer.append(ids)
+                bar.update(reader.bytes_read - bar.n)
+                bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
+        finally:
+            batches.close()
         documents, characters = reader.documents, reader.characters
         if characters == 0:
             raise DataError(f"--data {source.path}: no text in its {documents} documents; give some text")
