@@ -9,8 +9,9 @@ this Python's library folder (code, with its docstrings and comments, and some p
 sorted order, stitched into text files of about 64 KB (one document each), cycled until the
 corpus has the size asked (each pass's files are numbered, so no two files are equal).
 
-For each corpus, each in its own process, measured from outside (wall time; peak resident
-memory from the kernel's rusage of that process):
+For each corpus, each in its own process, measured from outside (wall time, interpreter
+start and imports included: torch's, for plait; peak resident memory of the largest process,
+forked workers included, from the kernel's rusage):
 - plait: `python -m plait prepare --data CORPUS --out DIR` with the default trained BPE
   (2048 tokens, trained on the first --bpe-sample-mb of text) on every core; its time with and
   without the BPE training (the manifest records how long the tokenizer took);
@@ -84,25 +85,27 @@ def make_corpus(folder: Path, size_mb: float) -> tuple[int, int]:
     return count, total
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run `cmd`: (wall seconds, the process's own peak RSS in MB (os.wait4), its stdout)."""
+# Runs a command and prints the largest peak resident set of it and every process it waited
+# for (its forked workers): RUSAGE_CHILDREN's ru_maxrss is the maximum over reaped descendants.
+MEASURE = r'''
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], "w"))
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+sys.exit(code)
+'''
+
+
+def run_measured(cmd: list[str], work: Path) -> tuple[float, float, str]:
+    """Run `cmd`: (wall seconds, the peak RSS in MB of its largest process, workers included, its stdout)."""
+    out = work / "stdout.txt"
     t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # the child: exec the command with its output into files
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
-        out = os.open(_OUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        err = os.open(_ERR, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        os.execve(cmd[0], cmd, env)
-    _, status, usage = os.wait4(pid, 0)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(out), *cmd], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{Path(_ERR).read_text()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, Path(_OUT).read_text()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, float(proc.stdout.split()[-1]), out.read_text()
 
-
-_OUT = _ERR = ""
 
 REFERENCE = r'''
 import json, sys, time
@@ -144,10 +147,10 @@ def bench(corpus: Path, work: Path, size_mb: float, bpe_sample_mb: float | None)
     py = sys.executable
     extra = ["--bpe-sample-mb", str(bpe_sample_mb)] if bpe_sample_mb else []
     wall, rss, _ = run_measured([py, "-m", "plait", "prepare", "--data", str(corpus), "--out", str(out),
-                                 "--no-progress", *extra])
+                                 "--no-progress", *extra], work)
     manifest = json.loads((out / "manifest.json").read_text())
     ref_out = work / f"reference-{corpus.name}.bin"
-    ref_wall, ref_rss, ref_stdout = run_measured([py, "-c", REFERENCE, str(corpus), str(out), str(ref_out)])
+    ref_wall, ref_rss, ref_stdout = run_measured([py, "-c", REFERENCE, str(corpus), str(out), str(ref_out)], work)
     ref_tokens = int(ref_stdout.split()[0])
     ref_out.unlink()
     # The start: a prepared folder, then the raw corpus on a warm cache (a cache holding it).
@@ -163,7 +166,7 @@ def bench(corpus: Path, work: Path, size_mb: float, bpe_sample_mb: float | None)
     os.symlink(out.resolve(), cache / key)  # the cache entry `plait train --data CORPUS` looks for
     starts = {}
     for name, data in (("folder", str(out)), ("raw", str(corpus))):
-        _, start_rss, line = run_measured([py, "-c", START, data, str(cache)])
+        _, start_rss, line = run_measured([py, "-c", START, data, str(cache)], work)
         seconds, import_s, tokens = line.split()
         assert int(tokens) == manifest["tokens"], (name, tokens, manifest["tokens"])
         starts[name] = (float(seconds), start_rss)
@@ -212,7 +215,6 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    global _OUT, _ERR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one ~5 MB corpus")
     parser.add_argument("--sizes", type=float, nargs="+", metavar="MB", help="corpus sizes (default: 50 200 1000)")
@@ -223,7 +225,6 @@ def main() -> None:
     sizes = args.sizes or ([5] if args.quick else [50, 200, 1000])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="plait-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    _OUT, _ERR = str(work / "stdout.txt"), str(work / "stderr.txt")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; work folder {work}")
     rows = []
     try:

@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 2 -m plait train --dp 2
 
 One call of `train(cfg)`, on every rank: choose the device (and with it the
-backend), join the process group, prepare the data (cached; rank 0 first),
+backend), join the process group, prepare the data (rank 0 alone looks at
+the corpus, cached under --data-dir; the others open its folder memory-mapped),
 make the run directory, build the model and the Engine, then for each step
 take this rank's share of the global batch (a pure function of seed and step),
 run the Engine's step, clip, update, log; evaluate every `eval_every` steps;

@@ -1,6 +1,7 @@
 """Preparation into shards: crashes, races, the fingerprint, batches over shards, the commands."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import plait.data.corpus as corpus
 import plait.data.preparation as preparation
 import plait.data.shards as shards
 from plait.cli import main
-from plait.data import Tokens, fingerprint, get_batch, load_prepared, prepare, prepare_to
+from plait.data import EOT, Tokens, fingerprint, get_batch, load_prepared, prepare, prepare_to
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -35,7 +36,11 @@ def stream(p) -> np.ndarray:
     return np.concatenate([np.asarray(p.train), np.asarray(p.val)])
 
 
-def test_a_crash_mid_stream_leaves_nothing_and_the_next_run_prepares(tmp_path, text_dir, monkeypatch):
+@pytest.mark.parametrize("tokenizer,pool", [("byte", False), ("bpe", True)], ids=["byte", "bpe-workers"])
+def test_a_crash_mid_stream_leaves_nothing_and_the_next_run_prepares(tmp_path, text_dir, monkeypatch, tokenizer,
+                                                                      pool):
+    if pool:
+        monkeypatch.setattr(preparation, "POOL_MIN_BYTES", 0)  # the forked workers too
     real_append, calls = shards.ShardWriter.append, []
 
     def crash_on_third_batch(self, ids):
@@ -47,14 +52,30 @@ def test_a_crash_mid_stream_leaves_nothing_and_the_next_run_prepares(tmp_path, t
     monkeypatch.setattr(preparation, "BATCH_CHARS", 2000)  # several batches
     monkeypatch.setattr(shards.ShardWriter, "append", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        prepare(str(text_dir), tmp_path / "cache", tokenizer="byte", shard_tokens=1500)
+        prepare(str(text_dir), tmp_path / "cache", tokenizer=tokenizer, vocab_size=300, shard_tokens=1500)
     with pytest.raises(KeyboardInterrupt):
-        prepare_to(tmp_path / "out", str(text_dir), tokenizer="byte", shard_tokens=1500)
+        prepare_to(tmp_path / "out", str(text_dir), tokenizer=tokenizer, vocab_size=300, shard_tokens=1500)
     assert len(calls) == 6 and os.listdir(tmp_path / "cache") == [] and not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) == ["cache", "text"]
     monkeypatch.setattr(shards.ShardWriter, "append", real_append)
-    p = prepare(str(text_dir), tmp_path / "cache", tokenizer="byte", shard_tokens=1500)
-    assert p.built and len(p.meta["shards"]) > 2
+    p = prepare(str(text_dir), tmp_path / "cache", tokenizer=tokenizer, vocab_size=300, shard_tokens=1500)
+    assert p.built and len(p.meta["shards"]) > 1
+    assert multiprocessing.active_children() == []  # the workers went with the crash
+
+
+def test_worker_processes_give_the_tokens_of_one_process(tmp_path, text_dir, monkeypatch):
+    (text_dir / "uni.txt").write_text("naïve café — 日本語 and ascii around it " * 50)
+    (text_dir / "eot.txt").write_text(f"before {EOT} after " * 50)
+    monkeypatch.setattr(preparation, "BATCH_CHARS", 3000)
+    one = prepare(str(text_dir), tmp_path / "one", vocab_size=300)
+    monkeypatch.setattr(preparation, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    many = prepare(str(text_dir), tmp_path / "many", vocab_size=300)
+    assert np.array_equal(stream(one), stream(many))
+    expected = []
+    for path in sorted(text_dir.iterdir()):
+        expected += one.tokenizer.encode(path.read_text()) + [one.tokenizer.eot_id]
+    assert stream(many).tolist() == expected
 
 
 def test_two_processes_preparing_at_once_make_one_folder(tmp_path, text_dir):
