@@ -94,7 +94,7 @@ class DataConfig:
                                  min_open=True, max=0.5)
     text_field: str = option("text", "the field of each JSON Lines record that holds its text")
     bin_dtype: str = option("uint16", "token type of a .bin without an llm.c header", choices=("uint16", "uint32"))
-    bpe_sample_mb: float = option(16.0, "MB of text, from the start of the corpus, the BPE tokenizer is trained on",
+    bpe_sample_mb: float = option(8.0, "MB of text, from the start of the corpus, the BPE tokenizer is trained on",
                                   min=0.0, min_open=True)
 
     def __post_init__(self) -> None:

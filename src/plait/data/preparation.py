@@ -31,7 +31,7 @@ from plait.fsync import fsync
 
 BATCH_CHARS = 1 << 21  # text per encode_batch call: enough to keep every core busy, bounded
 BATCH_PIECES = 4096
-DEFAULT_BPE_SAMPLE_MB = 16.0
+DEFAULT_BPE_SAMPLE_MB = 8.0
 MANIFEST = "manifest.json"
 # The trained BPE's fast path is Python (GIL-bound), so it runs in forked worker processes,
 # one per core, for any corpus bigger than this; a small one is not worth the forks.
