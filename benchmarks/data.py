@@ -134,7 +134,7 @@ import sys, time
 t0 = time.perf_counter()
 from plait.data import prepare
 t1 = time.perf_counter()
-data = prepare(sys.argv[1], sys.argv[2])
+data = prepare(sys.argv[1], sys.argv[2], **({"bpe_sample_mb": float(sys.argv[3])} if sys.argv[3:] else {}))
 t2 = time.perf_counter()
 print(t2 - t1, t1 - t0, len(data.train) + len(data.val))
 '''
@@ -166,7 +166,8 @@ def bench(corpus: Path, work: Path, size_mb: float, bpe_sample_mb: float | None)
     os.symlink(out.resolve(), cache / key)  # the cache entry `plait train --data CORPUS` looks for
     starts = {}
     for name, data in (("folder", str(out)), ("raw", str(corpus))):
-        _, start_rss, line = run_measured([py, "-c", START, data, str(cache)], work)
+        sample = [str(bpe_sample_mb)] if bpe_sample_mb else []
+        _, start_rss, line = run_measured([py, "-c", START, data, str(cache), *sample], work)
         seconds, import_s, tokens = line.split()
         assert int(tokens) == manifest["tokens"], (name, tokens, manifest["tokens"])
         starts[name] = (float(seconds), start_rss)

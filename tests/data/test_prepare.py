@@ -183,6 +183,9 @@ def test_plait_prepare_then_train_from_the_folder(tmp_path, text_dir, capsys, mo
     assert main(["prepare", "--data", str(text_dir), "--data-dir", str(tmp_path / "c"), "--vocab-size", "300"]) == 0
     assert os.listdir(tmp_path / "c") == [manifest["key"]]
     capsys.readouterr()
+    assert main(["prepare", "--data", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == (f"plait: error: --data {out} is a prepared folder already; train from it: "
+                                       f"plait train --data {out}\n")
 
     def no_reading(*args, **kwargs):
         raise AssertionError("read the corpus")

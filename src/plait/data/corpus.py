@@ -163,6 +163,8 @@ def prepare_to(out: str | Path, data: str | None, tokenizer: str = "bpe", vocab_
     kept as it is; any other existing `out` is refused.
     """
     out = Path(out)
+    if is_prepared(data):
+        raise ConfigError(f"--data {data} is a prepared folder already; train from it: plait train --data {data}")
     opts = _options(tokenizer, vocab_size, val_fraction, **options)
     source, tok, fp, key = _plan(data, opts)
     if out.exists():
