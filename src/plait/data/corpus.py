@@ -121,7 +121,7 @@ def _build_into(folder: Path, source, tok, opts: PrepareOptions, fp: str, key: s
     try:
         t0 = time.perf_counter()
         if tok is None:
-            tok = make_tokenizer(source, opts)
+            tok = make_tokenizer(source, opts, progress)
         header = {"format_version": FORMAT_VERSION, "key": key, "source": source.describe(),
                   "source_kind": source.kind, "fingerprint": fp, "files": len(source.files),
                   "tokenizer_seconds": round(time.perf_counter() - t0, 3)}

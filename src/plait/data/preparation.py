@@ -73,7 +73,7 @@ def sample_pieces(source: Source, text_field: str, limit_bytes: int) -> Iterator
         yield text
 
 
-def make_tokenizer(source: Source, opts: PrepareOptions) -> Tokenizer:
+def make_tokenizer(source: Source, opts: PrepareOptions, progress: bool = False) -> Tokenizer:
     """The tokenizer of `opts`: trained on the sample (bpe), bytes, or read from its file."""
     if opts.tokenizer == "byte":
         return byte_tokenizer()
@@ -81,7 +81,15 @@ def make_tokenizer(source: Source, opts: PrepareOptions) -> Tokenizer:
         if source.kind == "bin":
             raise DataError(f"--data {source.path} holds token ids already; give the tokenizer they were made "
                             "with: --tokenizer PATH/tokenizer.json, or --tokenizer byte")
-        return train_bpe(sample_pieces(source, opts.text_field, int(opts.bpe_sample_mb * 1e6)), opts.vocab_size)
+        limit = int(opts.bpe_sample_mb * 1e6)
+        with tqdm(total=min(limit, source.total_bytes), unit="B", unit_scale=True, desc="BPE sample",
+                  file=sys.stderr, dynamic_ncols=True, disable=None if progress else True) as bar:
+            def counted(pieces):
+                for text in pieces:
+                    bar.update(len(text))  # characters: close enough to bytes for a bar
+                    yield text
+
+            return train_bpe(counted(sample_pieces(source, opts.text_field, limit)), opts.vocab_size)
     return tokenizer_file(opts.tokenizer)
 
 
