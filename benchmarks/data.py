@@ -175,6 +175,7 @@ def bench(corpus: Path, work: Path, size_mb: float, bpe_sample_mb: float | None)
     return {
         "corpus": corpus.name, "files": files, "mb": nbytes / 1e6, "tokens": manifest["tokens"],
         "plait_s": wall, "train_bpe_s": manifest.get("tokenizer_seconds", 0.0), "plait_rss": rss,
+        "encode_s": manifest.get("encode_seconds", 0.0),
         "ref_s": ref_wall, "ref_rss": ref_rss, "ref_tokens": ref_tokens,
         "start_folder_s": starts["folder"][0], "start_raw_s": starts["raw"][0],
         "start_rss": max(starts["folder"][1], starts["raw"][1]),
@@ -205,13 +206,13 @@ def verdicts(rows: list[dict]) -> list[str]:
              r["plait_rss"] <= TARGETS["peak_rss_mb"]),
             (f"start <= {TARGETS['start_s']:g} s", f"{r['start_folder_s']:.3f} s (folder), "
              f"{r['start_raw_s']:.3f} s (raw, warm cache)", max(r["start_folder_s"], r["start_raw_s"]) <= 1.0),
-            ("no slower than the reference", f"{r['plait_s'] - r['train_bpe_s']:.1f} s encoding + "
-             f"{r['train_bpe_s']:.1f} s BPE training vs {r['ref_s']:.1f} s",
+            ("no slower than the reference", f"{r['plait_s'] - r['train_bpe_s']:.1f} s ({r['encode_s']:.1f} s "
+             f"encoding, the rest start and imports) + {r['train_bpe_s']:.1f} s BPE training vs {r['ref_s']:.1f} s",
              r["plait_s"] - r["train_bpe_s"] <= r["ref_s"]),
             ("same tokens as the reference", f"{r['tokens']:,} vs {r['ref_tokens']:,}", r["tokens"] == r["ref_tokens"]),
         ]
         for what, figures, ok in checks:
-            out.append(f"{r['corpus']:>8}  {what:<32} {figures:<60} {'PASS' if ok else 'MISS'}")
+            out.append(f"{r['corpus']:>8}  {what:<32} {figures:<84} {'PASS' if ok else 'MISS'}")
     return out
 
 
