@@ -184,7 +184,8 @@ def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, heade
         reader = DocumentReader(source, opts.text_field, cut=tok.kind != "file")
         # Only the trained BPE gains from processes: bytes need no work, and tokenizers
         # encodes a tokenizer file's batches on every core by itself.
-        many = tok.kind == "bpe" and source.total_bytes >= POOL_MIN_BYTES
+        # Forked workers only on Linux: macOS's system libraries are not safe to use after a fork.
+        many = tok.kind == "bpe" and source.total_bytes >= POOL_MIN_BYTES and sys.platform.startswith("linux")
         batches = encoded_batches(reader, tok, dtype, (os.cpu_count() or 1) if many else 1)
         try:
             for ids in batches:
