@@ -148,8 +148,8 @@ FLOATS = [(section, f) for section, cls in SECTIONS.items() for f in dataclasses
 def test_the_config_tree_has_the_float_fields_we_think():
     assert sorted(f"{s}.{f.name}" for s, f in FLOATS) == [
         "data.bpe_sample_mb", "data.val_fraction", "model.dropout", "output.checkpoint_timeout", "output.peak_tflops",
-        "parallel.bucket_mb",
-        "parallel.timeout", "train.beta1", "train.beta2", "train.grad_clip", "train.lr", "train.min_lr_ratio",
+        "parallel.bucket_mb", "parallel.max_memory_gb", "parallel.timeout", "train.beta1", "train.beta2",
+        "train.grad_clip", "train.lr", "train.min_lr_ratio",
         "train.weight_decay"]
 
 

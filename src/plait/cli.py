@@ -360,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = with_out(cfg, default_run_dir())
                 rest = [*rest, "--out", cfg.output.out]
 
-            def check_run_dir() -> None:
+            def check_before_launch() -> None:
+                if cfg.parallel.max_memory_gb is not None:  # the workers check again (plait/memory.py)
+                    from plait.distributed import choose_device
+                    from plait.memory import check_fits
+
+                    check_fits(cfg, cfg.data.vocab_size, choose_device(cfg.train.device, cfg.launch.backend))
                 # On node 0 only: another machine may not see the folder. Rank 0 of the workers
                 # decides again where it runs, and is the one to warn of a damaged checkpoint.
                 if cfg.launch.node_rank == 0:
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
             return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend),
-                                       check_run_dir)
+                                       check_before_launch)
         from plait.verify import devices, options, verify
 
         checked = devices(cfg)

@@ -138,6 +138,9 @@ class ParallelConfig:
                           "(reduced every micro-batch) (a no-op at dp=1)", choices=(0, 1, 2))
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
                             min=1.0, max=WEEK_S)
+    max_memory_gb: float | None = option(None, "memory of one device in GiB: a layout predicted to need more "
+                                               "(plait/memory.py) is refused before it starts", min=0.0,
+                                         min_open=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, "parallel")

@@ -9,6 +9,9 @@ gloo (see [Note: one device choice]).
 Ranks are laid out with `dp` innermost: rank = pp_rank * dp + dp_rank, so the
 replicas of one stage are neighbours (on one node when they fit), and a
 stage's gradient all-reduce stays local while activations cross nodes.
+
+Also the small per-process helpers the trainer uses around them: TF32 on
+CUDA, batches to the device, and decisions taken on rank 0 for every rank.
 """
 
 from __future__ import annotations
@@ -230,3 +233,52 @@ def make_mesh(dp: int = 1, pp: int = 1, device_type: str | None = None) -> Devic
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     _check_group(device_type)
     return init_device_mesh(device_type, (pp, dp), mesh_dim_names=("pp", "dp"))
+
+
+def use_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores.
+
+    PyTorch leaves float32 matmuls in full precision by default: about 67
+    TFLOP/s on an H100 SXM, against about 495 (dense) with TF32, whose 10-bit
+    mantissa GPT training tolerates (nanoGPT turns it on too). The CPU is
+    left as it is.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of token ids on `device`; on the CPU, the batch itself.
+
+    To a GPU it is copied from pinned memory with non_blocking=True, so the
+    host goes on queueing the step instead of waiting for the copy (a
+    blocking copy from pageable memory synchronises the stream). The copy is
+    queued on the stream the step then runs on, so the step reads it in
+    order; torch's pinned-memory allocator keeps the pinned buffer until the
+    copy is done.
+    """
+    if device.type != "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
+def on_rank0(fn, *args):
+    """Run `fn` on rank 0 only and hand its result, or its error, to every rank.
+
+    Used for decisions that must agree everywhere (the run directory); an error
+    on rank 0 is raised on all ranks instead of leaving the others waiting.
+    """
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn(*args)
+        except ConfigError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise ConfigError(error, shared=True)
+    return result

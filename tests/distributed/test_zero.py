@@ -15,13 +15,15 @@ from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKET
 STEPS = 3
 
 
-def train_zero(microbatches, bucket_mb, clip, zero=1):
+def train_zero(microbatches, bucket_mb, clip, zero=1, native=False):
     mesh = plait.make_mesh(dp=distributed.world_size(), pp=1)
     dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=distributed.rank())]
     engine = plait.Engine(layers, gpt_loss, mesh, microbatches=microbatches, bucket_mb=bucket_mb)
     opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
     sync = engine.grad_sync
+    assert not sync.native_scatter  # gloo: an all-reduce, each rank keeping its slice
+    sync.native_scatter = native  # NCCL's path: the reduce-scatter itself
     losses, held = [], []
     for step in range(STEPS):
         x, y = global_batch(step)
@@ -45,12 +47,13 @@ def train_zero(microbatches, bucket_mb, clip, zero=1):
                          for b in engine.grad_sync.buckets)}  # this rank's elements of each bucket
 
 
-@pytest.mark.parametrize("zero,dp,microbatches,bucket_mb", [
-    (1, 2, 1, SMALL_BUCKETS_MB), (1, 4, 2, SMALL_BUCKETS_MB), (1, 2, 2, 25.0),
-    (2, 2, 2, SMALL_BUCKETS_MB), (2, 4, 2, SMALL_BUCKETS_MB), (2, 2, 1, 25.0)])
-def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb):
+@pytest.mark.parametrize("zero,dp,microbatches,bucket_mb,native", [
+    (1, 2, 1, SMALL_BUCKETS_MB, True), (1, 4, 2, SMALL_BUCKETS_MB, False), (1, 2, 2, 25.0, True),
+    (2, 2, 2, SMALL_BUCKETS_MB, True), (2, 4, 2, SMALL_BUCKETS_MB, False), (2, 2, 1, 25.0, False),
+    (2, 4, 2, SMALL_BUCKETS_MB, True)])
+def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb, native):
     ref_state, ref_losses = reference(STEPS)
-    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0, zero)
+    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0, zero, native)
     for r in results:
         for name, value in ref_state.items():
             assert torch.allclose(r["state"][name], value, rtol=0, atol=1e-9), name
@@ -62,7 +65,7 @@ def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb):
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero_holds_a_dp_share_of_the_optimizer_state_and_gradients(zero):
-    results = spawn(train_zero, 2, 2, SMALL_BUCKETS_MB, 0.5, zero)
+    results = spawn(train_zero, 2, 2, SMALL_BUCKETS_MB, 0.5, zero, True)
     # AdamW keeps exp_avg and exp_avg_sq per element: twice this rank's shard of each bucket.
     total = 0
     for r in results:

@@ -31,7 +31,9 @@ ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
   every rank ends with every gradient in `.grad`.
 - 1: each bucket, padded to a multiple of dp, is reduce-scattered once, at
   the last micro-batch: this rank keeps the reduced gradient of its 1/dp
-  slice (`bucket.shard`), half the all-reduce's traffic. The full buffers
+  slice (`bucket.shard`), half the all-reduce's traffic (on gloo, whose
+  reduce-scatter is slow, an all-reduce of which it keeps its slice: [Note:
+  reduce-scatter on gloo]). The full buffers
   stay, accumulating over micro-batches as at level 0. The flags travel in
   one small all-reduce of their own at the end.
 - 2: as 1, but the full buffers do not outlive a micro-batch: each
@@ -60,6 +62,15 @@ from plait.watchdog import wait
 
 
 FIRST_BUCKET_BYTES = 1 << 20
+STAGING_BUFFERS = 2  # ZeRO-2: full bucket buffers, one being filled while the other is reduced
+
+
+# [Note: reduce-scatter on gloo] gloo's reduce-scatter is slower than its all-reduce of the whole
+# buffer (2 dp ranks, 25 MiB float32 bucket, this 2-core machine: 99-115 ms against 41-57 ms), so
+# on gloo a ZeRO bucket is all-reduced and each rank keeps its slice; the memory is the same (the
+# full buffer exists until the reduction completes either way). NCCL's reduce-scatter moves half
+# the all-reduce's bytes and is used there. The tests run both paths (`native_scatter`).
+NATIVE_SCATTER_BACKENDS = ("nccl",)
 
 
 def _reduce_scatter(output, input, group, async_op):
@@ -84,7 +95,8 @@ class _Bucket:
     work: object = None  # level 0: the all-reduce's Work, the only thing whose wait orders its result (NCCL)
     shard: torch.Tensor | None = None  # levels 1 and 2: this rank's slice of the reduced gradients
     flag_buf: torch.Tensor | None = None  # levels 1 and 2: the used-flags, reduced at finish()
-    in_flight: list = field(default_factory=list)  # levels 1 and 2: (Work, full buffer, output to add or None, done mark)
+    in_flight: list = field(default_factory=list)  # (Work, full buffer, output, add?, staging buffer, done mark)
+    staging: torch.Tensor | None = None  # level 2: the pooled buffer `flat` is cut from this micro-batch
     scattered: bool = False  # level 2: a reduce-scatter of this step has written `shard`
 
     @property
@@ -135,6 +147,7 @@ class GradientSync:
         self.sync = True
         self.zero = 0
         self.dp_size, self.dp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.native_scatter = dist.get_backend(group) in NATIVE_SCATTER_BACKENDS
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.keys = keys or {}
         self.bucket_bytes = bucket_bytes
@@ -161,6 +174,7 @@ class GradientSync:
         for p in self.params:
             p.grad = None  # held gradients point into the old buckets
         self.zero = level
+        self.buckets, self._where, self._stage_buckets = [], {}, {}  # freed before the new ones exist
         self._build()
 
     def _build(self) -> None:
@@ -176,6 +190,9 @@ class GradientSync:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
         self._cursor = 0
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
+        self._made: dict[tuple, int] = {}
+        self._staging_numel = max((b.padded for b in self.buckets), default=0)
 
     def bucket_of(self, p: nn.Parameter) -> _Bucket:
         """The bucket holding `p`'s gradient (and, under ZeRO, its flat parameter slice)."""
@@ -213,9 +230,12 @@ class GradientSync:
                 padded = -(-numel // self.dp_size) * self.dp_size
                 b = _Bucket(ps, key, numel, padded, flag_buf=torch.zeros(len(ps), dtype=ps[0].dtype,
                                                                           device=ps[0].device))
-                b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
-                if self.zero == 1:
+                if self.zero == 1:  # the shard is this rank's slice of the full buffer, reduced in place
                     b.flat = torch.zeros(padded, dtype=ps[0].dtype, device=ps[0].device)
+                    size = padded // self.dp_size
+                    b.shard = b.flat[self.dp_rank * size:(self.dp_rank + 1) * size]
+                else:  # level 2: the shard outlives the micro-batches' full buffers
+                    b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
             b.views = _views(b.flat, ps) if b.flat is not None else None
             b.used = [False] * len(ps)
             b.fresh = [False] * len(ps)
@@ -260,9 +280,7 @@ class GradientSync:
         bucket, slot = self._where[p]
         if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
             self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
-            bucket.flat = torch.empty(bucket.padded, dtype=p.dtype, device=p.device)
-            bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
-            bucket.views = _views(bucket.flat, bucket.params)
+            self._stage_bucket(bucket)
         view = bucket.views[slot]
         if p.grad.data_ptr() != view.data_ptr():  # the step's (level 2: micro-batch's) first gradient
             view.copy_(p.grad)
@@ -295,8 +313,7 @@ class GradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         written = bucket.fresh if self.zero == 2 else bucket.used
         if bucket.flat is None:  # level 2: no gradient at all for this bucket in this micro-batch
-            bucket.flat = torch.zeros(bucket.padded, dtype=bucket.shard.dtype, device=bucket.shard.device)
-            bucket.views = _views(bucket.flat, bucket.params)
+            self._stage_bucket(bucket)
         for view, w in zip(bucket.views, written):
             if not w:  # this rank has no gradient for it: it adds zero (its place holds an old one)
                 view.zero_()
@@ -311,30 +328,69 @@ class GradientSync:
             bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
             self._timed.append(("all-reduce", bucket, launched, self.clock.mark_done(bucket.work)))
         else:
-            # The first reduce-scatter of the step writes the shard; later ones (level 2) are added in.
-            out = torch.empty_like(bucket.shard) if bucket.scattered else bucket.shard
-            work = _reduce_scatter(out, bucket.flat, group=self.group, async_op=True)
+            # The first reduction of the step writes the shard; later ones (level 2) are added in.
+            add = bucket.scattered
+            if self.native_scatter:
+                out = torch.empty_like(bucket.shard) if add else bucket.shard
+                work = _reduce_scatter(out, bucket.flat, group=self.group, async_op=True)
+            else:  # [Note: reduce-scatter on gloo] the whole bucket is summed; _drain keeps this rank's slice
+                out = None
+                work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
             done = self.clock.mark_done(work)
-            bucket.in_flight.append((work, bucket.flat, out if bucket.scattered else None, done))
+            bucket.in_flight.append((work, bucket.flat, out, add, bucket.staging if self.zero == 2 else None, done))
             bucket.scattered = True
             self._timed.append(("reduce-scatter", bucket, launched, done))
         bucket.pending = len(bucket.params)
         if self.zero == 2:  # dropped once its reduce-scatter is waited on (in_flight holds it till then)
             bucket.flat, bucket.views = None, None
             bucket.fresh = [False] * len(bucket.params)
+            for other in self.buckets:  # free what has arrived: a full buffer lives only while in flight
+                if other.in_flight:
+                    self._drain(other, everything=False)
+
+    def _stage_bucket(self, bucket: _Bucket) -> None:
+        """Level 2: give `bucket` a full buffer for this micro-batch, from a pool of STAGING_BUFFERS
+        reused all run long (as DeepSpeed's reduction bucket): gradients then cost 1/dp of the
+        model plus the pool, and nothing is allocated per micro-batch (on the CPU, freeing and
+        reallocating bucket-sized blocks fragments the heap and the memory is never given back).
+        When every buffer is in flight, the oldest reduction is waited for; when every one is
+        being filled (gradients arriving out of bucket order), one more is made."""
+        kind = (bucket.shard.dtype, bucket.shard.device)
+        pool = self._pool.setdefault(kind, [])
+        if not pool and self._made.get(kind, 0) >= STAGING_BUFFERS:
+            for _, other, _, _ in self._timed:  # in launch order: the oldest reduction first
+                self._drain(other, everything=True)  # returns its buffer to the pool
+                if pool:
+                    break
+        if pool:
+            base = pool.pop()
+        else:
+            base = torch.empty(self._staging_numel, dtype=kind[0], device=kind[1])
+            self._made[kind] = self._made.get(kind, 0) + 1
+        bucket.flat = base[:bucket.padded]
+        bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
+        bucket.views = _views(bucket.flat, bucket.params)
+        bucket.staging = base
 
     def _drain(self, bucket: _Bucket, everything: bool) -> None:
         n = self.buckets.index(bucket)
         while bucket.in_flight:
-            work, _full, out, done = bucket.in_flight[0]
+            work, full, out, add, staging, done = bucket.in_flight[0]
             if not everything and not work.is_completed():
                 return
             wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
                                  f"{n + 1} of {len(self.buckets)} with {self._peers}")
             self.clock.waited(done)
-            if out is not None:
+            if out is None:  # summed whole: this rank's slice of it (level 1: the shard itself)
+                lo, hi = self.shard_range(bucket)
+                out = full[lo:hi]
+                if not add and out.data_ptr() != bucket.shard.data_ptr():
+                    bucket.shard.copy_(out)
+            if add:
                 bucket.shard.add_(out)
             bucket.in_flight.pop(0)
+            if staging is not None:  # level 2: the buffer goes back to the pool
+                self._pool[(staging.dtype, staging.device)].append(staging)
 
     def finish(self) -> list[torch.Tensor]:
         """After the last backward: launch what is left and wait for every bucket.
