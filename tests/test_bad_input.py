@@ -101,7 +101,8 @@ def test_empty_corpus(tmp_path, files, capsys):
     code, err = run([*SMALL, "--data", str(corpus), "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "r")],
                     capsys)
     assert code == 2
-    expected = (f"--data {corpus}: the folder has no .txt, .md or .rst files; put text files in it" if not files
+    expected = (f"--data {corpus}: the folder has no .txt, .md, .rst, .jsonl or .jsonl.gz files; put text files in it"
+                if not files
                 else f"--data {corpus}: all 2 text files in the folder are empty; give some text")
     assert err == f"plait: error: {expected}\n"
     assert not (tmp_path / "r").exists()

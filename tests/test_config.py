@@ -22,7 +22,13 @@ BAD = [
     (["--dtype", "float16"], "invalid train.dtype = 'float16': must be one of float32, bfloat16, float64 (--dtype)"),
     (["--schedule", "zigzag"], "invalid parallel.schedule = 'zigzag': must be one of gpipe, 1f1b, "
                                "interleaved-1f1b (--schedule)"),
-    (["--tokenizer", "wordpiece"], "invalid data.tokenizer = 'wordpiece': must be one of bpe, byte (--tokenizer)"),
+    (["--tokenizer", "wordpiece"], "invalid data.tokenizer = 'wordpiece': must be bpe, byte or the path of a "
+                                   "tokenizer.json file (--tokenizer)"),
+    (["--tokenizer", "t.json", "--vocab-size", "300"], "data.vocab_size = 300 does not apply to a tokenizer file "
+                                                       "(data.tokenizer = 't.json'), which has its own vocabulary; "
+                                                       "drop --vocab-size"),
+    (["--bin-dtype", "int8"], "invalid data.bin_dtype = 'int8': must be one of uint16, uint32 (--bin-dtype)"),
+    (["--bpe-sample-mb", "0"], "invalid data.bpe_sample_mb = 0.0: must be > 0.0 (--bpe-sample-mb)"),
     (["--val-fraction", "0"], "invalid data.val_fraction = 0.0: must be > 0.0 (--val-fraction)"),
     (["--val-fraction", "0.9"], "invalid data.val_fraction = 0.9: must be <= 0.5 (--val-fraction)"),
     (["--vocab-size", "100"], "invalid data.vocab_size = 100: must be >= 257 (--vocab-size)"),
@@ -141,8 +147,9 @@ FLOATS = [(section, f) for section, cls in SECTIONS.items() for f in dataclasses
 
 def test_the_config_tree_has_the_float_fields_we_think():
     assert sorted(f"{s}.{f.name}" for s, f in FLOATS) == [
-        "data.val_fraction", "model.dropout", "output.checkpoint_timeout", "output.peak_tflops", "parallel.bucket_mb",
-        "parallel.max_memory_gb", "parallel.timeout", "train.beta1", "train.beta2", "train.grad_clip", "train.lr", "train.min_lr_ratio",
+        "data.bpe_sample_mb", "data.val_fraction", "model.dropout", "output.checkpoint_timeout", "output.peak_tflops",
+        "parallel.bucket_mb", "parallel.max_memory_gb", "parallel.timeout", "train.beta1", "train.beta2",
+        "train.grad_clip", "train.lr", "train.min_lr_ratio",
         "train.weight_decay"]
 
 

@@ -1,6 +1,8 @@
 """The `plait` command.
 
     plait train [--config F.toml] [--resume RUN_DIR] [options]
+    plait prepare --data PATH [--out DIR] [--tokenizer bpe|byte|TOKENIZER.json] [data options]
+                                             tokenize a corpus into a folder of token shards
     plait verify [options]                   the layout next to a one-process float64 reference
     plait slurm --nodes N --gpus-per-node G [--partition P] [--time T] -- <train options>
     plait export RUN_DIR OUT [--format safetensors|hf] [--force]   the newest checkpoint, for use elsewhere
@@ -37,13 +39,15 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see '{self.prog} --help'")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per config field, generated from the dataclasses' metadata.
+def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """One option per config field (of `sections`, default all), generated from the dataclasses' metadata.
 
     Defaults are suppressed so that only the options a user typed override the
     config file (or, on resume, the run's saved config).
     """
     for section, cls in SECTIONS.items():
+        if sections is not None and section not in sections:
+            continue
         group = parser.add_argument_group(f"{section} options ([{section}] in --config)")
         for f in dataclasses.fields(cls):
             meta = f.metadata
@@ -75,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(its saved config, overridden by any options given; "
                                                            "another --steps re-plans the rest of the LR decay)")
     _add_config_options(train)
+    prepare = sub.add_parser("prepare", help="tokenize a corpus into a folder of token shards",
+                             description="Tokenize a corpus, streamed in bounded memory on every core, into a "
+                                         "folder of token shards with a manifest and the tokenizer; `plait train "
+                                         "--data DIR` then trains from it directly. Without --out, the folder "
+                                         "is the cache entry under --data-dir that `plait train --data PATH` "
+                                         "with the same options uses.")
+    prepare.add_argument("--out", metavar="DIR", help="the new folder to write (default: the cache under --data-dir)")
+    prepare.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                         help="show a progress bar on a terminal (default: on)")
+    _add_config_options(prepare, sections=("data",))
     verify = sub.add_parser("verify", help="check a layout against one process in float64",
                             description="Run a few steps of the given layout on a small float64 copy of the "
                                         "model next to a one-process reference; print the largest "
@@ -152,7 +166,7 @@ def _config_from(args: argparse.Namespace):
             raise ConfigError(f"--resume {args.resume}: no config.toml there; give the directory of a plait run")
         base = read_toml(saved, what=f"--resume {args.resume} (its config.toml)")
         overrides["output.out"] = args.resume
-    return load_config(args.config, overrides, base=base)
+    return load_config(getattr(args, "config", None), overrides, base=base)
 
 
 def _run_here_or_launch(cfg, command: str, argv: list[str], work, devices: tuple[str, str],
@@ -227,6 +241,29 @@ def _report(args: argparse.Namespace) -> int:
     plot_loss(records, run / "loss.png")
     plot_throughput(records, run / "throughput.png")
     print(f"wrote {run / 'loss.png'} and {run / 'throughput.png'}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """`plait prepare`: the corpus into --out (or the cache), then one line of what it holds."""
+    import time
+
+    from plait.data.corpus import prepare, prepare_to
+
+    d = _config_from(args).data
+    t0 = time.perf_counter()
+    if args.out:
+        data = prepare_to(args.out, d.data, progress=args.progress, **d.prepare_options())
+    else:
+        data = prepare(d.data, d.data_dir, progress=args.progress, **d.prepare_options())
+    m = data.meta
+    seconds = time.perf_counter() - t0
+    done = (f"prepared in {seconds:.1f} s ({m['source_bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)" if data.built
+            else "already prepared")
+    print(f"{m['source']}: {m['documents']:,} documents, {m['source_bytes'] / 1e6:,.1f} MB -> "
+          f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['tokenizer']}, vocab "
+          f"{m['vocab_size']:,}, {m['dtype']}, {len(m['shards'])} shard{'s' if len(m['shards']) > 1 else ''}) "
+          f"in {data.dir}; {done}")
     return 0
 
 
@@ -305,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return _schedule(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "prepare":
+            return _prepare(args)
         try:
             cfg = _config_from(args)
         except ConfigError as e:

@@ -83,21 +83,39 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
-    data: str | None = option(None, "a text file or folder (default: CPython's documentation topics)")
+    data: str | None = option(None, "a text, .jsonl, .jsonl.gz or pre-tokenized .bin file, a folder of text and "
+                                    ".jsonl files, or a folder `plait prepare` wrote (default: CPython's "
+                                    "documentation topics)")
     data_dir: str = option("data", "folder where prepared tokens and the tokenizer are cached")
-    tokenizer: str = option("bpe", "tokenizer: byte-level BPE trained on the corpus, or raw bytes",
-                            choices=("bpe", "byte"))
+    tokenizer: str = option("bpe", "tokenizer: bpe (byte-level BPE trained on the corpus), byte (raw bytes), "
+                                   "or the path of a Hugging Face tokenizer.json")
     vocab_size: int = option(DEFAULT_VOCAB, "BPE vocabulary size (the byte tokenizer always has 257)", min=BYTE_VOCAB, max=65536)
     val_fraction: float = option(0.1, "held-out share of the tokens for validation", min=0.0,
                                  min_open=True, max=0.5)
+    text_field: str = option("text", "the field of each JSON Lines record that holds its text")
+    bin_dtype: str = option("uint16", "token type of a .bin without an llm.c header", choices=("uint16", "uint32"))
+    bpe_sample_mb: float = option(8.0, "MB of text, from the start of the corpus, the BPE tokenizer is trained on",
+                                  min=0.0, min_open=True)
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
+        if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.endswith(".json"):
+            raise ConfigError(f"invalid data.tokenizer = {self.tokenizer!r}: must be bpe, byte or the path of a "
+                              f"tokenizer.json file (--tokenizer)")
+        if self.tokenizer.endswith(".json") and self.vocab_size != DEFAULT_VOCAB:
+            raise ConfigError(f"data.vocab_size = {self.vocab_size} does not apply to a tokenizer file "
+                              f"(data.tokenizer = {self.tokenizer!r}), which has its own vocabulary; "
+                              f"drop --vocab-size")
         if self.tokenizer == "byte" and self.vocab_size != BYTE_VOCAB:
             if self.vocab_size != DEFAULT_VOCAB:  # the default is not a request: a byte run records 257
                 raise ConfigError(f"data.vocab_size = {self.vocab_size} does not apply to data.tokenizer = 'byte', "
                                   f"which always has {BYTE_VOCAB} tokens; drop --vocab-size, or use --tokenizer bpe")
             object.__setattr__(self, "vocab_size", BYTE_VOCAB)
+
+    def prepare_options(self) -> dict:
+        """The keyword arguments of `plait.data.prepare` these options give."""
+        return {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "val_fraction": self.val_fraction,
+                "text_field": self.text_field, "bin_dtype": self.bin_dtype, "bpe_sample_mb": self.bpe_sample_mb}
 
 
 @dataclass(frozen=True)

@@ -170,19 +170,18 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
                           f"give a new or empty folder")
     cfg, gpt, state = _read_run(run_dir)
     hf_tokenizer = None
-    if cfg.data.tokenizer == "byte":
-        eot_id = byte_tokenizer().eot_id
-    else:
-        from plait.data.corpus import prepare  # loads the run's cached tokenizer; retrains only if it is gone
+    eot_id, eot_name = byte_tokenizer().eot_id, EOT
+    if cfg.data.tokenizer != "byte":
+        from plait.data.corpus import prepare  # loads the run's prepared tokenizer; prepares again only if it is gone
 
         d = cfg.data
-        data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                       val_fraction=d.val_fraction)
+        data = prepare(d.data, d.data_dir, **d.prepare_options())
         if data.tokenizer.vocab_size != gpt.vocab_size:
             raise ConfigError(f"the tokenizer in {data.dir} has {data.tokenizer.vocab_size} tokens, the model "
                               f"{gpt.vocab_size}; the run's data changed since training, restore it")
-        eot_id = data.tokenizer.eot_id
-        hf_tokenizer = json.loads((data.dir / "tokenizer.json").read_text(encoding="utf-8"))["huggingface"]
+        eot_id, eot_name = data.tokenizer.eot_id, data.tokenizer.eot
+        if data.tokenizer.kind != "byte":  # a prepared folder given as --data may hold the byte tokenizer
+            hf_tokenizer = json.loads((data.dir / "tokenizer.json").read_text(encoding="utf-8"))["huggingface"]
     tensors = _hf_state(gpt, state)
     dtype = next(iter(tensors.values())).dtype
 
@@ -199,7 +198,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
             files["tokenizer.json"] = hf_tokenizer
             files["tokenizer_config.json"] = {
                 "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                "bos_token": eot_name, "eos_token": eot_name, "unk_token": eot_name,
                 "model_max_length": gpt.block_size,
                 "clean_up_tokenization_spaces": False,  # plait decodes text exactly as it was
             }

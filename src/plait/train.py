@@ -7,8 +7,9 @@
 
 One call of `train(cfg)`, on every rank, in three phases:
 - `set_up`: choose the device (and with it the backend), join the process
-  group, prepare the data (cached; rank 0 first), make the run directory,
-  build the model and the Engine, resume;
+  group, prepare the data (rank 0 alone looks at the corpus, cached under
+  --data-dir; the others open its folder memory-mapped), make the run
+  directory, build the model and the Engine, resume;
 - `run_steps`: for each step take this rank's share of the global batch (a
   pure function of seed and step), run the Engine's step, clip, update, log;
   evaluate every `eval_every` steps; checkpoint every `checkpoint_every`
@@ -39,7 +40,7 @@ from plait.faults import maybe_die
 from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
 from plait.config import Config
-from plait.data import check_length, get_batch, prepare
+from plait.data import check_length, get_batch, is_prepared, load_prepared, prepare
 from plait.build import build_engine, build_optimizer  # noqa: F401 - build_optimizer: this module's API too
 from plait.engine import Engine
 from plait.errors import TrainingError
@@ -178,20 +179,25 @@ def set_up(cfg: Config, resume: str | None, log) -> Run:
 
 
 def _prepare_data(cfg: Config):
-    """The tokenized corpus, checked against the sequence length; rank 0 tokenizes once, the
-    others then load its cache."""
+    """The tokenized corpus, checked against the sequence length; rank 0 prepares it (or finds it
+    prepared), the others then open its folder."""
     d = cfg.data
+    main = distributed.rank() == 0
 
-    def prepare_data():
-        data = prepare(d.data, d.data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                       val_fraction=d.val_fraction)
+    def prepare_data(folder: str | None = None):
+        if folder is not None and is_prepared(folder):
+            data = load_prepared(folder)
+        else:  # rank 0; or a rank on another machine that does not see rank 0's folder
+            data = prepare(d.data, d.data_dir, progress=main and cfg.output.progress, **d.prepare_options())
         check_length(data.train, cfg.seq_len, "train")
         check_length(data.val, cfg.seq_len, "validation")
         return data
 
-    if dist.is_initialized():
-        on_rank0(lambda: prepare_data() and None)
-    return prepare_data()
+    # Rank 0 alone looks at the corpus: its fingerprint, and all of its text only when the
+    # cache lacks it. The other ranks then open the folder it names, memory-mapped, and
+    # read no text.
+    folder = on_rank0(lambda: str(prepare_data().dir))
+    return prepare_data(folder)
 
 
 def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, num_params: int, flops: int,
@@ -204,7 +210,7 @@ def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, n
         f"vocab {gpt.vocab_size}, {num_params / 1e6:.2f} M parameters, "
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
-        f"({d.tokenizer}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
+        f"({data.tokenizer.kind}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
     log(f"layout: dp={p.dp} x pp={p.pp} on {distributed.world_size()} process(es), {device.type}; "
         f"global batch {cfg.train.global_batch} = {micro_rows} sequences x {p.num_microbatches} "
         f"micro-batches x {p.dp} replicas")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import plait.data.corpus as corpus
+import plait.data.preparation as preparing
 from plait.data import EOT, check_length, default_corpus, prepare, read_documents
 from plait.errors import ConfigError, DataError
 
@@ -56,7 +57,7 @@ def test_missing_path(tmp_path):
 
 def test_folder_without_text(tmp_path):
     (tmp_path / "x.py").write_text("x = 1\n")
-    with pytest.raises(DataError, match="no .txt, .md or .rst files"):
+    with pytest.raises(DataError, match=r"no .txt, .md, .rst, .jsonl or .jsonl.gz files"):
         read_documents(str(tmp_path))
 
 
@@ -76,14 +77,15 @@ def test_not_utf8(tmp_path):
 def test_prepare(tmp_path, text_dir, kind, vocab):
     p = prepare(str(text_dir), tmp_path / "cache", tokenizer=kind, vocab_size=vocab)
     names = sorted(os.listdir(p.dir))
-    assert names == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert names == ["manifest.json", "shard-00000.bin", "tokenizer.json"]
     assert os.listdir(tmp_path / "cache") == [p.dir.name]
     assert p.dir.name == p.meta["key"] and len(p.meta["key"]) == 16
     assert (p.tokenizer.kind, p.tokenizer.vocab_size, p.meta["vocab_size"]) == (kind, vocab, vocab)
     assert p.train.dtype == np.uint16 and p.meta["dtype"] == "uint16"
     assert isinstance(p.train, np.memmap) and isinstance(p.val, np.memmap)
     assert (p.meta["documents"], p.meta["characters"]) == (3, sum(map(len, DOCS.values())))
-    assert json.loads((p.dir / "meta.json").read_text()) == p.meta
+    assert json.loads((p.dir / "manifest.json").read_text()) == p.meta
+    assert p.meta["shards"] == [{"file": "shard-00000.bin", "tokens": len(p.train) + len(p.val)}]
     n = len(p.train) + len(p.val)
     assert (len(p.train), len(p.val)) == (p.meta["train_tokens"], p.meta["val_tokens"])
     assert len(p.val) == int(n * 0.1)
@@ -95,15 +97,17 @@ def test_prepare(tmp_path, text_dir, kind, vocab):
 
 def test_prepare_reuses_cache(tmp_path, text_dir, monkeypatch):
     first = prepare(str(text_dir), tmp_path, vocab_size=300)
-    inode = os.stat(first.dir / "train.bin").st_ino
+    assert first.built
+    inode = os.stat(first.dir / "shard-00000.bin").st_ino
 
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenized a cached corpus")
 
-    monkeypatch.setattr(corpus, "train_bpe", fail)
+    monkeypatch.setattr(preparing, "train_bpe", fail)
+    monkeypatch.setattr(corpus, "build", fail)
     again = prepare(str(text_dir), tmp_path, vocab_size=300)
-    assert again.dir == first.dir
-    assert os.stat(again.dir / "train.bin").st_ino == inode
+    assert again.dir == first.dir and not again.built
+    assert os.stat(again.dir / "shard-00000.bin").st_ino == inode
     assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
     assert again.tokenizer.encode(DOCS["b.txt"]) == first.tokenizer.encode(DOCS["b.txt"])
 
@@ -120,17 +124,17 @@ def test_settings_change_the_folder(tmp_path, text_dir):
 
 
 def test_lost_race_loads_the_winner(tmp_path, text_dir, monkeypatch):
-    real_build = corpus._build
+    real_build = corpus.build
 
-    def build_while_another_process_finishes(tmp, *args):
+    def build_while_another_process_finishes(tmp, source, opts, tok, header, *args):
         # The other process renames its complete folder into place first.
         other = tmp.parent / "other"
         other.mkdir()
-        real_build(other, *args)
-        os.rename(other, tmp.parent / args[-1])
-        real_build(tmp, *args)
+        real_build(other, source, opts, tok, header, *args)
+        os.rename(other, tmp.parent / header["key"])
+        return real_build(tmp, source, opts, tok, header, *args)
 
-    monkeypatch.setattr(corpus, "_build", build_while_another_process_finishes)
+    monkeypatch.setattr(corpus, "build", build_while_another_process_finishes)
     p = prepare(str(text_dir), tmp_path, tokenizer="byte")
     assert os.listdir(tmp_path) == [p.dir.name]
     assert len(p.train) + len(p.val) == p.meta["train_tokens"] + p.meta["val_tokens"]
@@ -139,17 +143,17 @@ def test_lost_race_loads_the_winner(tmp_path, text_dir, monkeypatch):
 def test_incomplete_folder_is_replaced(tmp_path, text_dir):
     key = prepare(str(text_dir), tmp_path / "x", tokenizer="byte").meta["key"]
     (tmp_path / key).mkdir()
-    (tmp_path / key / "train.bin").write_bytes(b"half")
+    (tmp_path / key / "shard-00000.bin").write_bytes(b"half")
     p = prepare(str(text_dir), tmp_path, tokenizer="byte")
     assert sorted(os.listdir(tmp_path)) == sorted([key, "x"])
-    assert (p.dir / "meta.json").exists()
+    assert (p.dir / "manifest.json").exists()
 
 
 def test_crash_leaves_nothing(tmp_path, text_dir, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus, "fsync", crash)
+    monkeypatch.setattr(preparing, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(text_dir), tmp_path, tokenizer="byte")
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,10 @@
-"""Reading text and turning it, once, into cached token arrays on disk."""
+"""A corpus, prepared once into a folder of token shards, and found again cheaply.
+
+`prepare` keys the folder by a fingerprint of the corpus's files and the
+preparation options ([Note: the corpus fingerprint]) and builds it only when
+it is missing (plait/data/preparation.py streams the text); `load_prepared` opens
+a prepared folder memory-mapped and reads no text.
+"""
 
 from __future__ import annotations
 
@@ -6,85 +12,42 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from plait.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+from plait.data.fingerprint import fingerprint
+from plait.data.preparation import MANIFEST, PrepareOptions, build, make_tokenizer
+from plait.data.shards import Tokens, open_range
+from plait.data.sources import default_corpus, open_source, read_documents  # noqa: F401 - public here too
+from plait.data.tokenizer import Tokenizer
 from plait.errors import ConfigError, DataError
-from plait.fsync import fsync
+from plait.fsync import _umask
 
 # Part of the cache key: bump it whenever what `prepare` writes changes.
-FORMAT_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".md", ".rst")
-
-
-def default_corpus() -> list[str]:
-    """CPython's documentation topics (`pydoc_data.topics`), in sorted key order.
-
-    About 465 K characters that ship with every CPython, so the default run
-    needs no download and sees the same text wherever the install is the same.
-    """
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise DataError(
-            "this Python has no pydoc_data module for the default corpus; give text with --data"
-        ) from None
-    return [topics[k] for k in sorted(topics)]
-
-
-def _read_text(path: Path) -> str:
-    # Bytes then decode, so line endings are kept exactly as in the file.
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"--data {path}: not UTF-8 text (byte {e.start}); convert it to UTF-8 or remove it") from None
-    except OSError as e:
-        raise DataError(f"--data {path}: cannot read it ({e.strerror}); check its permissions") from None
-
-
-def read_documents(path: str | None) -> list[str]:
-    """The documents under `path`: None gives `default_corpus()`, a file is one
-    document, a folder gives each `*.txt`, `*.md`, `*.rst` file under it
-    (recursively, sorted by relative path) as one document."""
-    if path is None:
-        return default_corpus()
-    root = Path(path)
-    if root.is_file():
-        docs = [_read_text(root)]
-        if not docs[0]:
-            raise DataError(f"--data {path}: the file is empty; give a file with text in it")
-        return docs
-    if not root.is_dir():
-        raise DataError(f"--data {path}: no such file or folder")
-    files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise DataError(f"--data {path}: the folder has no .txt, .md or .rst files; put text files in it")
-    docs = [_read_text(p) for p in files]
-    if not any(docs):
-        raise DataError(f"--data {path}: all {len(files)} text files in the folder are empty; give some text")
-    return docs
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A prepared corpus: its cache folder, tokenizer and token arrays."""
+    """A prepared corpus: its folder, tokenizer, token splits (memory-mapped) and manifest.
+
+    `train` and `val` are `np.memmap` views, or `Tokens` where a split spans
+    several shards; both index like one array. `built`: this call made the folder.
+    """
 
     dir: Path
     tokenizer: Tokenizer
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | Tokens
+    val: np.ndarray | Tokens
     meta: dict
+    built: bool = False
 
 
-def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
+def check_length(tokens, seq_len: int, split: str) -> None:
     """Raise DataError when `tokens` cannot fill one sequence of `seq_len` + 1."""
     n = len(tokens)
     if n < seq_len + 1:
@@ -94,95 +57,122 @@ def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
         )
 
 
-def _cache_key(docs: list[str], kind: str, vocab_size: int, val_fraction: float) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([FORMAT_VERSION, kind, vocab_size, repr(float(val_fraction)), len(docs)]).encode())
-    for doc in docs:
-        b = doc.encode("utf-8")
-        # Length prefix: moving text across a document boundary changes the key.
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()[:16]
+def is_prepared(path: str | Path | None) -> bool:
+    """Whether `path` is a complete prepared folder (it has a manifest)."""
+    return path is not None and (Path(path) / MANIFEST).is_file()
 
 
-def _build(tmp: Path, docs: list[str], source: str, kind: str, vocab_size: int,
-           val_fraction: float, key: str) -> None:
-    tok = train_bpe(docs, vocab_size) if kind == "bpe" else byte_tokenizer()
-    dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<u4")
-    stream = np.concatenate([np.asarray(tok.encode(d) + [tok.eot_id], dtype=dtype) for d in docs])
-    n = len(stream)  # at least 2: read_documents guarantees some text, then EOT
-    n_val = min(max(int(n * val_fraction), 1), n - 1)
-    tok.save(tmp / "tokenizer.json")
-    stream[: n - n_val].tofile(tmp / "train.bin")
-    stream[n - n_val:].tofile(tmp / "val.bin")
-    meta = {
-        "format_version": FORMAT_VERSION, "key": key, "source": source,
-        "documents": len(docs), "characters": sum(len(d) for d in docs),
-        "tokenizer": kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-        "dtype": dtype.name, "val_fraction": val_fraction,
-        "train_tokens": n - n_val, "val_tokens": n_val,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    # On disk before the rename, so after a power cut a folder that looks
-    # complete (meta.json present) really is.
-    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
-        fsync(tmp / name)
-
-
-def _load(folder: Path) -> PreparedData:
+def load_prepared(folder: str | Path, built: bool = False) -> PreparedData:
+    """Open a prepared folder: its manifest, tokenizer and memory-mapped splits. Reads no text."""
+    folder = Path(folder)
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {meta.get('format_version')}, this plait reads {FORMAT_VERSION}")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        arrays = {}
-        for split in ("train", "val"):
-            path = folder / f"{split}.bin"
-            if path.stat().st_size != meta[f"{split}_tokens"] * dtype.itemsize:
-                raise ValueError(f"{path.name} has the wrong size")
-            arrays[split] = np.memmap(path, dtype=dtype, mode="r")
+        n_train = meta["train_tokens"]
+        train = open_range(folder, meta["shards"], dtype, 0, n_train)
+        val = open_range(folder, meta["shards"], dtype, n_train, n_train + meta["val_tokens"])
         tok = Tokenizer.load(folder / "tokenizer.json")
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"the prepared data in {folder} is damaged ({e}); delete that folder and run again") from None
-    return PreparedData(folder, tok, arrays["train"], arrays["val"], meta)
+    return PreparedData(folder, tok, train, val, meta, built)
 
 
-def prepare(data: str | None, data_dir: str | Path, tokenizer: str = "bpe",
-            vocab_size: int = 2048, val_fraction: float = 0.1) -> PreparedData:
-    """Tokenize the documents of `data` (see `read_documents`) into a cached folder.
-
-    The folder `data_dir/<key>` is keyed by the text and the settings; when it
-    is already complete it is loaded as is. It holds `tokenizer.json`,
-    `train.bin`, `val.bin` (the last `val_fraction` of the stream, EOT after
-    every document) and `meta.json`. Safe against crashes and against several
-    processes preparing the same data at once.
-    """
-    if tokenizer not in ("bpe", "byte"):
-        raise ConfigError(f"--tokenizer {tokenizer}: unknown tokenizer; use bpe or byte")
-    if not 0 < val_fraction <= 0.5:
-        raise ConfigError(f"--val-fraction {val_fraction}: must be in (0, 0.5]; e.g. 0.1")
+def _options(tokenizer, vocab_size, val_fraction, **more) -> PrepareOptions:
     if tokenizer == "byte":
         vocab_size = 257
-    docs = read_documents(data)
-    if data is None:
-        source = "pydoc_data.topics (CPython %d.%d.%d)" % sys.version_info[:3]
-    else:
-        source = str(Path(data).resolve())
-    key = _cache_key(docs, tokenizer, vocab_size, val_fraction)
-    data_dir = Path(data_dir)
-    folder = data_dir / key
-    if (folder / "meta.json").exists():
-        return _load(folder)
+    opts = PrepareOptions(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, **more)
+    opts.check()
+    return opts
 
+
+def cache_key(fingerprint_hex: str, opts: PrepareOptions, tok: Tokenizer | None) -> str:
+    """The prepared folder's name: the source's fingerprint and every option that changes the tokens."""
+    spec: list = [opts.tokenizer]
+    if opts.tokenizer == "bpe":
+        spec = ["bpe", opts.vocab_size, repr(float(opts.bpe_sample_mb))]
+    elif tok is not None and tok.kind != "byte":  # a tokenizer file: by what it says, not its name
+        spec = ["file", hashlib.sha256(tok._hf.to_str().encode()).hexdigest(), tok.eot]
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, fingerprint_hex, spec, repr(float(opts.val_fraction)),
+                                   opts.text_field, opts.bin_dtype, opts.shard_tokens]).encode())
+    return h.hexdigest()[:16]
+
+
+def _plan(data: str | None, opts: PrepareOptions):
+    """(source, tokenizer file or None, fingerprint, key): what rank 0 checks on every start."""
+    source = open_source(data)
+    tok = make_tokenizer(source, opts) if opts.tokenizer not in ("bpe", "byte") else None
+    root = Path(data) if data is not None else None
+    fp = fingerprint(source.files, root)
+    return source, tok, fp, cache_key(fp, opts, tok)
+
+
+def _build_into(folder: Path, source, tok, opts: PrepareOptions, fp: str, key: str, progress: bool,
+                what: str) -> None:
+    """Build in a temporary folder beside `folder`, then rename it into place."""
+    parent = folder.parent
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=data_dir))
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder is data for the group too
     except OSError as e:
-        raise ConfigError(f"--data-dir {data_dir}: cannot write there ({e.strerror}); pick a writable folder") from None
+        raise ConfigError(f"{what} {parent}: cannot write there ({e.strerror}); pick a writable folder") from None
     try:
-        _build(tmp, docs, source, tokenizer, vocab_size, val_fraction, key)
+        t0 = time.perf_counter()
+        if tok is None:
+            tok = make_tokenizer(source, opts, progress)
+        header = {"format_version": FORMAT_VERSION, "key": key, "source": source.describe(),
+                  "source_kind": source.kind, "fingerprint": fp, "files": len(source.files),
+                  "tokenizer_seconds": round(time.perf_counter() - t0, 3)}
+        build(tmp, source, opts, tok, header, progress)
         _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _load(folder)
+
+
+def prepare(data: str | None, data_dir: str | Path, tokenizer: str = "bpe", vocab_size: int = 2048,
+            val_fraction: float = 0.1, *, progress: bool = False, **options) -> PreparedData:
+    """The prepared tokens of `data`, from the cache folder `data_dir/<key>`, built when missing.
+
+    `data` is None (the default corpus), a text, JSON Lines or .bin file, a
+    folder of them (plait/data/sources.py), or an already prepared folder,
+    which is loaded as it is. The key is the corpus's fingerprint and the
+    options (`PrepareOptions`; `options` takes its other fields). The folder
+    holds the shards, `tokenizer.json` and `manifest.json` (written last): the
+    last `val_fraction` of the stream (EOT after every document) is the
+    validation split. Safe against crashes and against several processes
+    preparing the same data at once.
+    """
+    if is_prepared(data):
+        return load_prepared(data)
+    opts = _options(tokenizer, vocab_size, val_fraction, **options)
+    source, tok, fp, key = _plan(data, opts)
+    folder = Path(data_dir) / key
+    if (folder / MANIFEST).exists():
+        return load_prepared(folder)
+    _build_into(folder, source, tok, opts, fp, key, progress, "--data-dir")
+    return load_prepared(folder, built=True)
+
+
+def prepare_to(out: str | Path, data: str | None, tokenizer: str = "bpe", vocab_size: int = 2048,
+               val_fraction: float = 0.1, *, progress: bool = False, **options) -> PreparedData:
+    """Prepare `data` into the new folder `out` (`plait prepare --out`); as `prepare` otherwise.
+
+    An `out` that already holds this corpus prepared with these options is
+    kept as it is; any other existing `out` is refused.
+    """
+    out = Path(out)
+    if is_prepared(data):
+        raise ConfigError(f"--data {data} is a prepared folder already; train from it: plait train --data {data}")
+    opts = _options(tokenizer, vocab_size, val_fraction, **options)
+    source, tok, fp, key = _plan(data, opts)
+    if out.exists():
+        if is_prepared(out) and json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("key") == key:
+            return load_prepared(out)
+        raise ConfigError(f"--out {out} exists; give a new folder (an existing one is never written over)")
+    _build_into(out, source, tok, opts, fp, key, progress, "--out")
+    return load_prepared(out, built=True)
 
 
 def _move_into_place(tmp: Path, folder: Path) -> None:
@@ -192,7 +182,7 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
             os.rename(tmp, folder)
             return
         except OSError:
-            if (folder / "meta.json").exists():
+            if (folder / MANIFEST).exists():
                 return  # another process won the race; its folder is as good as ours
             # A leftover incomplete folder: move it aside atomically, then retry.
             trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
