@@ -128,7 +128,7 @@ class ShardedOptimizer:
         self.optimizer.step()
         for flat, _ in self._flats:
             mine = flat.chunk(self.dp_size)[self.dp_rank]
-            _all_gather(flat, mine.clone(), group=self.group)
+            _all_gather(flat, mine, group=self.group)  # in place: this rank's slice is its input
 
     def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
         sync = self.engine.grad_sync
