@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from plait import memory
-from plait.parallel.data_parallel import STAGING_BUFFERS
+from plait.parallel.buckets import STAGING_BUFFERS
 from plait.cli import main
 from plait.config_file import load_config
 from plait.model import GPTConfig, build_gpt, count_params, gpt_loss

@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from plait.errors import ConfigError
-from plait.parallel.data_parallel import STAGING_BUFFERS
+from plait.parallel.buckets import STAGING_BUFFERS
 from plait.parallel.schedule import Action, ScheduleError, make_schedule, rank_stages
 
 MIB, GIB = 2**20, 2**30

@@ -5,7 +5,7 @@ its own share of the batch. `GradientSync` then sums the gradients over the
 `dp` process group so that every replica takes the same optimizer step.
 
 How (and why):
-- Gradients live in flat buckets. A step's first gradient of a parameter is
+- Gradients live in flat buckets (their layout: parallel/buckets.py). A step's first gradient of a parameter is
   copied into its place in the bucket by the parameter's hook, and `.grad`
   becomes that view, so later micro-batches accumulate straight into what is
   sent and nothing is copied out. (Pointing `.grad` at a zeroed view before
@@ -51,18 +51,15 @@ global batch (see Engine), which saves a pass over every buffer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.parallel.buckets import STAGING_BUFFERS, Bucket, broadcast_parameters, make_buckets, views_of
 from plait.timing import Clock
 from plait.watchdog import wait
-
-
-FIRST_BUCKET_BYTES = 1 << 20
-STAGING_BUFFERS = 2  # ZeRO-2: full bucket buffers, one being filled while the other is reduced
 
 
 # [Note: reduce-scatter on gloo] gloo's reduce-scatter is slower than its all-reduce of the whole
@@ -81,30 +78,6 @@ def _reduce_scatter(output, input, group, async_op):
     return fn(output, input, group=group, async_op=async_op)
 
 
-@dataclass(eq=False)  # buckets are compared by identity (list.index)
-class _Bucket:
-    params: list[nn.Parameter]
-    key: object  # what separates buckets besides dtype and device: (stage, tied) under ZeRO
-    numel: int
-    padded: int  # numel rounded up to a multiple of dp under ZeRO (reduce-scatter needs equal slices)
-    flat: torch.Tensor | None = None  # gradients (+ the flags' tail at level 0); None between micro-batches at 2
-    views: list[torch.Tensor] | None = None
-    used: list[bool] = field(default_factory=list)  # over the step
-    fresh: list[bool] = field(default_factory=list)  # this micro-batch (level 2)
-    pending: int = 0
-    work: object = None  # level 0: the all-reduce's Work, the only thing whose wait orders its result (NCCL)
-    shard: torch.Tensor | None = None  # levels 1 and 2: this rank's slice of the reduced gradients
-    flag_buf: torch.Tensor | None = None  # levels 1 and 2: the used-flags, reduced at finish()
-    in_flight: list = field(default_factory=list)  # (Work, full buffer, output, add?, staging buffer, done mark)
-    staging: torch.Tensor | None = None  # level 2: the pooled buffer `flat` is cut from this micro-batch
-    scattered: bool = False  # level 2: a reduce-scatter of this step has written `shard`
-
-    @property
-    def flags(self) -> torch.Tensor:
-        """The used-flags after the reduction: how many ranks produced each parameter's gradient."""
-        return self.flat[self.numel:] if self.flag_buf is None else self.flag_buf
-
-
 @dataclass
 class SyncStats:
     """Timings of the last synchronised step, in seconds."""
@@ -117,14 +90,6 @@ class SyncStats:
     def hidden_fraction(self) -> float:
         """Share of the reduction time that ran behind backward."""
         return 1.0 - self.exposed_s / self.comm_s if self.comm_s > 0 else 0.0
-
-
-def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return views
 
 
 class GradientSync:
@@ -178,14 +143,14 @@ class GradientSync:
         self._build()
 
     def _build(self) -> None:
-        self.buckets = self._make_buckets()
-        self._where: dict[nn.Parameter, tuple[_Bucket, int]] = {}
+        self.buckets = make_buckets(self.params, self.bucket_bytes, self.zero, self.dp_size, self.dp_rank, self.keys)
+        self._where: dict[nn.Parameter, tuple[Bucket, int]] = {}
         for bucket in self.buckets:
             for slot, p in enumerate(bucket.params):
                 self._where[p] = (bucket, slot)
         self._next = 0
         # Level 2 reduces each backward action's buckets (one stage, one micro-batch) in index order.
-        self._stage_buckets: dict[object, list[_Bucket]] = {}
+        self._stage_buckets: dict[object, list[Bucket]] = {}
         for bucket in self.buckets:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
@@ -194,53 +159,14 @@ class GradientSync:
         self._made: dict[tuple, int] = {}
         self._staging_numel = max((b.padded for b in self.buckets), default=0)
 
-    def bucket_of(self, p: nn.Parameter) -> _Bucket:
+    def bucket_of(self, p: nn.Parameter) -> Bucket:
         """The bucket holding `p`'s gradient (and, under ZeRO, its flat parameter slice)."""
         return self._where[p][0]
 
-    def shard_range(self, bucket: _Bucket) -> tuple[int, int]:
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """This rank's slice [lo, hi) of a bucket under ZeRO (the last rank's holds the padding)."""
         size = bucket.padded // self.dp_size
         return self.dp_rank * size, (self.dp_rank + 1) * size
-
-    def _make_buckets(self) -> list[_Bucket]:
-        groups: list[list[nn.Parameter]] = []
-        size = 0
-        keyed = self.zero > 0
-        for p in reversed(self.params):  # backward's order
-            # The first bucket is kept small so that sending starts early in backward.
-            cap = min(self.bucket_bytes, FIRST_BUCKET_BYTES) if len(groups) == 1 else self.bucket_bytes
-            fits = groups and size + p.numel() * p.element_size() <= cap
-            kind = (p.dtype, p.device, self.keys.get(p) if keyed else None)
-            same_kind = groups and kind == (groups[-1][0].dtype, groups[-1][0].device,
-                                            self.keys.get(groups[-1][0]) if keyed else None)
-            if not (fits and same_kind):
-                groups.append([])
-                size = 0
-            groups[-1].append(p)
-            size += p.numel() * p.element_size()
-        buckets = []
-        for ps in groups:
-            numel = sum(p.numel() for p in ps)
-            key = self.keys.get(ps[0]) if keyed else None
-            if self.zero == 0:
-                b = _Bucket(ps, key, numel, numel)
-                b.flat = torch.zeros(numel + len(ps), dtype=ps[0].dtype, device=ps[0].device)
-            else:
-                padded = -(-numel // self.dp_size) * self.dp_size
-                b = _Bucket(ps, key, numel, padded, flag_buf=torch.zeros(len(ps), dtype=ps[0].dtype,
-                                                                          device=ps[0].device))
-                if self.zero == 1:  # the shard is this rank's slice of the full buffer, reduced in place
-                    b.flat = torch.zeros(padded, dtype=ps[0].dtype, device=ps[0].device)
-                    size = padded // self.dp_size
-                    b.shard = b.flat[self.dp_rank * size:(self.dp_rank + 1) * size]
-                else:  # level 2: the shard outlives the micro-batches' full buffers
-                    b.shard = torch.zeros(padded // self.dp_size, dtype=ps[0].dtype, device=ps[0].device)
-            b.views = _views(b.flat, ps) if b.flat is not None else None
-            b.used = [False] * len(ps)
-            b.fresh = [False] * len(ps)
-            buckets.append(b)
-        return buckets
 
     def prepare(self) -> None:
         """Before a step's first backward: reset the buckets' bookkeeping.
@@ -310,7 +236,7 @@ class GradientSync:
         if self._stage is not None:
             self._launch_ready(everything=True)
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         written = bucket.fresh if self.zero == 2 else bucket.used
         if bucket.flat is None:  # level 2: no gradient at all for this bucket in this micro-batch
             self._stage_bucket(bucket)
@@ -348,7 +274,7 @@ class GradientSync:
                 if other.in_flight:
                     self._drain(other, everything=False)
 
-    def _stage_bucket(self, bucket: _Bucket) -> None:
+    def _stage_bucket(self, bucket: Bucket) -> None:
         """Level 2: give `bucket` a full buffer for this micro-batch, from a pool of STAGING_BUFFERS
         reused all run long (as DeepSpeed's reduction bucket): gradients then cost 1/dp of the
         model plus the pool, and nothing is allocated per micro-batch (on the CPU, freeing and
@@ -369,10 +295,10 @@ class GradientSync:
             self._made[kind] = self._made.get(kind, 0) + 1
         bucket.flat = base[:bucket.padded]
         bucket.flat[bucket.numel:].zero_()  # the padding adds nothing
-        bucket.views = _views(bucket.flat, bucket.params)
+        bucket.views = views_of(bucket.flat, bucket.params)
         bucket.staging = base
 
-    def _drain(self, bucket: _Bucket, everything: bool) -> None:
+    def _drain(self, bucket: Bucket, everything: bool) -> None:
         n = self.buckets.index(bucket)
         while bucket.in_flight:
             work, full, out, add, staging, done = bucket.in_flight[0]
@@ -475,19 +401,3 @@ class GradientSync:
         out = [(f"wait for {what}", *self._waited)] if self._waited[0] is not None else []
         index = {id(b): n for n, b in enumerate(self.buckets)}
         return out + [(f"{kind} bucket {index[id(b)] + 1}", launched, done) for kind, b, launched, done in self._timed]
-
-
-def broadcast_parameters(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
-    """Make every replica start from the group's first rank's values (one collective per dtype)."""
-    src = dist.get_global_rank(group, 0)
-    by_kind: dict[tuple, list[nn.Parameter]] = {}
-    for p in params:
-        by_kind.setdefault((p.dtype, p.device), []).append(p)
-    with torch.no_grad():
-        for ps in by_kind.values():
-            flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            dist.broadcast(flat, src=src, group=group)
-            offset = 0
-            for p in ps:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
