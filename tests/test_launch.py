@@ -18,7 +18,7 @@ def test_slurm_script(capsys):
         "#!/bin/bash", "#SBATCH --job-name=plait", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00",
         "#SBATCH --output=%x-%j.out", "set -euo pipefail"]
-    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in script
     # Not `plait` from PATH: this interpreter by its absolute path, i.e. the environment the script came from.
     assert f"python={shlex.quote(os.path.abspath(sys.executable))}\n" in script
     assert "srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" -m plait train \\" in script
@@ -32,7 +32,9 @@ def test_slurm_script_runs_the_given_python_with_each_node_s_rank(tmp_path):
 
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\n")
+    # A long host list: a reader that stops after the first line would SIGPIPE scontrol, and under
+    # `set -o pipefail` end the job with 141 (it did in CI with `head -n 1`).
+    (fake / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\nseq 1 200000 | sed 's/^/node-x/'\n")
     # srun runs its command once per node, as tasks 0 and 1 would.
     (fake / "srun").write_text('#!/bin/bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
     python = tmp_path / "env dir" / "python"  # a space: the path must survive quoting
