@@ -62,6 +62,16 @@ def test_zero_shards_the_optimizer_state_then_the_gradients():
     assert (alone.gradients, alone.optimizer) == (4 * n, 8 * n)
 
 
+def test_data_parallel_adds_a_quarter_of_the_weights_to_the_cpu_overhead():
+    # [Note: overhead]: the gradients autograd makes outside the buckets pass through the CPU heap.
+    (alone,) = memory.plan_layout(GPT, layout())
+    for zero in (0, 1, 2):
+        plans = memory.plan_layout(GPT, layout(dp=2, zero=zero))
+        assert [p.overhead - alone.overhead for p in plans] == [int(0.25 * alone.weights)] * 2
+    (cuda,) = memory.plan_layout(GPT, layout(device="cuda"))
+    assert [p.overhead for p in memory.plan_layout(GPT, layout(dp=2, device="cuda"))] == [cuda.overhead] * 2
+
+
 def test_peak_in_flight_follows_the_schedule():
     assert [memory.peak_in_flight(a) for a in make_schedule("1f1b", 4, 8).values()] == [4, 3, 2, 1]
     assert [memory.peak_in_flight(a) for a in make_schedule("gpipe", 4, 8).values()] == [8] * 4

@@ -48,7 +48,17 @@ PARTS = ("weights", "gradients", "optimizer", "activations")
 # first storage, of which about 70 MiB of gpt2-124m's 331 stays in the process.) CUDA's
 # max_memory_allocated counts live tensors only: no share there, a small allowance for the
 # optimizer step's temporaries.
-OVERHEAD = {"cpu": (0.55, 14.0), "cuda": (0.0, 8.0)}  # device -> (share of the activations, MiB)
+# With dp > 1 the CPU figure holds more again, at every ZeRO level: autograd makes each
+# parameter's gradient in a block of its own, which GradientSync copies into its bucket and frees
+# (each step; each micro-batch at level 2), so a rank's whole gradient passes through the heap
+# beside the buckets, and glibc keeps part of it. Measured on gpt2-124m (`make bench-memory`,
+# dp=2 and dp=2 x pp=2, each ZeRO level, after the ZeRO all-gather stopped allocating: [Note:
+# all-gather on gloo]): 2-114 MiB above the four parts and the share above, mostly 70-110, for
+# weights of 166-331 MiB per rank; a quarter of the weights puts every one of those rows within
+# 10%. (With glibc's mmap threshold pinned at 1 MiB, which gives such blocks back to the system,
+# the excess went away and the step took 15-30% longer: the allocator's choice, not plait's.)
+OVERHEAD = {"cpu": (0.55, 14.0, 0.25), "cuda": (0.0, 8.0, 0.0)}  # device -> (share of the activations,
+# MiB, share of the weights with dp > 1)
 
 
 @dataclass(frozen=True)
@@ -240,8 +250,9 @@ def plan_layout(gpt, layout: Layout) -> list[RankPlan]:
         # from the start. (Measured: gpt2-124m at seq 512 planned 27% high without this.)
         per_mb = sum(_layer_activations(gpt, layout, kinds[j]) for j in held)
         overlap = min(int(per_mb * min(in_flight, 1.0)), gradients) if dp == 1 else 0
-        share, fixed = OVERHEAD.get(layout.device, OVERHEAD["cpu"])  # [Note: overhead]
-        overhead = int(share * activations_of(dataclasses.replace(layout, checkpointing="none")) + fixed * MIB)
+        share, fixed, churn = OVERHEAD.get(layout.device, OVERHEAD["cpu"])  # [Note: overhead]
+        overhead = int(share * activations_of(dataclasses.replace(layout, checkpointing="none")) + fixed * MIB
+                       + (churn * weights if dp > 1 else 0))
         for dp_rank in range(dp):
             plans.append(RankPlan(pp_rank * dp + dp_rank, dp_rank, pp_rank, weights, gradients, optimizer,
                                   activations, overhead, overlap))

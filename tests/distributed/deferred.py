@@ -9,7 +9,7 @@ next. A `then()` child of that future, whose value holds no tensor, orders
 nothing.
 
 `install()` wraps the asynchronous calls plait makes (`all_reduce`,
-`broadcast` and the reduce-scatter with `async_op=True`, and the receives of
+`broadcast`, the reduce-scatter and the all-gather with `async_op=True`, and the receives of
 `batch_isend_irecv`)
 so that gloo runs them into private buffers, and the caller's tensor gets the
 result only when the returned work, or its `get_future()`, is waited on.
@@ -121,6 +121,16 @@ def _reduce_scatter(name):
     return wrapper
 
 
+def _all_gather(name):
+    def wrapper(output, input, group=None, async_op=False):
+        if not async_op:
+            return _REAL[name](output, input, group=group)
+        private = torch.empty_like(output)
+        work = _REAL[name](private, input, group=group, async_op=True)
+        return DeferredWork(work, _Landing([(private, output)]), [output])
+    return wrapper
+
+
 def _batch_isend_irecv(ops):
     swapped, privates = [], []
     for op in ops:
@@ -144,9 +154,12 @@ def install() -> None:
     if _REAL:
         return
     wrappers = {"all_reduce": _all_reduce, "broadcast": _broadcast, "batch_isend_irecv": _batch_isend_irecv,
-                "reduce_scatter_tensor": _reduce_scatter("reduce_scatter_tensor")}
-    if hasattr(dist, "reduce_scatter_single"):  # torch >= 2.13's name for it
+                "reduce_scatter_tensor": _reduce_scatter("reduce_scatter_tensor"),
+                "all_gather_into_tensor": _all_gather("all_gather_into_tensor")}
+    if hasattr(dist, "reduce_scatter_single"):  # torch >= 2.13's names for them
         wrappers["reduce_scatter_single"] = _reduce_scatter("reduce_scatter_single")
+    if hasattr(dist, "all_gather_single"):
+        wrappers["all_gather_single"] = _all_gather("all_gather_single")
     for name, wrapper in wrappers.items():
         _REAL[name] = getattr(dist, name)
         setattr(dist, name, wrapper)

@@ -125,8 +125,8 @@ class GradientSync:
         self._waited = (None, None)  # marks around finish()'s wait
         self._flags_work = None
         self.no_grad: set[nn.Parameter] = set()  # under ZeRO: parameters no rank produced a gradient for
-        self._me = describe(dist.get_rank())  # for messages
-        self._peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
+        self.me = describe(dist.get_rank())  # for messages
+        self.peers = ", ".join(describe(r) for r in dist.get_process_group_ranks(group))
 
     def set_zero(self, level: int) -> None:
         """Reduce gradients as ZeRO `level` (0, 1 or 2) says, from the next step on; see the module's doc.
@@ -304,8 +304,8 @@ class GradientSync:
             work, full, out, add, staging, done = bucket.in_flight[0]
             if not everything and not work.is_completed():
                 return
-            wait(work, lambda s: f"{self._me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
-                                 f"{n + 1} of {len(self.buckets)} with {self._peers}")
+            wait(work, lambda s: f"{self.me} waited {s:.0f} s in the gradient reduce-scatter of bucket "
+                                 f"{n + 1} of {len(self.buckets)} with {self.peers}")
             self.clock.waited(done)
             if out is None:  # summed whole: this rank's slice of it (level 1: the shard itself)
                 lo, hi = self.shard_range(bucket)
@@ -343,13 +343,13 @@ class GradientSync:
             self._flags_work = dist.all_reduce(flags, group=self.group, async_op=True)
         for n, bucket in enumerate(self.buckets):
             if self.zero == 0:
-                wait(bucket.work, lambda s, n=n: f"{self._me} waited {s:.0f} s in the gradient all-reduce of "
-                                                 f"bucket {n + 1} of {len(self.buckets)} with {self._peers}")
+                wait(bucket.work, lambda s, n=n: f"{self.me} waited {s:.0f} s in the gradient all-reduce of "
+                                                 f"bucket {n + 1} of {len(self.buckets)} with {self.peers}")
             else:
                 self._drain(bucket, everything=True)
         if self.zero > 0:
-            wait(self._flags_work, lambda s: f"{self._me} waited {s:.0f} s in the gradient flags' all-reduce "
-                                             f"with {self._peers}")
+            wait(self._flags_work, lambda s: f"{self.me} waited {s:.0f} s in the gradient flags' all-reduce "
+                                             f"with {self.peers}")
         self._waited = (start, self.clock.mark())
         for bucket in self.buckets:
             for p, view in zip(bucket.params, bucket.views or bucket.params):
