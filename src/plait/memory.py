@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from plait.errors import ConfigError
 from plait.parallel.buckets import STAGING_BUFFERS
-from plait.parallel.schedule import Action, ScheduleError, make_schedule, rank_stages
+from plait.parallel.schedule import Action, ScheduleError, make_schedule, rank_stages, schedule_layout
 
 MIB, GIB = 2**20, 2**30
 PARTS = ("weights", "gradients", "optimizer", "activations")
@@ -121,11 +121,14 @@ class RankPlan:
 
 def peak_in_flight(actions: list[Action], virtual: int = 1) -> float:
     """The most micro-batches whose activations a rank holds at once: the largest number, over its
-    actions in order, of forwards done minus backwards done, each counting 1/virtual (a virtual
-    stage holds its share of the rank's layers)."""
+    actions in order, of forwards done minus backwards done (a B, or the W of a split backward),
+    each counting 1/virtual (a virtual stage holds its share of the rank's layers)."""
     live = top = 0
     for a in actions:
-        live += 1 if a.kind == "F" else -1
+        # An I frees most of what its forward saved, but the W after it still needs each layer's
+        # input and output gradient (about as much again in the deferred split: see
+        # [Note: block activations]), so a micro-batch counts as live until its W.
+        live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
         top = max(top, live)
     return top / virtual
 
@@ -226,9 +229,10 @@ def plan_layout(gpt, layout: Layout) -> list[RankPlan]:
     pp, dp = layout.pp, layout.dp
     schedule, virtual = (layout.schedule, layout.virtual_stages) if pp > 1 else ("1f1b", 1)
     actions = make_schedule(schedule, pp, layout.num_microbatches, virtual)
+    placement = schedule_layout(schedule)  # zbv's V puts stages r and 2pp-1-r on rank r
     plans = []
     for pp_rank in range(pp):
-        held = [j for st in rank_stages(pp_rank, pp, virtual) for j in stages[st]]
+        held = [j for st in rank_stages(pp_rank, pp, virtual, placement) for j in stages[st]]
         # A tied weight is one Parameter within a rank; a pipeline's last rank holds its own copy.
         params = {id(p): p.numel() for j in held for p in layers[j].parameters()}
         weights = s * sum(params.values())
@@ -303,7 +307,7 @@ def _options(gpt, layout: Layout) -> list[tuple[str, Layout]]:
     """Each single change that lowers memory, with the layout it gives, least intrusive first."""
     options = []
     most_stages = gpt.n_layer + 2
-    virtual = layout.virtual_stages if layout.schedule == "interleaved-1f1b" else 1
+    virtual = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "zbv") else 1
     for pp in range(layout.pp + 1, most_stages // virtual + 1):
         if layout.schedule == "interleaved-1f1b" and layout.num_microbatches % pp:
             continue

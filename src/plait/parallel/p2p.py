@@ -45,8 +45,14 @@ Plan = list[list[list[Op]]]  # per action index (and one past the last): batches
 
 
 def messages(a: Action, total_stages: int) -> tuple[Message | None, list[Message]]:
-    """The message action `a` needs (None if none) and the messages it makes."""
+    """The message action `a` needs (None if none) and the messages it makes.
+
+    An I is a B for the pipeline: it needs the next stage's gradient and sends
+    its own to the previous stage. A W works on what its I left on the rank.
+    """
     s, i = a.stage, a.microbatch
+    if a.kind == "W":
+        return None, []
     if a.kind == "F":
         needs = ("act", s - 1, s, i) if s > 0 else None
         return needs, [("act", s, s + 1, i)] if s < total_stages - 1 else []
@@ -55,7 +61,7 @@ def messages(a: Action, total_stages: int) -> tuple[Message | None, list[Message
 
 
 def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, virtual: int = 1,
-             lead: int = 0) -> dict[int, Plan]:
+             lead: int = 0, layout: str = "loop") -> dict[int, Plan]:
     """For every rank, the batches of sends and receives to post before each of its actions.
 
     `plan[rank][n]` lists, in order, the batches to post before action n of
@@ -64,17 +70,18 @@ def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, 
     receives go that many actions earlier, in batches of their own: for gloo,
     whose sends never hold up later operations (so any order is safe), and
     which moves data only once the receive is posted. The proof of
-    `check_plan` is for lead 0, the plan for in-order backends.
+    `check_plan` is for lead 0, the plan for in-order backends. `layout` places
+    the stages (`schedule_layout` of the schedule's name).
     """
     total = num_stages(pp, virtual)
-    sim = simulate(schedule, pp, num_microbatches, virtual)
+    sim = simulate(schedule, pp, num_microbatches, virtual, layout=layout)
     # Batches are keyed by (stamp, kind): with lead 0 a stamp's sends and receives share one
     # batch (kind ""), with a lead its receives move to a batch of their own.
     stamped: dict[int, dict[tuple[float, str], list[Op]]] = {rank: {} for rank in schedule}
     for rank, line in sim.timeline.items():
         for _, end, a in line:
             for m in messages(a, total)[1]:
-                to = stage_rank(m[2], pp)
+                to = stage_rank(m[2], pp, layout)
                 if to != rank:
                     stamped[rank].setdefault((end, "send" if lead else ""), []).append(("send", m))
                     stamped[to].setdefault((end, "recv" if lead else ""), []).append(("recv", m))
@@ -89,28 +96,33 @@ def p2p_plan(schedule: dict[int, list[Action]], pp: int, num_microbatches: int, 
     return plan
 
 
-def shape_plan(pp: int, virtual: int = 1) -> dict[int, list]:
+def shape_plan(pp: int, virtual: int = 1, layout: str = "loop") -> dict[int, list]:
     """The shape probe, as each rank's ordered steps: ("run", stage) or a batch of one header op.
 
     The probe goes once along the stages in order: the rank of stage s runs it
     (on a micro-batch of tokens for stage 0, else on zeros of the received
     shape); a boundary that crosses ranks is one ("shape", s, s+1, 0) message,
-    sent and received in a batch of its own.
+    sent and received in a batch of its own. Under the "v" layout the last rank
+    runs stages pp-1 and pp back to back, with no message between them.
     """
     total = num_stages(pp, virtual)
     steps: dict[int, list] = {rank: [] for rank in range(pp)}
     for s in range(total):
-        here = stage_rank(s, pp)
-        if s > 0 and stage_rank(s - 1, pp) != here:
+        here = stage_rank(s, pp, layout)
+        if s > 0 and stage_rank(s - 1, pp, layout) != here:
             steps[here].append([("recv", ("shape", s - 1, s, 0))])
         steps[here].append(("run", s))
-        if s < total - 1 and stage_rank(s + 1, pp) != here:
+        if s < total - 1 and stage_rank(s + 1, pp, layout) != here:
             steps[here].append([("send", ("shape", s, s + 1, 0))])
     return steps
 
 
-def check_plan(schedule: dict[int, list[Action]], plan: dict[int, Plan], pp: int, virtual: int = 1) -> None:
-    """Raise ScheduleError unless `plan` runs `schedule` to the end with in-order point-to-point."""
+def check_plan(schedule: dict[int, list[Action]], plan: dict[int, Plan], pp: int, virtual: int = 1,
+               layout: str = "loop") -> None:
+    """Raise ScheduleError unless `plan` runs `schedule` to the end with in-order point-to-point.
+
+    `layout` places the stages, as for `p2p_plan`.
+    """
     total = num_stages(pp, virtual)
     where: dict[Op, int] = {}  # op -> index of its batch in its rank's sequence
     batches: dict[int, list[list[Op]]] = {}
@@ -123,28 +135,28 @@ def check_plan(schedule: dict[int, list[Action]], plan: dict[int, Plan], pp: int
         for n, a in enumerate(schedule[rank]):
             received.update(m for batch in slots[n] for d, m in batch if d == "recv")
             needs = messages(a, total)[0]
-            if needs is not None and stage_rank(needs[1], pp) != rank and needs not in received:
+            if needs is not None and stage_rank(needs[1], pp, layout) != rank and needs not in received:
                 raise ScheduleError(f"rank {rank} runs {a} before it posts the receive of its input")
 
-    check_matching(batches, pp)
-    pos = _play(batches, where, pp)
+    check_matching(batches, pp, layout)
+    pos = _play(batches, where, pp, layout)
     for rank, seq in batches.items():
         if pos[rank] < len(seq):
             direction, (what, src, dst, i) = next(op for op in seq[pos[rank]]
-                                                  if not _other_end_posted(op, where, pos, pp))
+                                                  if not _other_end_posted(op, where, pos, pp, layout))
             raise ScheduleError(f"deadlock: rank {rank} waits to {direction} the "
                                 f"{'activation' if what == 'act' else 'gradient'} of micro-batch {i} "
                                 f"from stage {src} to stage {dst}")
 
 
-def _other_end_posted(op: Op, where: dict[Op, int], pos: dict[int, int], pp: int) -> bool:
+def _other_end_posted(op: Op, where: dict[Op, int], pos: dict[int, int], pp: int, layout: str = "loop") -> bool:
     direction, m = op
-    peer = _ends(op, pp)[1 if direction == "send" else 0]
+    peer = _ends(op, pp, layout)[1 if direction == "send" else 0]
     k = where.get(("recv" if direction == "send" else "send", m))
     return k is not None and k <= pos[peer]
 
 
-def _play(batches: dict[int, list[list[Op]]], where: dict[Op, int], pp: int) -> dict[int, int]:
+def _play(batches: dict[int, list[list[Op]]], where: dict[Op, int], pp: int, layout: str = "loop") -> dict[int, int]:
     """Post batches under the strictest rule (the next only once the current one has finished,
     which needs the other end of each op posted); how far each rank gets."""
     pos = {rank: 0 for rank in batches}
@@ -152,26 +164,28 @@ def _play(batches: dict[int, list[list[Op]]], where: dict[Op, int], pp: int) -> 
     while moved:
         moved = False
         for rank, seq in batches.items():
-            while pos[rank] < len(seq) and all(_other_end_posted(op, where, pos, pp) for op in seq[pos[rank]]):
+            while pos[rank] < len(seq) and all(_other_end_posted(op, where, pos, pp, layout)
+                                               for op in seq[pos[rank]]):
                 pos[rank] += 1
                 moved = True
     return pos
 
 
-def _ends(op: Op, pp: int) -> tuple[int, int]:
+def _ends(op: Op, pp: int, layout: str = "loop") -> tuple[int, int]:
     """(sending rank, receiving rank) of an op's message."""
     _, (_, src, dst, _) = op
-    return stage_rank(src, pp), stage_rank(dst, pp)
+    return stage_rank(src, pp, layout), stage_rank(dst, pp, layout)
 
 
-def check_matching(batches: dict[int, list[list[Op]]], pp: int) -> None:
+def check_matching(batches: dict[int, list[list[Op]]], pp: int, layout: str = "loop") -> None:
     """Raise ScheduleError unless both ends of every message group and order them alike.
 
     NCCL matches the point-to-point operations between two ranks in the order
     they are posted (tags play no part): the messages rank a sends to rank b
     must be posted by a in the order b posts their receives. And a batch may
     hold at most one message per direction per peer, so that grouping cannot
-    reorder them.
+    reorder them. (Under the "v" layout rank r sends rank r+1 both the first
+    leg's activations and the second leg's gradients, in one order on both ends.)
     """
     sent: dict[tuple[int, int], list[Message]] = {}
     got: dict[tuple[int, int], list[Message]] = {}
@@ -180,7 +194,7 @@ def check_matching(batches: dict[int, list[list[Op]]], pp: int) -> None:
             seen: set[tuple[str, int]] = set()
             for op in batch:
                 direction, m = op
-                a, b = _ends(op, pp)
+                a, b = _ends(op, pp, layout)
                 peer = b if direction == "send" else a
                 if (direction, peer) in seen:
                     raise ScheduleError(f"rank {rank}'s batch {k} holds two {direction}s "
@@ -197,12 +211,12 @@ def check_matching(batches: dict[int, list[list[Op]]], pp: int) -> None:
                                 f"sender and {theirs[n] if n < len(theirs) else 'missing'} on the receiver")
 
 
-def check_shape_plan(steps: dict[int, list], pp: int) -> None:
+def check_shape_plan(steps: dict[int, list], pp: int, layout: str = "loop") -> None:
     """Raise ScheduleError unless the shape probe matches on both ends and cannot deadlock."""
     batches = {rank: [item for item in seq if isinstance(item, list)] for rank, seq in steps.items()}
-    check_matching(batches, pp)
+    check_matching(batches, pp, layout)
     where = {op: k for seq in batches.values() for k, batch in enumerate(seq) for op in batch}
-    pos = _play(batches, where, pp)
+    pos = _play(batches, where, pp, layout)
     stuck = [rank for rank, seq in batches.items() if pos[rank] < len(seq)]
     if stuck:
         raise ScheduleError(f"deadlock in the shape probe: rank {stuck[0]} cannot post "

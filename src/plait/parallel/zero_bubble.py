@@ -1,0 +1,131 @@
+"""The zero-bubble schedules (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): per-rank action lists.
+
+Both split each backward into I (the gradient to the stage's input, which the
+previous stage waits for) and W (the weight gradients, which nobody waits
+for), and move the W's into the gaps where 1F1B's ranks sit idle. Both are
+built by hand, phase by phase, as closed-form orders: the orders are then
+exactly the paper's figures, easy to check by eye in a grid, and independent
+of any cost model, where a greedy list-scheduler's output would change with the
+costs it was given and need the simulator to be explained.
+
+- `zb1p` (ZB-H1): one stage per rank, Megatron's layout.
+- `zbv` (ZB-V): two stages per rank in a V, rank r holding stages r and 2p-1-r.
+
+The peak memory both promise is 1F1B's peak over the pipeline, p micro-batches
+live (from F to W) on a rank, which 1F1B reaches on rank 0 only: later ranks
+hold more than under 1F1B, up to that same p. No schedule can hold each rank to
+1F1B's own count and still cut the bubble to a third: with one micro-batch live
+the last rank runs F, I, W, F, I, W... back to back, its last I ends at 3m+p-2
+(unit costs), the gradient still has p-1 I's to cross and rank 0 a W after
+them, so the step takes 3m+2p-2, two thirds of 1F1B's idle time, not one.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from plait.parallel.schedule import Action
+
+
+class _Rank:
+    """One rank's order under construction: per stage, the next micro-batch of each kind and the
+    micro-batches whose I has run but whose W has not (oldest first)."""
+
+    def __init__(self) -> None:
+        self.order: list[Action] = []
+        self.next: dict[tuple[int, str], int] = {}
+        self.waiting: dict[int, deque[int]] = {}
+
+    def run(self, stage: int, kind: str) -> None:
+        """Append the next F or I of `stage`, or the W of its oldest micro-batch awaiting one."""
+        if kind == "W":
+            i = self.waiting[stage].popleft()
+        else:
+            i = self.next.get((stage, kind), 0)
+            self.next[(stage, kind)] = i + 1
+            if kind == "I":
+                self.waiting.setdefault(stage, deque()).append(i)
+        self.order.append(Action(stage, i, kind))
+
+    def count(self, stage: int, kind: str) -> int:
+        """How many of `kind` (F or I) `stage` has run so far."""
+        return self.next.get((stage, kind), 0)
+
+    def pending(self, stage: int) -> int:
+        """How many micro-batches of `stage` wait for their W."""
+        return len(self.waiting.get(stage, ()))
+
+
+def zb1p(rank: int, pp: int, m: int) -> list[Action]:
+    """ZB-H1's order for `rank` of `pp`, over `m` micro-batches (any m >= 1).
+
+    1F1B's, with each B split into I and W, and rank r's first r W's held back:
+    - warm-up: min(m, pp-1-r) forwards, one fewer than 1F1B's, since the
+      steady state below starts with a forward;
+    - steady: per micro-batch k, the next forward if any remain, I(k), and
+      from k = r on (or once the forwards are done) the oldest pending W;
+    - cool-down: the r held-back W's.
+    The held-back W's are what fills the drain: the gradient of the last
+    micro-batch reaches rank r (pp-1-r) I's after the last rank's, and rank r
+    then has r W's left, so every rank ends at the same time, pp-1 units of idle
+    each at unit costs (1F1B: 3(pp-1)). Rank r holds at most pp micro-batches
+    from F to W, 1F1B's rank 0 peak (min(m, pp) with fewer micro-batches).
+    """
+    b = _Rank()
+    for _ in range(min(m, pp - 1 - rank)):
+        b.run(rank, "F")
+    for k in range(m):
+        forward = b.count(rank, "F") < m
+        if forward:
+            b.run(rank, "F")
+        b.run(rank, "I")
+        if k >= rank or not forward:
+            b.run(rank, "W")
+    while b.pending(rank):
+        b.run(rank, "W")
+    return b.order
+
+
+def zbv(rank: int, pp: int, m: int) -> list[Action]:
+    """ZB-V's order for `rank` of `pp` (stages rank and 2pp-1-rank), over `m` micro-batches (any m >= 1).
+
+    With `down` = stage rank (the V's first leg) and `up` = stage 2pp-1-rank:
+    1. 2(pp-r)-1 forwards of `down`: the first leg fills the ranks below;
+    2. r pairs: F `up`, F `down`, as the second leg's activations come back up;
+    3. pp-r triples F, I, W of `up`: the loss is near, gradients come at once;
+    4. steady state, until both legs have run every forward: F `down` (while
+       any remain), I and W of `down`, then F, I and W of `up`;
+    5. cool-down: r pairs I `down`, I `up`, then pp-r pairs I `down` with the
+       oldest W of `down`, then the W's still pending, `up`'s first.
+    The phases count on n >= 2pp-1 micro-batches, so the order is built for
+    max(m, 2pp-1) and the micro-batches from m on are dropped: removing actions
+    delays nothing that remains, so the shorter order stays deadlock-free.
+    """
+    n = max(m, 2 * pp - 1)
+    down, up = rank, 2 * pp - 1 - rank
+    b = _Rank()
+    for _ in range(2 * (pp - rank) - 1):
+        b.run(down, "F")
+    for _ in range(rank):
+        b.run(up, "F")
+        b.run(down, "F")
+    for _ in range(pp - rank):
+        for kind in "FIW":
+            b.run(up, kind)
+    while b.count(up, "F") < b.count(down, "F") or b.count(down, "F") < n:
+        if b.count(down, "F") < n:
+            b.run(down, "F")
+        for stage, kind in ((down, "I"), (down, "W"), (up, "F"), (up, "I"), (up, "W")):
+            b.run(stage, kind)
+    for _ in range(rank):
+        b.run(down, "I")
+        b.run(up, "I")
+    for _ in range(pp - rank):
+        b.run(down, "I")
+        b.run(down, "W")
+    for stage in (up, down):
+        while b.pending(stage):
+            b.run(stage, "W")
+    return [a for a in b.order if a.microbatch < m]
