@@ -23,12 +23,13 @@ class Box:
 
     `start` and `end` are seconds for measured timelines, or the simulator's
     time units; all boxes of a panel share one origin (e.g. the step's start).
-    `kind` is "F", "B", "wait", "send", "allreduce", "optimizer", "checkpoint"
-    or any other word (drawn in a grey of its own). `label` is drawn inside the
+    `kind` is "F", "B", "I", "W" (a backward split into its input and weight
+    gradients), "wait", "send", "allreduce", "optimizer", "checkpoint" or any
+    other word (drawn in a grey of its own). `label` is drawn inside the
     box when it fits: the micro-batch, or "stage:micro-batch" when a rank holds
     several stages (cut to the micro-batch, across the panel, where that is
-    all that fits). `chunk` is the virtual-stage chunk (stage // pp) of an F or
-    B box; each chunk gets its own shade.
+    all that fits). `chunk` is the virtual-stage chunk (stage // pp) of a
+    compute box; each chunk gets its own shade.
     """
 
     rank: int
@@ -40,10 +41,11 @@ class Box:
 
 
 def boxes_from_simulation(sim: Simulation, virtual: int = 1) -> list[Box]:
-    """One F or B box per simulated action, at the simulator's times (in units).
+    """One box per simulated action (F, B, I or W, each its own colour), at the simulator's times (in units).
 
     With `virtual` > 1 a rank holds several stages, so labels name the stage
-    too ("5:3" is stage 5, micro-batch 3).
+    too ("5:3" is stage 5, micro-batch 3). The chunk is stage // pp in either
+    layout: chunk 0 is stages 0..pp-1, whether chunk 1 loops (zbv's V does not).
     """
     pp = len(sim.timeline)
     boxes = []
@@ -55,8 +57,10 @@ def boxes_from_simulation(sim: Simulation, virtual: int = 1) -> list[Box]:
 
 
 # Okabe-Ito colours, distinguishable with the common colour-vision deficiencies:
-# blue forwards against vermillion backwards carries the chart; the rest is muted.
-_COMPUTE = {"F": "#0072B2", "B": "#D55E00"}
+# blue forwards against vermillion backwards carries the chart; a split backward
+# keeps the warm side, orange for the input gradient that the previous stage waits
+# for and yellow for the weight gradients that fill the gaps; the rest is muted.
+_COMPUTE = {"F": "#0072B2", "B": "#D55E00", "I": "#E69F00", "W": "#F0E442"}
 _OTHER = {
     "wait": "#e4e4e4",
     "send": "#a8a8a8",
@@ -65,7 +69,7 @@ _OTHER = {
     "checkpoint": "#6e6e6e",
 }
 _SPARE_GREYS = ("#c8c8c8", "#8c8c8c", "#5a5a5a", "#d8d8d8")
-_NAMES = {"F": "forward", "B": "backward", "allreduce": "all-reduce"}
+_NAMES = {"F": "forward", "B": "backward", "I": "input gradient", "W": "weight gradient", "allreduce": "all-reduce"}
 _UNITS = {"s": (1000.0, "time (ms)"), "ms": (1.0, "time (ms)"), "units": (1.0, "time (units)")}
 
 Panel = Union[tuple[str, Sequence[Box]], tuple[str, Sequence[Box], str]]
@@ -188,8 +192,11 @@ def draw_pipeline(panels: Sequence[Panel], out: str | Path, title: str, num_rank
     fig.suptitle(title, fontsize=11)
     handles = [Patch(facecolor=c, label=n) for _, (n, c) in sorted(legend.items())]
     handles.append(Patch(facecolor="white", edgecolor="#999999", linewidth=0.6, label="idle"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if len(handles) <= 8 else -(-len(handles) // 2), frameon=False,
-               fontsize=8.5)
+    # One row while the names fit the figure's width (about 120 characters at 8.5 pt with each
+    # swatch), else two: zbv's six chunk-and-kind names ran off both edges in one.
+    one_row = len(handles) <= 8 and sum(len(h.get_label()) + 6 for h in handles) <= 120
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) if one_row else -(-len(handles) // 2),
+               frameon=False, fontsize=8.5)
 
     # Whether a label fits is known only once the layout has placed the axes.
     fig.draw_without_rendering()  # the layout, without rasterising thousands of boxes once more

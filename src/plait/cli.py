@@ -142,14 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("name", metavar="NAME", help=f"the schedule: {', '.join(SCHEDULES)}")
     schedule.add_argument("--stages", type=int, required=True, metavar="P", help="pipeline ranks (pp)")
     schedule.add_argument("--microbatches", type=int, required=True, metavar="M", help="micro-batches per step")
-    schedule.add_argument("--virtual-stages", dest="virtual", type=int, default=1, metavar="V",
-                          help="pipeline stages per rank, for interleaved-1f1b (default: 1)")
+    schedule.add_argument("--virtual-stages", dest="virtual", type=int, default=None, metavar="V",
+                          help="pipeline stages per rank: >= 2 for interleaved-1f1b, 2 for zbv "
+                               "(default: 2 for zbv, else 1)")
     schedule.add_argument("--virtual", dest="virtual", type=int, help=argparse.SUPPRESS)  # the older spelling
     schedule.add_argument("--forward-cost", type=float, default=1.0, metavar="X",
                           help="time of one micro-batch's forward through one rank's layers, shared "
                                "evenly by its virtual stages (default: 1)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, metavar="X",
                           help="time of one micro-batch's backward through one rank's layers (default: 2)")
+    schedule.add_argument("--input-cost", type=float, default=None, metavar="X",
+                          help="time of one micro-batch's input gradient (I) through one rank's layers, "
+                               "for zb1p and zbv (default: half the backward cost)")
+    schedule.add_argument("--weight-cost", type=float, default=None, metavar="X",
+                          help="time of one micro-batch's weight gradients (W) through one rank's layers, "
+                               "for zb1p and zbv (default: half the backward cost)")
     schedule.add_argument("--comm-cost", type=float, default=0.0, metavar="X",
                           help="time added to every activation or gradient crossing ranks (default: 0)")
     schedule.add_argument("--out", metavar="CHART.png", help="draw the timeline into this PNG")
@@ -285,39 +292,53 @@ def _schedule_flags(message: str) -> str:
 
 def _schedule(args: argparse.Namespace) -> int:
     """`plait schedule`: simulate, print the grid and the figures, optionally draw the chart."""
-    from plait.parallel.schedule import ScheduleError, format_grid, make_schedule, simulate, theoretical_bubble
+    from plait.parallel.schedule import (ScheduleError, format_grid, make_schedule, schedule_layout, simulate,
+                                         theoretical_bubble)
 
+    if args.virtual is None:
+        args.virtual = 2 if args.name == "zbv" else 1  # zbv's V is two stages per rank, nothing else
     for flag, value in (("--stages", args.stages), ("--microbatches", args.microbatches),
                         ("--virtual-stages", args.virtual)):
         _check_number(flag, value, 1)
     _check_number("--forward-cost", args.forward_cost, 0, above=True)
     _check_number("--backward-cost", args.backward_cost, 0, above=True)
+    input_cost = args.backward_cost / 2 if args.input_cost is None else args.input_cost
+    weight_cost = args.backward_cost / 2 if args.weight_cost is None else args.weight_cost
+    _check_number("--input-cost", input_cost, 0, above=True)
+    _check_number("--weight-cost", weight_cost, 0, above=True)
     _check_number("--comm-cost", args.comm_cost, 0)
     if args.out and Path(args.out).exists() and not args.force:
         raise ConfigError(f"--out {args.out} exists; give --force to replace it, or a new file name")
     try:
         plan = make_schedule(args.name, args.stages, args.microbatches, args.virtual)
+        layout = schedule_layout(args.name)
         # Costs are per rank, so a chart of an interleaved layout has the same
         # work as its plain 1f1b one and the makespans compare directly.
-        sim = simulate(plan, args.stages, args.microbatches, args.virtual,
-                       args.forward_cost / args.virtual, args.backward_cost / args.virtual, args.comm_cost)
+        v = args.virtual
+        sim = simulate(plan, args.stages, args.microbatches, v, args.forward_cost / v, args.backward_cost / v,
+                       args.comm_cost, input_cost=input_cost / v, weight_cost=weight_cost / v, layout=layout)
         theory = theoretical_bubble(args.name, args.stages, args.microbatches, args.virtual)
     except ScheduleError as e:
         # Only the summary: a grid, if any, would bury the fix-it line. The library names
         # its arguments; the message names this command's options.
         raise ConfigError(_schedule_flags(str(e).splitlines()[0])) from None
-    layout = f"{args.stages} stages" + (f" x {args.virtual} virtual" if args.virtual > 1 else "")
-    print(f"{args.name}: {layout}, {args.microbatches} micro-batches "
-          f"(per rank: forward {args.forward_cost:g}, backward {args.backward_cost:g}; comm {args.comm_cost:g})")
+    split = any(a.kind == "I" for acts in plan.values() for a in acts)
+    shape = (f"{args.stages} stages" + (f" x {args.virtual} virtual" if args.virtual > 1 else "")
+             + (" in a V" if layout == "v" else ""))
+    costs = (f"input {input_cost:g}, weight {weight_cost:g}" if split else f"backward {args.backward_cost:g}")
+    print(f"{args.name}: {shape}, {args.microbatches} micro-batches "
+          f"(per rank: forward {args.forward_cost:g}, {costs}; comm {args.comm_cost:g})")
     print(format_grid(plan))
     print(f"makespan            {sim.makespan:g}")
     print(f"bubble (simulated)  {sim.bubble:.4f}")
     print(f"bubble (theory)     {theory:.4f}")
-    print("peak micro-batches in flight per rank (forwards awaiting their backward): " + " ".join(str(sim.peak_in_flight[r]) for r in sorted(plan)))
+    awaiting = "their weight gradients" if split else "their backward"
+    print(f"peak micro-batches in flight per rank (forwards awaiting {awaiting}): "
+          + " ".join(str(sim.peak_in_flight[r]) for r in sorted(plan)))
     if args.out:
         from plait.charts import boxes_from_simulation, draw_pipeline
 
-        title = (f"{args.name}, {layout}, {args.microbatches} micro-batches: "
+        title = (f"{args.name}, {shape}, {args.microbatches} micro-batches: "
                  f"bubble {sim.bubble:.3f} simulated vs {theory:.3f} theory")
         try:
             draw_pipeline([("simulated", boxes_from_simulation(sim, args.virtual), "units")], args.out, title,

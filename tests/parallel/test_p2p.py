@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plait.parallel.p2p import check_matching, check_plan, check_shape_plan, messages, p2p_plan, shape_plan
-from plait.parallel.schedule import SCHEDULES, Action, ScheduleError, make_schedule
+from plait.parallel.schedule import SCHEDULES, Action, ScheduleError, make_schedule, schedule_layout, stage_rank
 from tests.parallel.test_schedule import cases
 
 
@@ -48,10 +48,11 @@ def test_1f1b_pp2_m2_plan():
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_is_proven_deadlock_free_with_in_order_p2p(name):
     count = 0
+    layout = schedule_layout(name)
     for pp, m, v in cases(name):
         schedule = make_schedule(name, pp, m, v)
-        plan = p2p_plan(schedule, pp, m, v)
-        check_plan(schedule, plan, pp, v)
+        plan = p2p_plan(schedule, pp, m, v, layout=layout)
+        check_plan(schedule, plan, pp, v, layout)
         for rank, slots in plan.items():
             assert len(slots) == len(schedule[rank]) + 1
         count += 1
@@ -95,9 +96,10 @@ def test_gloo_plan_posts_each_receive_one_action_earlier():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_gloo_plan_sends_as_the_in_order_one_and_receives_no_later(name):
+    layout = schedule_layout(name)
     for pp, m, v in cases(name):
         schedule = make_schedule(name, pp, m, v)
-        lockstep, early = p2p_plan(schedule, pp, m, v), p2p_plan(schedule, pp, m, v, lead=1)
+        lockstep, early = p2p_plan(schedule, pp, m, v, layout=layout), p2p_plan(schedule, pp, m, v, 1, layout)
         for rank in schedule:
             def slot_of(plan, direction):
                 return {op: n for n, slot in enumerate(plan[rank]) for b in slot for op in b if op[0] == direction}
@@ -113,16 +115,18 @@ def test_every_plan_orders_each_pair_alike_on_both_ends(name):
     """Over the whole grid, for the in-order plan (NCCL) and gloo's early one: the messages a rank
     sends to another are posted in the order the other posts their receives, and no batch holds
     two messages in one direction for one peer."""
+    layout = schedule_layout(name)
     for pp, m, v in cases(name):
         schedule = make_schedule(name, pp, m, v)
         for lead in (0, 1):
-            plan = p2p_plan(schedule, pp, m, v, lead=lead)
+            plan = p2p_plan(schedule, pp, m, v, lead=lead, layout=layout)
             batches = {rank: [batch for slot in slots for batch in slot] for rank, slots in plan.items()}
-            check_matching(batches, pp)
+            check_matching(batches, pp, layout)
             for rank, seq in batches.items():
                 for batch in seq:
                     ends = [(d, msg[2] if d == "send" else msg[1]) for d, msg in batch]
-                    assert len(ends) == len(set((d, s % pp) for d, s in ends)), (name, pp, m, v, lead, batch)
+                    peers = set((d, stage_rank(s, pp, layout)) for d, s in ends)
+                    assert len(ends) == len(peers), (name, pp, m, v, lead, batch)
 
 
 def test_shape_probe_plan_for_an_interleaved_pipeline():

@@ -15,6 +15,7 @@ from plait.parallel.schedule import (
     make_schedule,
     num_stages,
     rank_stages,
+    schedule_layout,
     simulate,
     stage_rank,
     theoretical_bubble,
@@ -35,7 +36,9 @@ def cases(name):
     """Every (pp, m, virtual) the grid tests cover for schedule `name`."""
     for pp in range(1, 9):
         for m in range(1, 17):
-            if name != "interleaved-1f1b":
+            if name == "zbv":
+                yield pp, m, 2
+            elif name != "interleaved-1f1b":
                 yield pp, m, 1
             elif m % pp == 0:
                 for v in (2, 3, 4):
@@ -63,21 +66,23 @@ def test_action_str_and_order():
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_grid_valid_complete_and_bubble(name):
     count = 0
+    layout = schedule_layout(name)
+    kinds = {"forward-only": "F", "zb1p": "FIW", "zbv": "FIW"}.get(name, "FB")
     for pp, m, v in cases(name):
         sched = make_schedule(name, pp, m, v)
         forward_only = name == "forward-only"
-        validate(sched, pp, m, v, forward_only=forward_only)
-        sim = simulate(sched, pp, m, v, forward_cost=1.0, backward_cost=2.0, comm_cost=0.0)
+        validate(sched, pp, m, v, forward_only=forward_only, layout=layout)
+        # B = 2 splits into I = W = 1: the zero-bubble formulas' equal costs.
+        sim = simulate(sched, pp, m, v, forward_cost=1.0, backward_cost=2.0, comm_cost=0.0, layout=layout)
         seen = Counter((a.stage, a.microbatch, a.kind) for acts in sched.values() for a in acts)
-        expected = {(s, i, k): 1 for s in range(pp * v) for i in range(m)
-                    for k in (("F",) if forward_only else ("F", "B"))}
+        expected = {(s, i, k): 1 for s in range(pp * v) for i in range(m) for k in kinds}
         assert seen == expected, (pp, m, v)
         assert [len(t) for t in sim.timeline.values()] == [len(sched[r]) for r in range(pp)]
         # With equal stage costs and free comms the simulated idle fraction
         # is exactly the textbook one, interleaved included (checked by hand
         # for pp=2 m=2 v=2 below: makespan 15, bubble 1/5).
         assert sim.bubble == pytest.approx(theoretical_bubble(name, pp, m, v), abs=1e-9), (pp, m, v)
-        if name == "interleaved-1f1b":
+        if name in ("interleaved-1f1b", "zb1p", "zbv"):
             assert sim.bubble <= theoretical_bubble("1f1b", pp, m) + 1e-12
         count += 1
     assert count == {"interleaved-1f1b": 3 * sum(16 // pp for pp in range(1, 9))}.get(name, 128)
@@ -294,7 +299,7 @@ def test_format_grid_aligns_and_marks():
 # --- bad arguments ---------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (("pipedream", 2, 4), "unknown schedule 'pipedream'; choose one of gpipe, 1f1b, interleaved-1f1b, forward-only"),
+    (("pipedream", 2, 4), "unknown schedule 'pipedream'; choose one of gpipe, 1f1b, interleaved-1f1b, zb1p, zbv, forward-only"),
     (("1f1b", 0, 4), "pp must be >= 1 (got 0)"),
     (("gpipe", 2, 0), "num_microbatches must be >= 1 (got 0)"),
     (("1f1b", 2, 4, 2), "1f1b runs one stage per rank, so virtual must be 1 (got 2); use interleaved-1f1b for virtual > 1"),
