@@ -80,6 +80,54 @@ def test_plait_schedule_prints_the_grid_and_bubbles_and_draws(tmp_path, capsys):
     assert read_png(out).ndim == 3
 
 
+def test_plait_schedule_zb1p_prints_i_and_w_and_draws_them(tmp_path, capsys):
+    out = tmp_path / "chart.png"
+    assert main(["schedule", "zb1p", "--stages", "4", "--microbatches", "8", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:9] == [
+        "zb1p: 4 stages, 8 micro-batches (per rank: forward 1, input 1, weight 1; comm 0)",
+        "rank 0 | 0F0 0F1 0F2 0F3 0I0 0W0 0F4 0I1 0W1 0F5 0I2 0W2 0F6 0I3 0W3 0F7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7",
+        "rank 1 | 1F0 1F1 1F2 1I0 1F3 1I1 1W0 1F4 1I2 1W1 1F5 1I3 1W2 1F6 1I4 1W3 1F7 1I5 1W4 1I6 1W5 1I7 1W6 1W7",
+        "rank 2 | 2F0 2F1 2I0 2F2 2I1 2F3 2I2 2W0 2F4 2I3 2W1 2F5 2I4 2W2 2F6 2I5 2W3 2F7 2I6 2W4 2I7 2W5 2W6 2W7",
+        "rank 3 | 3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3W0 3F4 3I4 3W1 3F5 3I5 3W2 3F6 3I6 3W3 3F7 3I7 3W4 3W5 3W6 3W7",
+        "makespan            27",  # 3m + pp - 1: 1f1b's 33 less two thirds of its 3 x 3 idle units
+        "bubble (simulated)  0.1111",  # 3/27
+        "bubble (theory)     0.1111",
+        "peak micro-batches in flight per rank (forwards awaiting their weight gradients): 4 4 4 4",
+    ]
+    assert lines[9] == f"wrote {out}"
+    image = read_png(out)[..., :3]
+
+    def has(colour):  # some pixel within 2% of `colour` on each channel
+        from matplotlib.colors import to_rgb
+
+        return bool((abs(image - to_rgb(colour)).max(axis=-1) < 0.02).any())
+
+    # I in orange and W in yellow, besides the forwards' blue; no B (vermillion) in a zb1p chart.
+    assert [has(c) for c in ("#0072B2", "#E69F00", "#F0E442", "#D55E00")] == [True, True, True, False]
+
+
+def test_plait_schedule_zbv_defaults_to_two_virtual_stages_and_takes_i_and_w_costs(capsys):
+    assert main(["schedule", "zbv", "--stages", "2", "--microbatches", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "zbv: 2 stages x 2 virtual in a V, 4 micro-batches (per rank: forward 1, input 1, weight 1; comm 0)"
+    assert lines[3:6] == ["makespan            12.5", "bubble (simulated)  0.0400", "bubble (theory)     0.0400"]
+    # I = 2, W = 1 (per rank): the gradient path is longer, and the W's cannot cover all of it.
+    assert main(["schedule", "zb1p", "--stages", "2", "--microbatches", "2", "--input-cost", "2",
+                 "--weight-cost", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "zb1p: 2 stages, 2 micro-batches (per rank: forward 1, input 2, weight 1; comm 0)"
+    assert lines[3:5] == ["makespan            10", "bubble (simulated)  0.2000"]  # 1 - 16/20
+
+
+def test_zero_bubble_boxes_carry_i_and_w():
+    sim = simulate(make_schedule("zbv", 2, 4, 2), 2, 4, 2, layout="v")
+    boxes = boxes_from_simulation(sim, 2)
+    assert Counter(b.kind for b in boxes) == {"F": 16, "I": 16, "W": 16}
+    assert {(b.rank, b.label, b.chunk) for b in boxes if b.kind == "W" and b.label.endswith(":0")} == {
+        (0, "0:0", 0), (0, "3:0", 1), (1, "1:0", 0), (1, "2:0", 1)}
+
+
 def test_plait_schedule_interleaved_costs_are_per_rank(capsys):
     # The same work as 1f1b, split over two chunks per rank: a smaller bubble, a shorter step.
     assert main(["schedule", "interleaved-1f1b", "--stages", "4", "--microbatches", "8", "--virtual-stages", "2"]) == 0
@@ -128,6 +176,13 @@ def test_plait_schedule_replaces_an_existing_chart_only_with_force(tmp_path, cap
      "--backward-cost must be a finite number > 0 (got inf)"),
     (["1f1b", "--stages", "2", "--microbatches", "2", "--comm-cost", "nan"], "--comm-cost must be a finite number >= 0 (got nan)"),
     (["1f1b", "--stages", "2"], "the following arguments are required: --microbatches; see 'plait schedule --help'"),
+    (["zbv", "--stages", "4", "--microbatches", "8", "--virtual-stages", "3"],
+     "zbv runs two stages per rank in a V, so --virtual-stages must be 2 (got 3); use --virtual-stages 2, or zb1p "
+     "for one stage per rank"),
+    (["zb1p", "--stages", "4", "--microbatches", "8", "--virtual-stages", "2"],
+     "zb1p runs one stage per rank, so --virtual-stages must be 1 (got 2); use zbv for --virtual-stages = 2"),
+    (["zb1p", "--stages", "2", "--microbatches", "2", "--input-cost", "-1"],
+     "--input-cost must be a finite number > 0 (got -1)"),
 ])
 def test_plait_schedule_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["schedule", *args]) == 2
