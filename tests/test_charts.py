@@ -110,7 +110,8 @@ def test_plait_schedule_zb1p_prints_i_and_w_and_draws_them(tmp_path, capsys):
 def test_plait_schedule_zbv_defaults_to_two_virtual_stages_and_takes_i_and_w_costs(capsys):
     assert main(["schedule", "zbv", "--stages", "2", "--microbatches", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "zbv: 2 stages x 2 virtual in a V, 4 micro-batches (per rank: forward 1, input 1, weight 1; comm 0)"
+    assert lines[0] == ("zbv: 2 stages x 2 virtual in a V, 4 micro-batches "
+                        "(per rank: forward 1, input 1, weight 1; comm 0)")
     assert lines[3:6] == ["makespan            12.5", "bubble (simulated)  0.0400", "bubble (theory)     0.0400"]
     # I = 2, W = 1 (per rank): the gradient path is longer, and the W's cannot cover all of it.
     assert main(["schedule", "zb1p", "--stages", "2", "--microbatches", "2", "--input-cost", "2",

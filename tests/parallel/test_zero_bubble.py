@@ -3,6 +3,8 @@ hand, the simulated bubbles against the published formulas, validation messages,
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from plait import memory
@@ -45,7 +47,7 @@ def test_forward_only_runs_on_the_v_layout_for_evaluating_a_zbv_model():
 # --- exact orders, worked out by hand ----------------------------------------------
 
 def test_zb1p_order_pp2():
-    # ZB-H1 (the paper's Figure 3, bottom): rank r runs 1F1B's warm-up less one forward, then per
+    # ZB-H1 (the paper's handcrafted schedule): rank r runs 1F1B's warm-up less one forward, then per
     # micro-batch a forward (while any remain), its I, and the oldest W, except that rank r holds its
     # first r W's back to the end. pp=2: rank 0 is 1F1B with each B as I then W; rank 1 holds one W.
     assert show(make_schedule("zb1p", 2, 2)) == {
@@ -72,15 +74,32 @@ def test_zb1p_order_pp4_m4():
 
 
 def test_zbv_order_pp2_m4():
-    # ZB-V (the paper's Figure 8; rank 0 holds stages 0 and 3, rank 1 stages 1 and 2). Rank r:
+    # ZB-V (rank 0 holds stages 0 and 3, rank 1 stages 1 and 2; torch's order too, below). Rank r:
     # 2(pp-r)-1 forwards of its first stage; r pairs F up, F down; pp-r triples F, I, W of its second
-    # stage (its I needs only the stage after it, which the loss is near); then F down (while any
+    # stage (the gradient comes straight back: for rank 1 the loss is one stage away); then F down (while any
     # remain), I and W down, F, I and W up, until both stages have run every forward; then r pairs
     # I down, I up; pp-r pairs I down, W down; then the W's still pending, the second stage's first.
     assert show(make_schedule("zbv", 2, 4, 2)) == {
         0: "0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 0I2 0W2 0I3 0W3",
         1: "1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 2W3 1W3",
     }
+
+
+def test_zbv_matches_torch_s_zbv_order():
+    """torch's ScheduleZBVZeroBubble builds each rank's order in `_calculate_single_rank_operations`
+    from three numbers only (ranks, micro-batches, stages), so it runs here without processes; its
+    idle slots (None) are left out, as plait's simulator waits by itself."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    kinds = {"FORWARD": "F", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
+    for pp in range(1, 9):
+        for m in range(1, 25):
+            ours = show(make_schedule("zbv", pp, m, 2))
+            for rank in range(pp):
+                this = SimpleNamespace(pp_group_size=pp, _n_microbatches=m, num_stages=2 * pp)
+                ops = schedules.ScheduleZBVZeroBubble._calculate_single_rank_operations(this, rank)
+                theirs = " ".join(f"{a.stage_index}{kinds[a.computation_type.name]}{a.microbatch_index}"
+                                  for a in ops if a is not None)
+                assert ours[rank] == theirs, (pp, m, rank)
 
 
 def test_zbv_with_fewer_micro_batches_than_its_phases_is_the_longer_order_cut():

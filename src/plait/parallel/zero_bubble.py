@@ -3,13 +3,16 @@
 Both split each backward into I (the gradient to the stage's input, which the
 previous stage waits for) and W (the weight gradients, which nobody waits
 for), and move the W's into the gaps where 1F1B's ranks sit idle. Both are
-built by hand, phase by phase, as closed-form orders: the orders are then
-exactly the paper's figures, easy to check by eye in a grid, and independent
-of any cost model, where a greedy list-scheduler's output would change with the
-costs it was given and need the simulator to be explained.
+built by hand, phase by phase, as closed-form orders, not by a greedy
+list-scheduler over the simulator: a hand-built order is the published one,
+reads in a grid phase by phase, and does not change with the costs, so the
+executor, the p2p plan and every rank agree on it without profiling. What the
+costs change is only how well it fits, which `simulate` shows.
 
-- `zb1p` (ZB-H1): one stage per rank, Megatron's layout.
-- `zbv` (ZB-V): two stages per rank in a V, rank r holding stages r and 2p-1-r.
+- `zb1p` (ZB-H1): one stage per rank, Megatron's layout; the sections of the
+  authors' ZB-H1 (warm-up, F+I, F+I+W, I+W, W), written anew.
+- `zbv` (ZB-V): two stages per rank in a V, rank r holding stages r and 2p-1-r;
+  the same order as torch's ScheduleZBVZeroBubble (tests compare the two).
 
 The peak memory both promise is 1F1B's peak over the pipeline, p micro-batches
 live (from F to W) on a rank, which 1F1B reaches on rank 0 only: later ranks
@@ -94,7 +97,8 @@ def zbv(rank: int, pp: int, m: int) -> list[Action]:
     With `down` = stage rank (the V's first leg) and `up` = stage 2pp-1-rank:
     1. 2(pp-r)-1 forwards of `down`: the first leg fills the ranks below;
     2. r pairs: F `up`, F `down`, as the second leg's activations come back up;
-    3. pp-r triples F, I, W of `up`: the loss is near, gradients come at once;
+    3. pp-r triples F, I, W of `up`: its gradient comes back at once, since
+       the stages after it have nothing else queued;
     4. steady state, until both legs have run every forward: F `down` (while
        any remain), I and W of `down`, then F, I and W of `up`;
     5. cool-down: r pairs I `down`, I `up`, then pp-r pairs I `down` with the
