@@ -75,6 +75,9 @@ def zb1p(rank: int, pp: int, m: int) -> list[Action]:
     then has r W's left, so every rank ends at the same time, pp-1 units of idle
     each at unit costs (1F1B: 3(pp-1)). Rank r holds at most pp micro-batches
     from F to W, 1F1B's rank 0 peak (min(m, pp) with fewer micro-batches).
+    m < pp runs rather than being refused: the order stays complete and
+    deadlock-free, only the fill shows, since the last rank then holds all of
+    its W's to the end (pp-m more idle per rank: see theoretical_bubble).
     """
     b = _Rank()
     for _ in range(min(m, pp - 1 - rank)):
