@@ -125,9 +125,10 @@ def peak_in_flight(actions: list[Action], virtual: int = 1) -> float:
     each counting 1/virtual (a virtual stage holds its share of the rank's layers)."""
     live = top = 0
     for a in actions:
-        # An I frees most of what its forward saved, but the W after it still needs each layer's
-        # input and output gradient (about as much again in the deferred split: see
-        # [Note: block activations]), so a micro-batch counts as live until its W.
+        # An I frees what the forward saved for the input gradient alone, but a deferred W still
+        # holds each matmul's input (7 of a block's 16 saved widths, [Note: block activations]) and
+        # output gradient (9 more): about what the forward saved, so a micro-batch counts as live,
+        # whole, until its W.
         live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
         top = max(top, live)
     return top / virtual

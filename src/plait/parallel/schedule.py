@@ -432,8 +432,8 @@ def simulate(
     for rank in range(pp):
         live = top = 0
         for a in schedule[rank]:
-            # A split backward frees most of the activations at I, but W still needs the
-            # layers' inputs and output gradients: the micro-batch counts until its W.
+            # I frees part of the activations, but W still holds the matmuls' inputs and output
+            # gradients, about as much again (see memory.peak_in_flight): live until its W.
             live += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
             top = max(top, live)
         peak[rank] = top
