@@ -31,7 +31,8 @@ def build_optimizer(engine: Engine, cfg: Config) -> torch.optim.Optimizer:
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
     options = {"lr": cfg.train.lr, "betas": (cfg.train.beta1, cfg.train.beta2), "fused": fused}
     if cfg.parallel.zero >= 1 and engine.grad_sync is not None:  # at dp=1 there is nothing to shard
-        return ShardedOptimizer(engine, torch.optim.AdamW, groups, zero=cfg.parallel.zero, **options)
+        return ShardedOptimizer(engine, torch.optim.AdamW, groups, zero=cfg.parallel.zero,
+                                overlap_gather=cfg.parallel.overlap_param_gather, **options)
     return torch.optim.AdamW(groups, **options)
 
 

@@ -136,6 +136,8 @@ class ParallelConfig:
     zero: int = option(0, "ZeRO level: 0 replicated; 1 each dp rank keeps 1/dp of the optimizer state and "
                           "receives 1/dp of the reduced gradients; 2 also keeps only that 1/dp of the gradients "
                           "(reduced every micro-batch) (a no-op at dp=1)", choices=(0, 1, 2))
+    overlap_param_gather: bool = option(False, "under --zero 1 or 2, run the parameter all-gather behind the next "
+                                               "step's forward (each layer waits for its own buckets)")
     timeout: float = option(120.0, "seconds any collective may wait for a peer before the run fails",
                             min=1.0, max=WEEK_S)
     max_memory_gb: float | None = option(None, "memory of one device in GiB: a layout predicted to need more "
@@ -150,6 +152,9 @@ class ParallelConfig:
             except ValueError:
                 raise ConfigError(f"invalid parallel.split = {self.split!r}: must be whole numbers separated "
                                   f"by commas, e.g. 3,5 (--split)") from None
+        if self.overlap_param_gather and self.zero == 0:
+            raise ConfigError("parallel.overlap_param_gather needs --zero 1 or 2: without ZeRO there is no parameter "
+                              "all-gather to overlap; drop --overlap-param-gather or set --zero 1")
         if self.pp > 1 and self.schedule == "interleaved-1f1b":
             if self.virtual_stages < 2:
                 raise ConfigError(f"parallel.schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2 "

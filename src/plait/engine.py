@@ -140,6 +140,7 @@ class Engine:
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
         self.grad_sync = None
+        self._before_access: list[Callable[[], None]] = []
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
         self.tied = None
         if tied:
@@ -152,6 +153,16 @@ class Engine:
             keys = {p: (s, tied_index.get(p, -1)) for s, stage in stages.items() for p in stage.parameters()}
             self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
                                           describe=self.describe, keys=keys)
+
+    def before_parameter_access(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` before the Engine hands out or loads its parameters (parameters,
+        named_parameters, state_dict, load_state_dict): a writer still in flight, such as
+        ZeRO's overlapped all-gather, lands first."""
+        self._before_access.append(fn)
+
+    def _settle(self) -> None:
+        for fn in self._before_access:
+            fn()
 
     def describe(self, rank: int) -> str:
         """A global rank with its mesh coordinates, for messages: "rank 3 (dp=1, pp=1)"."""
@@ -306,10 +317,12 @@ class Engine:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters (a tied weight once), for any torch.optim optimizer."""
+        self._settle()
         return self.module.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters with their `nn.Sequential(*layers)` names."""
+        self._settle()
         seen = set()
         for j in self.layer_ids:
             for name, p in self.layers[j].named_parameters():
@@ -319,10 +332,12 @@ class Engine:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's part of the model, keyed as in `nn.Sequential(*layers).state_dict()`."""
+        self._settle()
         return {f"{j}.{k}": v for j in self.layer_ids for k, v in self.layers[j].state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load this rank's part; `state` may hold the whole model (other layers' keys are ignored)."""
+        self._settle()
         for j in self.layer_ids:
             prefix = f"{j}."
             self.layers[j].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -34,7 +34,7 @@ def reference():
     return model.state_dict(), norms
 
 
-def train_hybrid(zero=0, native=False):
+def train_hybrid(zero=0, native=False, overlap=False):
     mesh = plait.make_mesh(dp=2, pp=2)
     dp_rank = mesh["dp"].get_local_rank()
     out = []
@@ -43,7 +43,8 @@ def train_hybrid(zero=0, native=False):
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual,
                               bucket_mb=0.004)
         if zero:  # ZeRO: each dp rank steps half of each bucket (plait.parallel.zero)
-            opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
+            opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero,
+                                   overlap_gather=overlap)
             engine.grad_sync.native_scatter = native  # NCCL's reduce-scatter, or gloo's all-reduce and a slice
         else:
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
@@ -60,11 +61,12 @@ def train_hybrid(zero=0, native=False):
     return out
 
 
-@pytest.mark.parametrize("zero,native", [(0, False), (1, False), (2, False), (2, True)],
-                         ids=["zero0", "zero1", "zero2", "zero2-reduce-scatter"])
-def test_dp2_pp2_with_tied_embeddings_equals_one_process(zero, native):
+@pytest.mark.parametrize("zero,native,overlap", [(0, False, False), (1, False, False), (2, False, False),
+                                                (2, True, False), (1, True, True)],
+                         ids=["zero0", "zero1", "zero2", "zero2-reduce-scatter", "zero1-overlapped-gather"])
+def test_dp2_pp2_with_tied_embeddings_equals_one_process(zero, native, overlap):
     ref_state, ref_norms = reference()
-    ranks = spawn(train_hybrid, 4, zero, native, timeout=300)
+    ranks = spawn(train_hybrid, 4, zero, native, overlap, timeout=300)
     assert [(r[0]["pp_rank"], r[0]["dp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for n, (schedule, m, virtual) in enumerate(LAYOUTS):
         state = {}

@@ -15,17 +15,18 @@ from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKET
 STEPS = 3
 
 
-def train_zero(microbatches, bucket_mb, clip, zero=1, native=False):
+def train_zero(microbatches, bucket_mb, clip, zero=1, native=False, overlap=False):
     mesh = plait.make_mesh(dp=distributed.world_size(), pp=1)
     dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=distributed.rank())]
     engine = plait.Engine(layers, gpt_loss, mesh, microbatches=microbatches, bucket_mb=bucket_mb)
-    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
+    opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero, overlap_gather=overlap)
     sync = engine.grad_sync
     assert not sync.native_scatter  # gloo: an all-reduce, each rank keeping its slice
     sync.native_scatter = native  # NCCL's path: the reduce-scatter itself
-    losses, held = [], []
+    losses, held, in_flight = [], [], []
     for step in range(STEPS):
+        in_flight.append(len(opt._in_flight))  # overlapped: the last step's gather, waited on by the forward
         x, y = global_batch(step)
         rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
         losses.append(engine.train_step(x[rows], y[rows]))
@@ -36,8 +37,10 @@ def train_zero(microbatches, bucket_mb, clip, zero=1, native=False):
             engine.clip_grad_norm_(clip)
         opt.step()
         opt.zero_grad()
+    in_flight.append(len(opt._in_flight))
     full = sum(p.numel() for p in engine.parameters())
     return {"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
+            "in_flight": in_flight + [len(opt._in_flight)], "buckets": len(sync.buckets),
             "state_numel": opt.state_numel(), "full": full, "held": held,
             "shards": sum(b.shard.numel() for b in sync.buckets),
             "padded": sum(b.padded for b in sync.buckets),
@@ -47,14 +50,19 @@ def train_zero(microbatches, bucket_mb, clip, zero=1, native=False):
                          for b in engine.grad_sync.buckets)}  # this rank's elements of each bucket
 
 
-@pytest.mark.parametrize("zero,dp,microbatches,bucket_mb,native", [
-    (1, 2, 1, SMALL_BUCKETS_MB, True), (1, 4, 2, SMALL_BUCKETS_MB, False), (1, 2, 2, 25.0, True),
-    (2, 2, 2, SMALL_BUCKETS_MB, True), (2, 4, 2, SMALL_BUCKETS_MB, False), (2, 2, 1, 25.0, False),
-    (2, 4, 2, SMALL_BUCKETS_MB, True)])
-def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb, native):
+@pytest.mark.parametrize("zero,dp,microbatches,bucket_mb,native,overlap", [
+    (1, 2, 1, SMALL_BUCKETS_MB, True, False), (1, 4, 2, SMALL_BUCKETS_MB, False, False),
+    (1, 2, 2, 25.0, True, False), (2, 2, 2, SMALL_BUCKETS_MB, True, False), (2, 4, 2, SMALL_BUCKETS_MB, False, False),
+    (2, 2, 1, 25.0, False, False), (2, 4, 2, SMALL_BUCKETS_MB, True, False), (1, 2, 2, SMALL_BUCKETS_MB, False, True),
+    (2, 2, 2, SMALL_BUCKETS_MB, True, True)])
+def test_zero_equals_one_process(zero, dp, microbatches, bucket_mb, native, overlap):
     ref_state, ref_losses = reference(STEPS)
-    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0, zero, native)
+    results = spawn(train_zero, dp, microbatches, bucket_mb, 0.0, zero, native, overlap)
     for r in results:
+        # Overlapped, each step's all-gather is still in flight when step() returns (every bucket),
+        # until the next forward or state_dict; otherwise step() waits for it.
+        after_step = r["buckets"] if overlap else 0
+        assert r["in_flight"] == [0] + [after_step] * STEPS + [0]
         for name, value in ref_state.items():
             assert torch.allclose(r["state"][name], value, rtol=0, atol=1e-9), name
         assert r["losses"] == pytest.approx(ref_losses, abs=1e-9)

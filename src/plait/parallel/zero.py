@@ -35,9 +35,7 @@ How (and why):
   state) do not: they are not supported here.
 
 Not done: checkpoints of the sharded state are gathered whole to every dp
-rank (`state_dict`), simple and correct but not memory-lean; the parameter
-all-gather is waited for at the end of step() (its overlap with the next
-forward is not built).
+rank (`state_dict`), simple and correct but not memory-lean.
 """
 
 from __future__ import annotations
@@ -78,10 +76,15 @@ class ShardedOptimizer:
             None means all of engine.parameters() in one group.
         zero: 1 or 2 (reduce-scattered gradients; 2 also drops the full gradient buffers
             between micro-batches), or 0 (all-reduced gradients, only the state sharded).
+        overlap_gather: leave the parameter all-gather running when step() returns; each layer
+            waits for its own buckets just before its next forward, and anything else that
+            reads or writes the parameters through the Engine waits for all of them
+            ([Note: overlapped all-gather]).
         **kwargs: the optimizer's options, as for optimizer_class(params, **kwargs).
     """
 
-    def __init__(self, engine, optimizer_class, params=None, zero: int = 1, **kwargs):
+    def __init__(self, engine, optimizer_class, params=None, zero: int = 1, overlap_gather: bool = False,
+                 **kwargs):
         sync = engine.grad_sync
         if sync is None:
             raise ValueError("ShardedOptimizer needs data parallelism (dp >= 2); with dp=1 use the optimizer itself")
@@ -117,6 +120,10 @@ class ShardedOptimizer:
                     pieces_by_group[group_of[p]].append(leaf)
                 offset += p.numel()
             self._flats.append((flat, bucket))
+        self.overlap_gather = overlap_gather
+        self._in_flight: dict[int, list] = {}  # bucket index -> the works of its all-gather, not yet waited on
+        if overlap_gather:
+            self._hook_layers(engine, sync)
         # Every group is kept (an empty one too), so that group options line up with the caller's.
         self.optimizer = optimizer_class(
             [{**g, "params": ps} for g, ps in zip(groups, pieces_by_group)], **kwargs)
@@ -129,11 +136,34 @@ class ShardedOptimizer:
     def step(self) -> None:
         """Step this rank's shard with the bucket gradients, then all-gather the parameters."""
         sync = self.engine.grad_sync
+        self.wait_gather()  # the last step's, if a forward has not (nothing to wait for after one)
         for piece in self._pieces:
             has = piece.param not in sync.no_grad if sync.zero > 0 else piece.param.grad is not None
             piece.leaf.grad = self._bucket_grad(piece) if has else None
         self.optimizer.step()
         self._gather_parameters()
+
+    def _hook_layers(self, engine, sync) -> None:
+        """[Note: overlapped all-gather] Buckets are filled in reverse layer order (backward's), so
+        the first layers' buckets are gathered first: the first forward waits for the least. Each
+        layer waits for the buckets holding its parameters in a forward pre-hook (a recomputing
+        forward under activation checkpointing finds nothing left to wait for), and the Engine
+        calls `wait_gather` before it hands parameters out in any other way (state_dict,
+        named_parameters, ...). A bucket is always waited on whole, so a parameter shared by two
+        layers (the tied weight on one rank) is ready for both."""
+        index = {id(bucket): n for n, bucket in enumerate(sync.buckets)}
+        for layer in engine.layers.values():
+            mine = sorted({index[id(sync.bucket_of(p))] for p in layer.parameters() if p.requires_grad})
+            if mine:
+                layer.register_forward_pre_hook(lambda _module, _args, mine=mine: self.wait_gather(mine))
+        engine.before_parameter_access(self.wait_gather)
+
+    def wait_gather(self, buckets=None) -> None:
+        """Wait for the overlapped all-gather of `buckets` (indices; None: every one still in flight)."""
+        sync = self.engine.grad_sync
+        for n in (sorted(self._in_flight) if buckets is None else buckets):
+            for work in self._in_flight.pop(n, ()):
+                wait(work, lambda s: f"{sync.me} waited {s:.0f} s in ZeRO's parameter all-gather with {sync.peers}")
 
     def _gather_parameters(self) -> None:
         """Every rank's updated slices to every rank, in place in the flat parameter buffers.
@@ -146,16 +176,17 @@ class ShardedOptimizer:
         gather is broadcasts; NCCL's all-gather is in place and is used there.
         """
         sync = self.engine.grad_sync
-        works = []
-        for flat, _ in self._flats:
-            slices = flat.chunk(self.dp_size)
+        # The first layers' buckets (the last ones: buckets follow the backward) first, for the overlap.
+        for n in reversed(range(len(self._flats))):
+            slices = self._flats[n][0].chunk(self.dp_size)
             if sync.native_scatter:
-                works.append(_all_gather(flat, slices[self.dp_rank], group=self.group, async_op=True))
+                works = [_all_gather(self._flats[n][0], slices[self.dp_rank], group=self.group, async_op=True)]
             else:
-                works += [dist.broadcast(part, src=dist.get_global_rank(self.group, owner), group=self.group,
-                                         async_op=True) for owner, part in enumerate(slices)]
-        for work in works:
-            wait(work, lambda s: f"{sync.me} waited {s:.0f} s in ZeRO's parameter all-gather with {sync.peers}")
+                works = [dist.broadcast(part, src=dist.get_global_rank(self.group, owner), group=self.group,
+                                        async_op=True) for owner, part in enumerate(slices)]
+            self._in_flight[n] = works
+        if not self.overlap_gather:
+            self.wait_gather()
 
     def _bucket_grad(self, piece: _Piece) -> torch.Tensor:
         sync = self.engine.grad_sync
@@ -168,7 +199,7 @@ class ShardedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for piece in self._pieces:
             piece.leaf.grad = None
-        for p in self.engine.parameters():
+        for p in self.full_params:  # not engine.parameters(), which waits for an overlapped all-gather
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
