@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -158,34 +159,50 @@ def ascii_segments(text: str):
 
 
 # [Note: training on words split here]
-# BpeTrainer keeps nothing of its texts but the count of each pre-token, and with GPT-2's
-# pattern run by Oniguruma finding those pre-tokens is most of a training's time. So it is
-# given the same pre-tokens, found here: an ASCII stretch's by `_ASCII_PATTERN`, the rest's by
-# tokenizers' own pre-tokenizer, each in its byte-level form (which has no white space: the
-# byte-level alphabet maps spaces and controls to letters) and separated by spaces, for a
-# trainer whose pre-tokenizer only splits at white space. The same counts give the same
-# merges, so the BPE is the one training on the raw text gives (tests/data/test_tokenizer.py).
+# BpeTrainer keeps nothing of its texts but the count of each pre-token, and finding and
+# counting them (GPT-2's pattern run by Oniguruma, with offsets tracked for every character)
+# is most of a training's time. So they are found and counted here: an ASCII stretch's
+# pre-tokens by `_ASCII_PATTERN`, the rest's by tokenizers' own pre-tokenizer. The trainer is
+# then given each distinct pre-token in its byte-level form (which has no white space: the
+# byte-level alphabet maps spaces and controls to letters), repeated as often as it occurs and
+# separated by spaces, and splits only at white space. The same counts give the same merges,
+# so the BPE is the one training on the raw text gives (tests/data/test_tokenizer.py).
+# Measured on 8 MB of Python source on the 2-core machine, busy: 2.1 to 2.4 s against 3.3 s
+# for the same split fed as text (the translation of every character is the difference) and
+# 6.9 s for the trainer on the raw text.
 _GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False)
-_WORD_SEP = "\x80"  # joins an ASCII stretch's pre-tokens, and cannot be in one; mapped to a space
+TRAIN_CHUNK_CHARS = 1 << 16  # per text handed to the trainer: enough texts for its threads
 
 
 def _byte_level_table() -> dict[int, str]:
     """str.translate's table: each ASCII character to its byte-level form, as tokenizers maps it."""
     plain = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     table = {c: plain.pre_tokenize_str(chr(c))[0][0] for c in range(128)}
-    return {c: m for c, m in table.items() if m != chr(c)} | {ord(_WORD_SEP): " "}
+    return {c: m for c, m in table.items() if m != chr(c)}
 
 
 _TO_BYTE_LEVEL = _byte_level_table()
 
 
 def training_texts(texts: Iterable[str]) -> Iterator[str]:
-    """Each text as its GPT-2 pre-tokens, byte-level, separated by spaces (see the note)."""
+    """The texts' GPT-2 pre-tokens, counted, as texts for a trainer that splits at white
+    space: each distinct one byte-level, as often as it occurs (see the note)."""
+    ascii_counts: Counter = Counter()
+    counts: Counter = Counter()
     for text in texts:
-        parts = []
         for segment, ascii_only in ascii_segments(text):
             if ascii_only:
-                parts.append(_WORD_SEP.join(_ASCII_PATTERN.findall(segment)).translate(_TO_BYTE_LEVEL))
+                ascii_counts.update(_ASCII_PATTERN.findall(segment))
             else:
-                parts.extend(word for word, _ in _GPT2_SPLIT.pre_tokenize_str(segment))
-        yield " ".join(parts)
+                counts.update(word for word, _ in _GPT2_SPLIT.pre_tokenize_str(segment))
+    for word, n in ascii_counts.items():
+        counts[word.translate(_TO_BYTE_LEVEL)] += n
+    chunk, size = [], 0
+    for word, n in counts.items():
+        chunk.append((word + " ") * n)
+        size += (len(word) + 1) * n
+        if size >= TRAIN_CHUNK_CHARS:
+            yield "".join(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield "".join(chunk)
