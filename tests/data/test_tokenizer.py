@@ -5,6 +5,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import plait.data.fast_bpe as fast_bpe
 from plait.data import EOT, Tokenizer, byte_tokenizer, default_corpus, train_bpe
 from plait.errors import ConfigError, DataError
 
@@ -98,6 +99,13 @@ def test_training_on_words_split_here_gives_the_bpe_of_the_raw_text(texts, vocab
     pieces = TRICKY + [" it's", "'ll", " 1,000", "\t\t", "\n    ", "\xa0 ", " \u3000"]
     mixed = texts + TRICKY + ["".join(rng.choice(pieces, size=30)) for _ in range(50)]
     assert train_bpe(mixed, vocab_size)._hf.to_str() == raw_text_bpe(mixed, vocab_size)
+
+
+def test_counting_in_worker_processes_trains_the_same_bpe(texts, monkeypatch):
+    monkeypatch.setattr(fast_bpe, "COUNT_GROUP_CHARS", 20_000)  # several tasks for the two workers
+    mixed = texts + TRICKY
+    assert fast_bpe.pretoken_counts(mixed, workers=2) == fast_bpe.pretoken_counts(mixed)
+    assert train_bpe(mixed, 300, workers=2)._hf.to_str() == train_bpe(mixed, 300)._hf.to_str()
 
 
 def test_bpe_too_small_vocab(texts):

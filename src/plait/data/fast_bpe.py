@@ -28,6 +28,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 
+from plait.data.workers import fork_pool
+
 _WS = r" \t\n\x0b\x0c\r"
 _ASCII_PATTERN = re.compile(
     rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
@@ -172,6 +174,7 @@ def ascii_segments(text: str):
 # 6.9 s for the trainer on the raw text.
 _GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False)
 TRAIN_CHUNK_CHARS = 1 << 16  # per text handed to the trainer: enough texts for its threads
+COUNT_GROUP_CHARS = 1 << 20  # per task of a counting worker
 
 
 def _byte_level_table() -> dict[int, str]:
@@ -184,9 +187,34 @@ def _byte_level_table() -> dict[int, str]:
 _TO_BYTE_LEVEL = _byte_level_table()
 
 
-def training_texts(texts: Iterable[str]) -> Iterator[str]:
-    """The texts' GPT-2 pre-tokens, counted, as texts for a trainer that splits at white
-    space: each distinct one byte-level, as often as it occurs (see the note)."""
+def pretoken_counts(texts: Iterable[str], workers: int = 1) -> Counter:
+    """How often each GPT-2 pre-token of the texts occurs, by its byte-level form (see the
+    note); counted in `workers` forked processes when more than one."""
+    if workers <= 1:
+        return _count(texts)
+    # Read here, not by the pool's feeder thread: an error in the text (not UTF-8, say) is
+    # raised as it is. The sample is bounded, and a pool reads its tasks all ahead anyway.
+    groups = list(_groups(texts))
+    total: Counter = Counter()
+    with fork_pool(workers) as pool:
+        for part in pool.imap_unordered(_count, groups):
+            total.update(part)
+    return total
+
+
+def _groups(texts: Iterable[str]) -> Iterator[list[str]]:
+    group, size = [], 0
+    for text in texts:
+        group.append(text)
+        size += len(text)
+        if size >= COUNT_GROUP_CHARS:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _count(texts: Iterable[str]) -> Counter:
     ascii_counts: Counter = Counter()
     counts: Counter = Counter()
     for text in texts:
@@ -197,6 +225,12 @@ def training_texts(texts: Iterable[str]) -> Iterator[str]:
                 counts.update(word for word, _ in _GPT2_SPLIT.pre_tokenize_str(segment))
     for word, n in ascii_counts.items():
         counts[word.translate(_TO_BYTE_LEVEL)] += n
+    return counts
+
+
+def training_texts(counts: Counter) -> Iterator[str]:
+    """Texts for a trainer that splits at white space with these pre-token counts: each
+    pre-token, as often as it occurs (see the note)."""
     chunk, size = [], 0
     for word, n in counts.items():
         chunk.append((word + " ") * n)
