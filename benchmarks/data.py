@@ -120,7 +120,9 @@ files = sorted((p for p in corpus.rglob("*.txt")), key=lambda p: p.relative_to(c
 n = 0
 with open(out, "wb") as f:
     for i in range(0, len(files), 64):
-        texts = [p.read_text(encoding="utf-8") for p in files[i:i + 64]]
+        # The bytes as they are: read_text would turn CRLF line endings into LF (the corpus
+        # has some), and the text, and so the tokens, would not be the corpus's.
+        texts = [p.read_bytes().decode("utf-8") for p in files[i:i + 64]]
         for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
             ids = np.array(enc.ids + [eot], dtype=np.uint16)
             f.write(ids.tobytes())
