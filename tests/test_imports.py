@@ -31,12 +31,13 @@ def test_plait_prepare_never_imports_torch(tmp_path):
 
 
 def test_import_plait_is_torch_free_until_a_name_needs_it():
-    code = ("import sys, plait, plait.model\n"
-            "print('torch' in sys.modules, plait.Config.__module__, plait.GPTConfig is plait.model.GPTConfig)\n"
+    code = ("import sys, plait\n"
+            "print('torch' in sys.modules, plait.Config.__module__, plait.GPTConfig.__module__)\n"
             "print('torch' in sys.modules)\n"
             "from plait.engine import Engine\n"
-            "import plait.model.gpt as gpt\n"
-            "print(plait.Engine is Engine, plait.build_gpt is gpt.build_gpt, gpt.GPTConfig is plait.GPTConfig)\n"
+            "import plait.model, plait.model.gpt as gpt\n"
+            "print(plait.Engine is Engine, plait.build_gpt is gpt.build_gpt, gpt.GPTConfig is plait.GPTConfig,\n"
+            "      plait.model.GPTConfig is plait.GPTConfig)\n"
             "print(all(hasattr(plait, name) for name in plait.__all__), set(plait.__all__) <= set(dir(plait)))\n"
             "try:\n"
             "    plait.no_such_name\n"
@@ -45,9 +46,9 @@ def test_import_plait_is_torch_free_until_a_name_needs_it():
     proc = python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "False plait.config True",
+        "False plait.config plait.model_shape",
         "False",
-        "True True True",
+        "True True True True",
         "True True",
         "module 'plait' has no attribute 'no_such_name'",
     ]

@@ -35,7 +35,7 @@ _EXPORTS = {
     "DataError": "plait.errors",
     "PlaitError": "plait.errors",
     "TrainingError": "plait.errors",
-    "GPTConfig": "plait.model",
+    "GPTConfig": "plait.model_shape",
     "build_gpt": "plait.model",
     "gpt_loss": "plait.model",
 }

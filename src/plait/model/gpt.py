@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.model.shape import PRESETS, GPTConfig  # noqa: F401 - public here too
+from plait.model_shape import PRESETS, GPTConfig  # noqa: F401 - public here too
 
 
 class Embedding(nn.Module):

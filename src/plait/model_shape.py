@@ -2,7 +2,9 @@
 
 `plait prepare` reads the config tree (plait/config.py), whose model section
 checks its preset against `PRESETS`; keeping these two here lets it run without
-importing torch (seconds on a small machine). plait/model/gpt.py builds the model.
+importing torch (seconds on a small machine). Here and not in plait/model/, whose
+package imports the model (and so torch) as it is imported; plait/model/gpt.py builds
+the model and names these two as well.
 """
 
 from __future__ import annotations
