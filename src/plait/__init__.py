@@ -9,33 +9,47 @@
     opt = torch.optim.AdamW(engine.parameters(), lr=1e-3)
     loss = engine.train_step(inputs, targets)     # this rank's share; the global mean loss
     opt.step(); opt.zero_grad()
+
+The names below are imported on first use: `import plait` (and so `plait
+prepare`, which never needs torch) does not pay torch's import, seconds on a
+small machine, until a name that needs it is used.
 """
 
-from plait.config import Config, DataConfig, ModelConfig, OutputConfig, ParallelConfig, TrainConfig
-from plait.config_file import load_config
-from plait.distributed import init, make_mesh
-from plait.engine import Engine
-from plait.errors import ConfigError, DataError, PlaitError, TrainingError
-from plait.model import GPTConfig, build_gpt, gpt_loss
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "DataError",
-    "Engine",
-    "GPTConfig",
-    "ModelConfig",
-    "OutputConfig",
-    "ParallelConfig",
-    "PlaitError",
-    "TrainConfig",
-    "TrainingError",
-    "build_gpt",
-    "gpt_loss",
-    "init",
-    "load_config",
-    "make_mesh",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "Config": "plait.config",
+    "DataConfig": "plait.config",
+    "ModelConfig": "plait.config",
+    "OutputConfig": "plait.config",
+    "ParallelConfig": "plait.config",
+    "TrainConfig": "plait.config",
+    "load_config": "plait.config_file",
+    "init": "plait.distributed",
+    "make_mesh": "plait.distributed",
+    "Engine": "plait.engine",
+    "ConfigError": "plait.errors",
+    "DataError": "plait.errors",
+    "PlaitError": "plait.errors",
+    "TrainingError": "plait.errors",
+    "GPTConfig": "plait.model_shape",
+    "build_gpt": "plait.model",
+    "gpt_loss": "plait.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait.errors import ConfigError
-from plait.model.gpt import PRESETS, GPTConfig
+from plait.model_shape import PRESETS, GPTConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 DTYPES = ("float32", "bfloat16", "float64")

@@ -195,9 +195,15 @@ def _prepare_data(cfg: Config):
 
     # Rank 0 alone looks at the corpus: its fingerprint, and all of its text only when the
     # cache lacks it. The other ranks then open the folder it names, memory-mapped, and
-    # read no text.
-    folder = on_rank0(lambda: str(prepare_data().dir))
-    return prepare_data(folder)
+    # read no text; rank 0 keeps what it opened.
+    mine = []
+
+    def on_rank0_prepare() -> str:
+        mine.append(prepare_data())
+        return str(mine[0].dir)
+
+    folder = on_rank0(on_rank0_prepare)
+    return mine[0] if mine else prepare_data(folder)
 
 
 def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, num_params: int, flops: int,

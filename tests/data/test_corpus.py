@@ -7,6 +7,7 @@ import pytest
 import plait.data.corpus as corpus
 import plait.data.preparation as preparing
 from plait.data import EOT, check_length, default_corpus, prepare, read_documents
+from plait.data.sources import file_kind, folder_files
 from plait.errors import ConfigError, DataError
 
 DOCS = {
@@ -42,6 +43,28 @@ def test_read_file(text_dir):
 
 def test_read_folder_sorted(text_dir):
     assert read_documents(str(text_dir)) == [DOCS[n] for n in ORDER]
+
+
+def test_a_folder_lists_the_files_rglob_finds(tmp_path):
+    # folder_files walks with os.scandir (a start on a raw corpus lists it every time);
+    # it gives what sorting rglob's text and JSON Lines files by relative path gives.
+    root = tmp_path / "corpus"
+    for name in ("b.txt", "A.TXT", "a.md", "x.Rst", ".hidden.txt", ".txt", "d.jsonl", "e.JSONL.GZ", "f.py",
+                 "g.txt.bak", "sub/z.txt", "sub/deeper/y.md", "sub-a/c.txt", "sub.txt/inner.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.txt").write_text("o")
+    os.symlink(tmp_path / "outside", root / "linked")  # a symlinked folder is not entered
+    os.symlink(root / "b.txt", root / "link.txt")  # a symlinked file is read
+    expected = sorted((p for p in root.rglob("*") if file_kind(p) and p.is_file()),
+                      key=lambda p: p.relative_to(root).as_posix())
+    found = folder_files(root)
+    assert [p for _, p, _ in found] == expected
+    assert [rel for rel, _, _ in found] == [".hidden.txt", "A.TXT", "a.md", "b.txt", "d.jsonl", "e.JSONL.GZ",
+                                            "link.txt", "sub-a/c.txt", "sub.txt/inner.txt", "sub/deeper/y.md",
+                                            "sub/z.txt", "x.Rst"]
+    assert [size for _, _, size in found] == [p.stat().st_size for p in expected]
 
 
 def test_read_none_is_default():

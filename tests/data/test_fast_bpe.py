@@ -1,7 +1,10 @@
 """The ASCII fast path encodes exactly as `tokenizers` does ([Note: the ASCII fast path])."""
 
+import itertools
+
 import numpy as np
 import pytest
+from tokenizers import pre_tokenizers
 
 import plait.data.fast_bpe as fast_bpe
 from plait.data import EOT, default_corpus, train_bpe
@@ -61,3 +64,48 @@ def test_segments_cover_the_text_and_cut_only_before_ascii_white_space():
         assert all(s.isascii() for s, ascii_only in segments if ascii_only)
     assert list(ascii_segments("pure ascii")) == [("pure ascii", True)]
     assert list(ascii_segments("one é two")) == [("one", True), (" é", False), (" two", True)]
+
+
+# [Note: the ASCII fast path] rests on `_ASCII_PATTERN` splitting ASCII text exactly as
+# tokenizers' GPT-2 pre-tokenizer does; these compare the two splits directly.
+GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False)
+# Each kind of ASCII character the pattern tells apart: the white space of \s (and the
+# controls Python calls white space but the GPT-2 pattern does not), letters (the
+# contractions' among them), digits, punctuation, the apostrophe.
+ALPHABET = [" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\x00", "\x7f", "a", "Z", "s", "t", "d", "0",
+            "'", ".", "_"]
+ASCII_PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'RE", "'LL", "''", "'''", "n't", "don't",
+                "O'Neil", "it's'", " 's", "123", "1,000.50", "3rd", "x2y", "0x1F", "  ", "   ", "\t\t", "\r\n",
+                "\n\n\n", " \n ", "\n    ", "\t \n", "#!", "==", "->", "...", '"""', "  return", "\n    def f(x):",
+                "a", "Word", " word", "\x0b\x0c", "\x00", "\x7f", "~", "`", "\\"]
+
+
+def gpt2_split(text: str) -> list[str]:
+    """tokenizers' own pre-tokens of `text`, as pieces of it (the offsets are into `text`)."""
+    return [text[a:b] for _, (a, b) in GPT2_SPLIT.pre_tokenize_str(text)]
+
+
+def test_the_ascii_split_is_gpt2s_on_every_short_string():
+    for n in (1, 2, 3):
+        for chars in itertools.product(ALPHABET, repeat=n):
+            text = "".join(chars)
+            assert fast_bpe._ASCII_PATTERN.findall(text) == gpt2_split(text), repr(text)
+
+
+def test_the_ascii_split_is_gpt2s_on_random_ascii():
+    rng = np.random.default_rng(5)
+    every_char = [chr(c) for c in range(128)]
+    texts = ["".join(rng.choice(ASCII_PIECES, size=rng.integers(1, 40))) for _ in range(1500)]
+    texts += ["".join(rng.choice(every_char, size=rng.integers(1, 60))) for _ in range(1500)]
+    for text in texts:
+        assert fast_bpe._ASCII_PATTERN.findall(text) == gpt2_split(text), repr(text)
+
+
+def test_cutting_at_the_segments_keeps_gpt2s_split():
+    # White space that is not ASCII (which \s matches) beside the cuts' spaces.
+    pieces = PIECES + ["\xa0 ", " \u3000", "\u2029\n", "\x85 ", "x\u200b "]
+    rng = np.random.default_rng(6)
+    for _ in range(400):
+        text = "".join(rng.choice(pieces, size=rng.integers(1, 80)))
+        split = [w for segment, _ in ascii_segments(text) for w in gpt2_split(segment)]
+        assert split == gpt2_split(text), repr(text)

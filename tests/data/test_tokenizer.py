@@ -1,7 +1,11 @@
 import json
 
+import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import plait.data.fast_bpe as fast_bpe
 from plait.data import EOT, Tokenizer, byte_tokenizer, default_corpus, train_bpe
 from plait.errors import ConfigError, DataError
 
@@ -75,6 +79,33 @@ def test_bpe_training_is_deterministic(bpe, texts):
     again = train_bpe(texts, 300)
     assert again._hf.get_vocab() == bpe._hf.get_vocab()
     assert again._hf.to_str() == bpe._hf.to_str()
+
+
+def raw_text_bpe(texts: list[str], vocab_size: int) -> str:
+    """The BPE that tokenizers trains on the raw texts with GPT-2's pre-tokenizer, as JSON."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    return hf.to_str()
+
+
+@pytest.mark.parametrize("vocab_size", [300, 1200])
+def test_training_on_words_split_here_gives_the_bpe_of_the_raw_text(texts, vocab_size):
+    # [Note: training on words split here]: the same counts, so the same merges, ids and file.
+    rng = np.random.default_rng(2)
+    pieces = TRICKY + [" it's", "'ll", " 1,000", "\t\t", "\n    ", "\xa0 ", " \u3000"]
+    mixed = texts + TRICKY + ["".join(rng.choice(pieces, size=30)) for _ in range(50)]
+    assert train_bpe(mixed, vocab_size)._hf.to_str() == raw_text_bpe(mixed, vocab_size)
+
+
+def test_counting_in_worker_processes_trains_the_same_bpe(texts, monkeypatch):
+    monkeypatch.setattr(fast_bpe, "COUNT_GROUP_CHARS", 20_000)  # several tasks for the two workers
+    mixed = texts + TRICKY
+    assert fast_bpe.pretoken_counts(mixed, workers=2) == fast_bpe.pretoken_counts(mixed)
+    assert train_bpe(mixed, 300, workers=2)._hf.to_str() == train_bpe(mixed, 300)._hf.to_str()
 
 
 def test_bpe_too_small_vocab(texts):

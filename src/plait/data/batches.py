@@ -6,8 +6,12 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def batch_offsets(seed: int, step: int, global_batch: int, seq_len: int, num_tokens: int) -> np.ndarray:
@@ -31,6 +35,8 @@ def get_batch(tokens: np.ndarray, seed: int, step: int, global_batch: int, seq_l
     y[i, t] the token after x[i, t]. Share k holds rows [k*b, (k+1)*b) of the
     global batch, so the shares in order concatenate to the global batch.
     """
+    import torch  # here, not at the top: `plait prepare` imports this package and needs no torch
+
     if num_shares < 1 or global_batch % num_shares:
         raise ValueError(f"num_shares {num_shares} does not divide global_batch {global_batch}")
     if not 0 <= share < num_shares:

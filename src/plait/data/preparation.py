@@ -10,7 +10,6 @@ its ids, plus the BPE trainer's counts of the sample's words.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from plait.data.shards import SHARD_TOKENS, ShardWriter
 from plait.data.sources import DocumentReader, Source
 from plait.data.token_files import bin_chunks
 from plait.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_file, train_bpe
+from plait.data.workers import fork_pool
 from plait.errors import ConfigError, DataError
 from plait.fsync import fsync
 
@@ -33,8 +33,9 @@ BATCH_CHARS = 1 << 21  # text per encode_batch call: enough to keep every core b
 BATCH_PIECES = 4096
 DEFAULT_BPE_SAMPLE_MB = 8.0
 MANIFEST = "manifest.json"
-# The trained BPE's fast path is Python (GIL-bound), so it runs in forked worker processes,
-# one per core, for any corpus bigger than this; a small one is not worth the forks.
+# The trained BPE's fast path and the counting of its sample's pre-tokens are Python
+# (GIL-bound), so they run in forked worker processes, one per core, for any corpus bigger
+# than this; a small one is not worth the forks.
 POOL_MIN_BYTES = 8 << 20
 
 
@@ -89,7 +90,8 @@ def make_tokenizer(source: Source, opts: PrepareOptions, progress: bool = False)
                     bar.update(len(text))  # characters: close enough to bytes for a bar
                     yield text
 
-            return train_bpe(counted(sample_pieces(source, opts.text_field, limit)), opts.vocab_size)
+            return train_bpe(counted(sample_pieces(source, opts.text_field, limit)), opts.vocab_size,
+                             workers_for(source))
     return tokenizer_file(opts.tokenizer)
 
 
@@ -139,27 +141,25 @@ def encoded_batches(reader: DocumentReader, tok: Tokenizer, dtype: np.dtype, wor
         return
     global _WORKER
     _WORKER = (tok, dtype)
-    # tokenizers warns in a child forked after its threads ran; the workers need none of them.
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers)
-    finally:
-        if before is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-    try:
-        pending: deque = deque()
-        for texts, ends in _batches(reader):
-            pending.append(pool.apply_async(_encode_in_worker, (texts, ends)))
-            if len(pending) > 2 * workers:
+        with fork_pool(workers) as pool:
+            pending: deque = deque()
+            for texts, ends in _batches(reader):
+                pending.append(pool.apply_async(_encode_in_worker, (texts, ends)))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
                 yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
     finally:
-        pool.terminate()  # also on an error or an interrupt: no worker outlives the preparation
         _WORKER = None
+
+
+def workers_for(source: Source) -> int:
+    """Processes for the trained BPE's Python work on `source`: one per core, or 1 for a
+    small corpus (not worth the forks) and off Linux (plait/data/workers.py)."""
+    if source.total_bytes < POOL_MIN_BYTES or not sys.platform.startswith("linux"):
+        return 1
+    return os.cpu_count() or 1
 
 
 def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, header: dict,
@@ -184,9 +184,7 @@ def build(tmp: Path, source: Source, opts: PrepareOptions, tok: Tokenizer, heade
         reader = DocumentReader(source, opts.text_field, cut=tok.kind != "file")
         # Only the trained BPE gains from processes: bytes need no work, and tokenizers
         # encodes a tokenizer file's batches on every core by itself.
-        # Forked workers only on Linux: macOS's system libraries are not safe to use after a fork.
-        many = tok.kind == "bpe" and source.total_bytes >= POOL_MIN_BYTES and sys.platform.startswith("linux")
-        batches = encoded_batches(reader, tok, dtype, (os.cpu_count() or 1) if many else 1)
+        batches = encoded_batches(reader, tok, dtype, workers_for(source) if tok.kind == "bpe" else 1)
         try:
             for ids in batches:
                 writer.append(ids)

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from plait.data.fast_bpe import AsciiEncoder, is_plain_byte_level
+from plait.data.fast_bpe import AsciiEncoder, is_plain_byte_level, pretoken_counts, training_texts
 from plait.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
@@ -177,27 +177,30 @@ def tokenizer_file(path) -> Tokenizer:
     return Tokenizer("file", hf, eot)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, workers: int = 1) -> Tokenizer:
     """Train a byte-level BPE (as GPT-2's) with `vocab_size` tokens, EOT included.
 
     The result is the same for the same texts and vocab_size. It can be smaller
-    than asked when the texts run out of pairs to merge.
+    than asked when the texts run out of pairs to merge. `workers`: processes the
+    texts' pre-tokens are counted in (forked, plait/data/workers.py), when more than one.
     """
     if vocab_size < _BYTE_VOCAB:
         raise ConfigError(
             f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {_BYTE_VOCAB}"
         )
     hf = HFTokenizer(models.BPE())
-    # No prefix space: it would add a space the decoder keeps, breaking round trips.
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    # Trained on the texts' GPT-2 pre-tokens, split here ([Note: training on words split here]).
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.train_from_iterator(training_texts(pretoken_counts(texts, workers)), trainer=trainer)
+    # No prefix space: it would add a space the decoder keeps, breaking round trips.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
     return Tokenizer("bpe", hf)
 
 
