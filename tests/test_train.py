@@ -150,6 +150,14 @@ TINY_CLI = ["--dp", "1", "--pp", "1", "--microbatches", "1", "--no-progress", "-
             "--n-head", "2", "--seq-len", "16", "--global-batch", "2", "--eval-batches", "1", "--sample-tokens", "0"]
 
 
+def test_zero_at_dp_1_runs_and_says_that_it_does_nothing(tmp_path, data_dir, capsys):
+    assert main(["train", *TINY_CLI, "--data-dir", data_dir, "--steps", "1", "--zero", "2",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "plait: note: --zero 2 does nothing at --dp 1: the one replica holds all the optimizer state; it shards "
+        "it over --dp 2 or more")
+
+
 def files_in(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` and its bytes: equal snapshots mean nothing was written."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -381,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = with_out(cfg, default_run_dir())
                 rest = [*rest, "--out", cfg.output.out]
 
+            if cfg.parallel.zero and cfg.parallel.dp == 1 and not under_launcher():
+                # Not refused, so that one config runs on any layout; said once, by the command the user ran.
+                say(f"plait: note: --zero {cfg.parallel.zero} does nothing at --dp 1: the one replica holds all "
+                    f"the optimizer state; it shards it over --dp 2 or more")
+
             def check_before_launch() -> None:
                 if cfg.parallel.max_memory_gb is not None:  # the workers check again (plait/memory.py)
                     from plait.distributed import choose_device
