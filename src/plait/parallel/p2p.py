@@ -45,8 +45,10 @@ Plan = list[list[list[Op]]]  # per action index (and one past the last): batches
 
 
 def messages(a: Action, total_stages: int) -> tuple[Message | None, list[Message]]:
-    """The message action `a` needs (None if none) and the messages it makes."""
+    """The message action `a` needs (None if none) and the messages it makes (I as B; W none)."""
     s, i = a.stage, a.microbatch
+    if a.kind == "W":  # weight gradients: nothing comes in, nothing goes out
+        return None, []
     if a.kind == "F":
         needs = ("act", s - 1, s, i) if s > 0 else None
         return needs, [("act", s, s + 1, i)] if s < total_stages - 1 else []

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "forward-only")
+# F: forward; B: whole backward; I: backward to the stage's input only; W: its weight gradients.
+KINDS = ("F", "B", "I", "W")
 
 Cost = Union[float, Sequence[float]]
 
 
 @dataclass(frozen=True, order=True)
 class Action:
-    """One compute step: forward ("F") or backward ("B") of a micro-batch on a stage."""
+    """One compute step of a micro-batch on a stage: forward ("F"), backward ("B"), or the backward
+    split in two: to the stage's input ("I", which sends the gradient on) and to its weights ("W")."""
 
     stage: int
     microbatch: int
@@ -192,13 +195,15 @@ def validate(
         if not 0 <= rank < pp:
             _fail(f"unexpected rank {rank} in schedule (pp={pp})", schedule)
     forwarded: set[tuple[int, int]] = set()
-    backwarded: set[tuple[int, int]] = set()
+    backwarded: set[tuple[int, int]] = set()  # by B or by I
+    weighted: set[tuple[int, int]] = set()  # by W
+    split: set[tuple[int, int]] = set()  # backwarded by I (so needing a W), not B
     for rank in range(pp):
         for step, a in enumerate(schedule[rank]):
             where = f"rank {rank} step {step}"
             here = (rank, step)
-            if a.kind not in ("F", "B"):
-                _fail(f"{where}: unknown kind {a.kind!r} (expected 'F' or 'B')", schedule, here)
+            if a.kind not in KINDS:
+                _fail(f"{where}: unknown kind {a.kind!r} (expected one of {', '.join(KINDS)})", schedule, here)
             if not 0 <= a.stage < total_stages:
                 _fail(f"{where}: stage {a.stage} out of range 0..{total_stages - 1}", schedule, here)
             if not 0 <= a.microbatch < num_microbatches:
@@ -214,11 +219,21 @@ def validate(
                 continue
             if forward_only:
                 _fail(f"{where}: {a} is a backward in a forward-only schedule", schedule, here)
+            if a.kind == "W":
+                # W takes what I queued: one W per I, after it, and never for a B (which did both).
+                if key in weighted:
+                    _fail(f"{where}: duplicate {a}", schedule, here)
+                if key not in split:
+                    _fail(f"{where}: {a} runs before its input backward {a.stage}I{a.microbatch}", schedule, here)
+                weighted.add(key)
+                continue
             if key in backwarded:
                 _fail(f"{where}: duplicate {a}", schedule, here)
             if key not in forwarded:
                 _fail(f"{where}: {a} runs before its forward {a.stage}F{a.microbatch}", schedule, here)
             backwarded.add(key)
+            if a.kind == "I":
+                split.add(key)
     for stage in range(total_stages):
         rank = stage_rank(stage, pp)
         for i in range(num_microbatches):
@@ -228,6 +243,9 @@ def validate(
                 # Point at the forward whose activations would never be freed.
                 step = schedule[rank].index(Action(stage, i, "F"))
                 _fail(f"missing {stage}B{i} on rank {rank}", schedule, (rank, step))
+            if (stage, i) in split and (stage, i) not in weighted:
+                step = schedule[rank].index(Action(stage, i, "I"))
+                _fail(f"missing {stage}W{i} on rank {rank}", schedule, (rank, step))
 
 
 @dataclass
@@ -249,12 +267,17 @@ def _per_stage(cost: Cost, total_stages: int, what: str) -> list[float]:
     return costs
 
 
-def _dependencies(a: Action, total_stages: int) -> list[Action]:
+def _dependencies(a: Action, total_stages: int, grad_kind: dict[tuple[int, int], str] | None = None) -> list[Action]:
+    """The actions `a` waits for. `grad_kind[(stage, i)]` says which action ("B" or "I") makes the
+    input gradient of that stage and micro-batch (B where not listed)."""
     if a.kind == "F":
         return [Action(a.stage - 1, a.microbatch, "F")] if a.stage > 0 else []
+    if a.kind == "W":
+        return [Action(a.stage, a.microbatch, "I")]
     deps = [Action(a.stage, a.microbatch, "F")]
     if a.stage < total_stages - 1:
-        deps.append(Action(a.stage + 1, a.microbatch, "B"))
+        kind = (grad_kind or {}).get((a.stage + 1, a.microbatch), "B")
+        deps.append(Action(a.stage + 1, a.microbatch, kind))
     return deps
 
 
@@ -266,18 +289,25 @@ def simulate(
     forward_cost: Cost = 1.0,
     backward_cost: Cost = 2.0,
     comm_cost: float = 0.0,
+    input_cost: Cost | None = None,
+    weight_cost: Cost | None = None,
 ) -> Simulation:
     """Run `schedule` on an idealised machine: async sends, a rank waits only for inputs.
 
     Costs are per action, a float for every stage or a sequence indexed by
-    stage; `comm_cost` is added to every dependency that crosses ranks. A
+    stage; `comm_cost` is added to every dependency that crosses ranks. I and W
+    cost `input_cost` and `weight_cost`, by default half of `backward_cost` each. A
     schedule with no backward at all is checked as forward-only.
     """
-    forward_only = not any(a.kind == "B" for acts in schedule.values() for a in acts)
+    forward_only = not any(a.kind != "F" for acts in schedule.values() for a in acts)
     validate(schedule, pp, num_microbatches, virtual, forward_only=forward_only)
     total_stages = num_stages(pp, virtual)
     cost = {"F": _per_stage(forward_cost, total_stages, "forward_cost"),
             "B": _per_stage(backward_cost, total_stages, "backward_cost")}
+    half = [c / 2 for c in cost["B"]]
+    cost["I"] = _per_stage(input_cost, total_stages, "input_cost") if input_cost is not None else half
+    cost["W"] = _per_stage(weight_cost, total_stages, "weight_cost") if weight_cost is not None else half
+    grad_kind = {(a.stage, a.microbatch): a.kind for acts in schedule.values() for a in acts if a.kind in ("B", "I")}
     end: dict[Action, float] = {}
     free = [0.0] * pp
     pos = [0] * pp
@@ -291,7 +321,7 @@ def simulate(
             acts = schedule[rank]
             while pos[rank] < len(acts):
                 a = acts[pos[rank]]
-                deps = _dependencies(a, total_stages)
+                deps = _dependencies(a, total_stages, grad_kind)
                 if any(d not in end for d in deps):
                     break
                 start = max([free[rank]] + [
@@ -306,7 +336,7 @@ def simulate(
         waits = []
         for r in blocked:
             a = schedule[r][pos[r]]
-            missing = next(d for d in _dependencies(a, total_stages) if d not in end)
+            missing = next(d for d in _dependencies(a, total_stages, grad_kind) if d not in end)
             waits.append(f"rank {r} waits at {a} for {missing}")
         _fail("deadlock: " + ", ".join(waits), schedule, (blocked[0], pos[blocked[0]]))
     makespan = max(free)
@@ -316,7 +346,9 @@ def simulate(
     for rank in range(pp):
         live = top = 0
         for a in schedule[rank]:
-            live += 1 if a.kind == "F" else -1
+            # A micro-batch's activations are held from F until its B, or its W (which holds
+            # the inputs and output gradients of the linear layers until it runs).
+            live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
             top = max(top, live)
         peak[rank] = top
     return Simulation(timeline, makespan, bubble, peak)
