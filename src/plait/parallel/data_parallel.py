@@ -25,6 +25,15 @@ How (and why):
   one host synchronisation.
 - With `sync` off (gradient accumulation), hooks only record use; nothing
   is sent until the last micro-batch.
+- A schedule that splits backwards into I and W (parallel/weight_grad.py)
+  adds the linear layers' weight gradients in W, outside autograd, where
+  no hook fires. The step is then run in explicit mode (`prepare(explicit=True)`):
+  hooks (gradients that arrive in I or B) and `add_grad` (those of W) only
+  store gradients and record use, and the caller launches the reductions
+  with `complete(stage)`: at levels 0 and 1 after the stage's last W (or B)
+  of the step, at level 2 after each of its micro-batches' W (or B). A
+  bucket is launched only once every stage it holds is complete, in index
+  order as always.
 
 ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
 - 0: each bucket (gradients, then its flags in the tail) is all-reduced;
@@ -155,6 +164,12 @@ class GradientSync:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
         self._cursor = 0
+        # Explicit mode, levels 0 and 1: the stages whose gradients each bucket holds (keys are
+        # (stage, tied) as the Engine gives them; a parameter without one waits for finish()).
+        self._bucket_stages = [frozenset(self.keys[p][0] if p in self.keys else None for p in b.params)
+                               for b in self.buckets]
+        self._complete: set = set()
+        self.explicit = False
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
         self._made: dict[tuple, int] = {}
         self._staging_numel = max((b.padded for b in self.buckets), default=0)
@@ -168,8 +183,11 @@ class GradientSync:
         size = bucket.padded // self.dp_size
         return self.dp_rank * size, (self.dp_rank + 1) * size
 
-    def prepare(self) -> None:
+    def prepare(self, explicit: bool = False) -> None:
         """Before a step's first backward: reset the buckets' bookkeeping.
+
+        `explicit`: the step's reductions are launched by `complete`, not by the hooks (a
+        schedule with I and W actions; see the module's doc).
 
         A gradient still held from before (accumulating over several steps, level 0 or 1) is
         moved into its bucket and counts as used; a parameter whose `.grad` is None gets its
@@ -191,6 +209,8 @@ class GradientSync:
         self._stage, self._cursor = None, 0
         self._timed = []
         self.no_grad = set()
+        self.explicit = explicit
+        self._complete = set()
 
     def begin_backward(self, stage: int, last: bool) -> None:
         """Called before each backward action (one stage, one micro-batch); `last` is the step's last
@@ -209,14 +229,60 @@ class GradientSync:
             self._stage_bucket(bucket)
         view = bucket.views[slot]
         if p.grad.data_ptr() != view.data_ptr():  # the step's (level 2: micro-batch's) first gradient
-            view.copy_(p.grad)
+            if self.explicit and self.zero == 2 and bucket.fresh[slot]:
+                # Explicit level 2: the staged bucket may already hold a gradient of this parameter
+                # (its W share, or another micro-batch's I that ran before this one's W).
+                view.add_(p.grad)
+            else:
+                view.copy_(p.grad)
             p.grad = None if self.zero == 2 else view  # level 2: autograd's next one starts afresh
         bucket.used[slot] = bucket.fresh[slot] = True
-        if not self.sync:
+        if not self.sync or self.explicit:  # explicit mode: `complete` launches
             return
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch_ready()
+
+    def add_grad(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a gradient computed outside autograd (a W action's) where `p`'s hook would put it.
+
+        Explicit mode only: it stores and records use; `complete` launches. At levels 0 and 1
+        it accumulates into the bucket view (which `.grad` then is); at level 2 into this
+        micro-batch's staged bucket.
+        """
+        assert self.explicit, "gradients from W need an explicit-mode step (prepare(explicit=True))"
+        bucket, slot = self._where[p]
+        if self.zero == 2:
+            if bucket.flat is None:  # as in _on_grad: at most one full buffer in flight per bucket
+                self._drain(bucket, everything=True)
+                self._stage_bucket(bucket)
+            view = bucket.views[slot]
+            view.add_(grad) if bucket.fresh[slot] else view.copy_(grad)
+        else:
+            view = bucket.views[slot]
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # set outside a step: move it in
+                view.copy_(p.grad)
+                p.grad = view
+            if p.grad is None:
+                view.copy_(grad)
+                p.grad = view
+            else:
+                view.add_(grad)
+        bucket.used[slot] = bucket.fresh[slot] = True
+
+    def complete(self, stage) -> None:
+        """Explicit mode: every gradient of `stage` is in, for the step (levels 0 and 1: call after
+        the stage's last W or B) or for the micro-batch (level 2: after each W or B). Launches
+        the reductions that were waiting only for it, in bucket order."""
+        if self.zero == 2:
+            self._stage, self._cursor = stage, 0
+            self._launch_ready(everything=True)  # every bucket of the stage, with or without gradients
+            self._stage = None
+            return
+        self._complete.add(stage)
+        while self._next < len(self.buckets) and self._bucket_stages[self._next] <= self._complete:
+            self._launch(self.buckets[self._next])
+            self._next += 1
 
     def _launch_ready(self, everything: bool = False) -> None:
         if self.zero == 2:

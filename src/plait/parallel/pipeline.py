@@ -9,6 +9,11 @@ order; this module only does it. For each action:
     B(stage s, micro-batch i): backward from the loss (last stage) or from the
         gradient received from stage s+1; send the input's gradient to s-1;
         then drop the micro-batch's saved activations.
+    I(stage s, micro-batch i): as B, but the weight gradients of the stage's
+        linear layers are queued instead of computed (parallel/weight_grad.py):
+        the gradient to s-1 goes out as soon as it exists.
+    W(stage s, micro-batch i): compute and accumulate the gradients I queued
+        for (s, i); no message.
 
 Communication is point-to-point, tagged by (stage, micro-batch, direction).
 Between actions the executor posts the batches (`batch_isend_irecv`) that
@@ -36,6 +41,7 @@ from torch import nn
 
 from plait.parallel.p2p import Message, messages, shape_plan
 from plait.parallel.schedule import Action, stage_rank
+from plait.parallel.weight_grad import WeightGradStore
 from plait.timing import Clock
 from plait.watchdog import wait
 
@@ -83,6 +89,8 @@ class PipelineExecutor:
         self.clock: Clock | None = None  # made at the first run, on the inputs' device
         self._compute: list[tuple] = []  # marks around each forward/backward of the last run
         self.recorder = None  # a trace.Recorder while tracing
+        # What I actions queue for W, per (stage, micro-batch); the Engine sets where W's gradients go.
+        self.weight_grads = WeightGradStore()
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[stage_rank(stage, self.pp_size)]
@@ -217,15 +225,18 @@ class PipelineExecutor:
     # ---- execution -----------------------------------------------------------------
 
     def run(self, actions: list[Action], plan: list, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-            loss_scale: float, on_backward: Callable[[Action], None] | None = None) -> torch.Tensor:
+            loss_scale: float, on_backward: Callable[[Action], None] | None = None,
+            after_backward: Callable[[Action], None] | None = None) -> torch.Tensor:
         """Run `actions`; returns the sum of the micro-batch losses on the last stage (0 elsewhere).
 
         `inputs`/`targets` are this rank's micro-batches (every rank gets them; only
         the first and last stage read them). Each micro-batch loss is multiplied by
         `loss_scale` before backward. `plan` is this rank's p2p plan for `actions`
         (parallel/p2p.py): the batches of sends and receives to post before each
-        action. `on_backward(action)` is called just before each backward (the
-        engine uses it to switch gradient sync on for the last one).
+        action. `on_backward(action)` is called just before each backward (B, I
+        or W; the engine uses it to switch gradient sync on for the last one), and
+        `after_backward(action)` just after (where the engine starts the reduction
+        of gradients that W completed).
         Actions with kind "F" only make a forward-only run (no graph is kept).
         """
         device = inputs[0].device
@@ -235,7 +246,9 @@ class PipelineExecutor:
         shapes = self._shapes.get(key)
         if shapes is None:
             shapes = self._probe_shapes(key, inputs[0]) if self.pp_size > 1 else {}
-        training = any(a.kind == "B" for a in actions)
+        training = any(a.kind in ("B", "I") for a in actions)
+        # A step that failed part-way may have left W work queued: it belongs to no step now.
+        self.weight_grads.clear()
         self._pending = []
         self._compute = []
         saved: dict[tuple[int, int], tuple] = {}
@@ -259,7 +272,16 @@ class PipelineExecutor:
                 else:
                     if on_backward is not None:
                         on_backward(action)
-                    self._backward(action, received, saved)
+                    key = (action.stage, action.microbatch)
+                    if action.kind == "W":
+                        self.weight_grads.run(key)
+                    elif action.kind == "I":
+                        with self.weight_grads.deferring(key):
+                            self._backward(action, received, saved)
+                    else:
+                        self._backward(action, received, saved)
+                    if after_backward is not None:
+                        after_backward(action)
                 t1 = self.clock.mark()
                 self._compute.append((t0, t1))
                 if self.recorder is not None:
@@ -268,6 +290,7 @@ class PipelineExecutor:
         for batch in plan[len(actions)]:
             self._post(batch, shapes, device)
         assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
+        assert not self.weight_grads.pending(), f"no W ran for {self.weight_grads.pending()}"
         for works, what, microbatch, peer in self._pending:
             self._wait(works, what, microbatch, peer, sending=True)
         self._pending = []

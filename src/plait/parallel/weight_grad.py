@@ -192,6 +192,10 @@ class WeightGradStore:
         """Keys whose weight gradients are queued and not yet run (holding their activations)."""
         return [k for k, q in self._queues.items() if q]
 
+    def clear(self) -> None:
+        """Drop every queued piece of work (and the activations it holds), run or not."""
+        self._queues.clear()
+
     def run(self, key: Hashable) -> None:
         """The W action: compute `key`'s queued weight gradients and accumulate them, freeing each
         queued (input, output gradient) pair as it goes.
