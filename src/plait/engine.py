@@ -167,8 +167,12 @@ class Engine:
             # that both holders of the tied weight cut it into the same shards (parallel/data_parallel.py).
             tied_index = {p: n for n, (p, _) in enumerate(tied)}  # the same list on every rank
             keys = {p: (s, tied_index.get(p, -1)) for s, stage in stages.items() for p in stage.parameters()}
+            users: dict[nn.Parameter, set[int]] = {}  # a weight tied between two stages of this rank has two
+            for s, stage in stages.items():
+                for p in stage.parameters():
+                    users.setdefault(p, set()).add(s)
             self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
-                                          describe=self.describe, keys=keys)
+                                          describe=self.describe, keys=keys, stages=users)
             # W's gradients are added outside autograd, where no hook sees them: they go to the buckets.
             self.executor.weight_grads.accumulate = self.grad_sync.add_grad
 

@@ -276,3 +276,30 @@ def test_an_engine_runs_i_and_w_actions_to_the_whole_batch_gradient(line):
     theirs = dict(ref.named_parameters())
     for name, p in engine.named_parameters():
         assert (p.grad - theirs[name].grad).abs().max().item() <= 1e-12, name
+
+
+def vacts(text):
+    """Actions written stage:kind:micro-batch, e.g. "1:I:0"."""
+    return [Action(int(s), int(i), k) for s, k, i in (t.split(":") for t in text.split())]
+
+
+@pytest.mark.parametrize("line", [
+    # One rank holding two stages, as a V layout's first rank holds the first and the last: the tied
+    # embedding (stage 0) and LM head (stage 1) are one Parameter, its shares arriving in 0's I and 1's W.
+    "0:F:0 1:F:0 1:I:0 0:I:0 1:W:0 0:W:0 0:F:1 1:F:1 1:I:1 1:W:1 0:I:1 0:W:1",
+    "0:F:0 1:F:0 0:F:1 1:F:1 1:I:0 0:I:0 1:I:1 0:I:1 1:W:1 0:W:0 1:W:0 0:W:1",
+    "0:F:0 1:F:0 1:B:0 0:I:0 0:F:1 1:F:1 1:I:1 0:B:1 1:W:1 0:W:0",
+])
+def test_two_stages_on_one_rank_with_the_tied_weight_in_both(line):
+    x, y = tokens(rows=8)
+    ref = gpt(torch.float64, defer=False)
+    loss_ref = gpt_loss(ref(x), y)
+    loss_ref.backward()
+    layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+    engine = Engine(layers, gpt_loss, schedule={0: vacts(line)}, microbatches=2, virtual_stages=2)
+    assert engine.stage_ids == [0, 1] and engine.layers[CFG.n_layer + 1].lm_head.weight is engine.layers[0].wte.weight
+    loss = engine.train_step(x, y)
+    assert abs(loss - loss_ref.item()) <= 1e-12
+    theirs = dict(ref.named_parameters())
+    for name, p in engine.named_parameters():
+        assert (p.grad - theirs[name].grad).abs().max().item() <= 1e-12, name

@@ -112,10 +112,13 @@ class GradientSync:
         keys: optional {param: key}; under ZeRO two parameters with different keys never
             share a bucket (the Engine keys each pipeline stage, and a tied weight apart,
             so that both holders of a tied weight cut it into the same shards).
+        stages: optional {param: the stages on this rank that use it} (several for a weight
+            tied between two stages of one rank), for the explicit mode's `complete`.
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
-                 describe=lambda r: f"rank {r}", keys: dict[nn.Parameter, object] | None = None):
+                 describe=lambda r: f"rank {r}", keys: dict[nn.Parameter, object] | None = None,
+                 stages: dict[nn.Parameter, set] | None = None):
         self.group = group
         self.describe = describe
         self.sync = True
@@ -124,6 +127,7 @@ class GradientSync:
         self.native_scatter = dist.get_backend(group) in NATIVE_SCATTER_BACKENDS
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.keys = keys or {}
+        self.stages = stages or {}
         self.bucket_bytes = bucket_bytes
         self.clock = Clock(self.params[0].device if self.params else "cpu")
         broadcast_parameters(self.params, group)
@@ -164,10 +168,14 @@ class GradientSync:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
         self._cursor = 0
-        # Explicit mode, levels 0 and 1: the stages whose gradients each bucket holds (keys are
-        # (stage, tied) as the Engine gives them; a parameter without one waits for finish()).
-        self._bucket_stages = [frozenset(self.keys[p][0] if p in self.keys else None for p in b.params)
+        # Explicit mode: the stages whose gradients each bucket holds (a parameter with none
+        # listed waits for finish()), and the buckets holding each stage's, in index order.
+        self._bucket_stages = [frozenset().union(*(self.stages.get(p) or {None} for p in b.params))
                                for b in self.buckets]
+        self._touching: dict[object, list[Bucket]] = {}
+        for bucket, stages in zip(self.buckets, self._bucket_stages):
+            for stage in stages:
+                self._touching.setdefault(stage, []).append(bucket)
         self._complete: set = set()
         self.explicit = False
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
@@ -275,9 +283,11 @@ class GradientSync:
         the stage's last W or B) or for the micro-batch (level 2: after each W or B). Launches
         the reductions that were waiting only for it, in bucket order."""
         if self.zero == 2:
-            self._stage, self._cursor = stage, 0
-            self._launch_ready(everything=True)  # every bucket of the stage, with or without gradients
-            self._stage = None
+            # Every bucket holding one of the stage's parameters, with or without gradients (every
+            # replica launches the same); one shared with another stage of this rank (a tied weight)
+            # goes at each stage's completion, so its last share is sent after the last stage's.
+            for bucket in self._touching.get(stage, []):
+                self._launch(bucket)
             return
         self._complete.add(stage)
         while self._next < len(self.buckets) and self._bucket_stages[self._next] <= self._complete:

@@ -83,6 +83,7 @@ class PipelineExecutor:
         # input key -> {stage s: (shape, dtype) of what s sends to s+1}; a gradient has its activation's shape
         self._shapes: dict[tuple, dict[int, tuple[torch.Size, torch.dtype]]] = {}
         self._outbox: dict[Message, torch.Tensor] = {}  # made, not yet posted
+        self._local: dict[Message, torch.Tensor] = {}  # made for a stage of this same rank: handed over, not sent
         # How many actions early receives are posted (p2p_plan's `lead`): gloo runs operations in
         # any order, so early is safe there and lets data land during compute; NCCL needs lockstep.
         self.lead = 1 if dist.is_initialized() and dist.get_backend() == "gloo" else 0
@@ -261,7 +262,9 @@ class PipelineExecutor:
                     posted.update(self._post(batch, shapes, device))
                 needs = messages(action, self.num_stages)[0]
                 got = posted.pop(needs, None) if needs is not None else None
-                if got is not None:
+                if needs in self._local:  # from a stage of this rank (a V layout's turn, or pp = 1)
+                    got = ((), self._local.pop(needs), None)
+                if got is not None and got[0]:
                     handles, _, peer = got
                     self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
                                action.microbatch, peer)
@@ -290,6 +293,7 @@ class PipelineExecutor:
         for batch in plan[len(actions)]:
             self._post(batch, shapes, device)
         assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
+        assert not self._local, f"no stage took {sorted(self._local)}"
         assert not self.weight_grads.pending(), f"no W ran for {self.weight_grads.pending()}"
         for works, what, microbatch, peer in self._pending:
             self._wait(works, what, microbatch, peer, sending=True)
@@ -310,10 +314,18 @@ class PipelineExecutor:
             if training:
                 saved[(s, i)] = (x, loss * loss_scale)
             return loss.detach().double()
-        self._outbox[("act", s, s + 1, i)] = out.detach().contiguous()
+        self._send(("act", s, s + 1, i), out.detach().contiguous())
         if training:
             saved[(s, i)] = (x, out)
         return torch.zeros((), dtype=torch.float64, device=out.device)
+
+    def _send(self, message: Message, tensor: torch.Tensor) -> None:
+        """Queue `tensor` for the plan to post, or hand it over if its stage is on this rank
+        (the plan has no operation for it: p2p_plan)."""
+        if self._peer(message[2]) == self._peer(message[1]):
+            self._local[message] = tensor
+        else:
+            self._outbox[message] = tensor
 
     def _backward(self, action, received, saved) -> None:
         s, i = action.stage, action.microbatch
@@ -323,4 +335,4 @@ class PipelineExecutor:
         else:
             torch.autograd.backward(out, received)
         if s > 0:
-            self._outbox[("grad", s, s - 1, i)] = x.grad.contiguous()
+            self._send(("grad", s, s - 1, i), x.grad.contiguous())
