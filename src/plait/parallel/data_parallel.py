@@ -231,6 +231,10 @@ class GradientSync:
         self._stage, self._cursor = stage, 0
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        if p.grad is None:
+            # autograd calls a parameter's hooks even when its gradient is undefined, as in I for a
+            # weight whose gradient was deferred to W (weight_grad.py): nothing arrived.
+            return
         bucket, slot = self._where[p]
         if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
             self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
