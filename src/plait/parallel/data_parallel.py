@@ -33,7 +33,9 @@ How (and why):
   with `complete(stage)`: at levels 0 and 1 after the stage's last W (or B)
   of the step, at level 2 after each of its micro-batches' W (or B). A
   bucket is launched only once every stage it holds is complete, in index
-  order as always.
+  order as always. At level 2 the gradients wait in `.grad` until then (so
+  no full buffer lives from a micro-batch's I to its W) and are moved into
+  staged buffers at `complete`, bucket by bucket.
 
 ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
 - 0: each bucket (gradients, then its flags in the tail) is all-reduced;
@@ -236,17 +238,17 @@ class GradientSync:
             # weight whose gradient was deferred to W (weight_grad.py): nothing arrived.
             return
         bucket, slot = self._where[p]
+        if self.explicit and self.zero == 2:
+            # Explicit level 2: the gradient stays in `.grad` (autograd adds the next micro-batch's I
+            # into it) until `complete` stages the bucket: no full buffer lives from I to W.
+            bucket.used[slot] = True
+            return
         if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
             self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
             self._stage_bucket(bucket)
         view = bucket.views[slot]
         if p.grad.data_ptr() != view.data_ptr():  # the step's (level 2: micro-batch's) first gradient
-            if self.explicit and self.zero == 2 and bucket.fresh[slot]:
-                # Explicit level 2: the staged bucket may already hold a gradient of this parameter
-                # (its W share, or another micro-batch's I that ran before this one's W).
-                view.add_(p.grad)
-            else:
-                view.copy_(p.grad)
+            view.copy_(p.grad)
             p.grad = None if self.zero == 2 else view  # level 2: autograd's next one starts afresh
         bucket.used[slot] = bucket.fresh[slot] = True
         if not self.sync or self.explicit:  # explicit mode: `complete` launches
@@ -259,28 +261,27 @@ class GradientSync:
         """Add a gradient computed outside autograd (a W action's) where `p`'s hook would put it.
 
         Explicit mode only: it stores and records use; `complete` launches. At levels 0 and 1
-        it accumulates into the bucket view (which `.grad` then is); at level 2 into this
-        micro-batch's staged bucket.
+        it accumulates into the bucket view (which `.grad` then is); at level 2 into `.grad`,
+        which `complete` moves into the staged bucket.
         """
         assert self.explicit, "gradients from W need an explicit-mode step (prepare(explicit=True))"
         bucket, slot = self._where[p]
+        bucket.used[slot] = True
         if self.zero == 2:
-            if bucket.flat is None:  # as in _on_grad: at most one full buffer in flight per bucket
-                self._drain(bucket, everything=True)
-                self._stage_bucket(bucket)
-            view = bucket.views[slot]
-            view.add_(grad) if bucket.fresh[slot] else view.copy_(grad)
-        else:
-            view = bucket.views[slot]
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # set outside a step: move it in
-                view.copy_(p.grad)
-                p.grad = view
             if p.grad is None:
-                view.copy_(grad)
-                p.grad = view
+                p.grad = grad
             else:
-                view.add_(grad)
-        bucket.used[slot] = bucket.fresh[slot] = True
+                p.grad.add_(grad)
+            return
+        view = bucket.views[slot]
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # set outside a step: move it in
+            view.copy_(p.grad)
+            p.grad = view
+        if p.grad is None:
+            view.copy_(grad)
+            p.grad = view
+        else:
+            view.add_(grad)
 
     def complete(self, stage) -> None:
         """Explicit mode: every gradient of `stage` is in, for the step (levels 0 and 1: call after
@@ -288,9 +289,17 @@ class GradientSync:
         the reductions that were waiting only for it, in bucket order."""
         if self.zero == 2:
             # Every bucket holding one of the stage's parameters, with or without gradients (every
-            # replica launches the same); one shared with another stage of this rank (a tied weight)
-            # goes at each stage's completion, so its last share is sent after the last stage's.
+            # replica launches the same), each from a staged buffer (the pool bounds how many exist)
+            # into which the parameters' `.grad` move. A bucket shared with another stage of this
+            # rank (a tied weight) goes at each stage's completion: the last share is sent last.
             for bucket in self._touching.get(stage, []):
+                self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
+                self._stage_bucket(bucket)
+                for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+                    if p.grad is not None:
+                        view.copy_(p.grad)
+                        p.grad = None
+                        bucket.fresh[slot] = True
                 self._launch(bucket)
             return
         self._complete.add(stage)
@@ -407,6 +416,8 @@ class GradientSync:
         them (concatenated, in bucket order) to `apply_flags`.
         """
         start = self.clock.mark()
+        if self.explicit and self.zero == 2:  # `complete` sent each stage's last gradients
+            assert all(p.grad is None for p in self.params), "a gradient arrived after its stage's last W"
         if self.zero == 2:
             self._flush_stage()
         else:
