@@ -173,3 +173,78 @@ TWO_STAGES = {0: [Action(int(s), int(i), k) for s, k, i in (t.split(":") for t i
 
 def test_dp2_two_stages_on_one_rank_split_schedule_equals_one_process():
     assert_hybrid_equals_one_process(spawn(train_hybrid_split, 2, 2, 1, TWO_STAGES, 2, timeout=400))
+
+
+def explicit_sync_one_rank():
+    """A GradientSync on a group of one under each ZeRO level, fed by an Engine holding two stages
+    (the tied weight in both); returns, per schedule and level, the reduced gradients by name and
+    (levels 0 and 1) whether each bucket sent exactly once what it ended with."""
+    import torch.distributed as dist
+
+    from plait.engine import Engine
+    from plait.parallel.data_parallel import GradientSync
+    from tests.parallel.test_weight_grad import CFG, tokens, vacts
+
+    dist.init_process_group("gloo", rank=0, world_size=1)  # plait.init makes no group for one process
+    x, y = tokens(rows=8)
+    out = []
+    for line in TWO_STAGE_LINES:
+        for level in (0, 1, 2):
+            engine = Engine([layer.double() for layer in build_gpt(CFG, seed=0)], gpt_loss,
+                            schedule={0: vacts(line)}, microbatches=2, virtual_stages=2)
+            users = {}
+            for s, stage in engine.executor.stages.items():
+                for p in stage.parameters():
+                    users.setdefault(p, set()).add(s)
+            sync = GradientSync(list(engine.parameters()), dist.group.WORLD, bucket_bytes=4096,
+                                keys={p: (min(s), -1) for p, s in users.items()}, stages=users)
+            sync.set_zero(level)
+            engine.grad_sync, engine.executor.weight_grads.accumulate = sync, sync.add_grad
+            sent, launch = [], sync._launch
+
+            def recording_launch(bucket, launch=launch, sent=sent):
+                sent.append((bucket, bucket.flat[:bucket.numel].clone() if bucket.flat is not None else None))
+                launch(bucket)
+
+            sync._launch = recording_launch
+            engine.train_step(x, y)
+            names = {p: n for n, p in engine.named_parameters()}
+            grads, once = {}, True
+            for bucket in sync.buckets:
+                full = bucket.flat[:bucket.numel] if level == 0 else bucket.shard[:bucket.numel]
+                offset = 0
+                for p in bucket.params:
+                    grads[names[p]] = full[offset:offset + p.numel()].view_as(p).clone()
+                    offset += p.numel()
+                mine = [s for b, s in sent if b is bucket]
+                if level < 2:  # one launch, after which nothing was added (a group of one sums nothing)
+                    once = once and len(mine) == 1 and torch.equal(mine[0], full)
+            # Level 2: every bucket after each W or B of each stage using one of its parameters.
+            per_micro_batch = sum(a.kind in ("B", "W") and any(a.stage in users[p] for p in b.params)
+                                  for b in sync.buckets for a in engine.train_actions)
+            out.append({"grads": grads, "sent once": once, "launches": len(sent), "buckets": len(sync.buckets),
+                        "level 2 launches": per_micro_batch})
+    return out
+
+
+TWO_STAGE_LINES = ["0:F:0 1:F:0 0:F:1 1:F:1 1:I:0 0:I:0 1:I:1 0:I:1 1:W:1 0:W:0 1:W:0 0:W:1",
+                   "0:F:0 1:F:0 1:B:0 0:I:0 0:F:1 1:F:1 1:I:1 0:B:1 1:W:1 0:W:0"]
+
+
+def test_explicit_sync_sends_each_bucket_once_after_its_stages_last_w_with_its_final_gradient():
+    from tests.parallel.test_weight_grad import gpt, tokens
+
+    x, y = tokens(rows=8)
+    ref = gpt(torch.float64, defer=False)
+    gpt_loss(ref(x), y).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    results = spawn(explicit_sync_one_rank, 1, timeout=120)[0]
+    for n, r in enumerate(results):
+        level = n % 3
+        assert r["grads"].keys() == want.keys()
+        for name, g in r["grads"].items():
+            assert (g - want[name]).abs().max().item() <= 1e-15, (n, name)
+        if level < 2:
+            assert r["sent once"] and r["launches"] == r["buckets"], n
+        else:
+            assert r["launches"] == r["level 2 launches"] > 2 * r["buckets"], n
