@@ -9,7 +9,9 @@ head (final LayerNorm and LM head), each the median of `iters` runs:
 - B deferred: the backward with plait.parallel.weight_grad installed but no store deferring
   (what a B action costs in a zero-bubble run);
 - I and W: the backward inside `store.deferring`, then `store.run`;
-- held: bytes the queue holds between I and W (inputs and output gradients of the linears).
+- held: bytes the queue holds between I and W (inputs and output gradients of the linears;
+  the inputs are among what the forward saved anyway), against saved: what autograd saves for
+  the backward of a plain forward.
 Not a test: numbers for the report and the simulator's I/W costs.
 """
 
@@ -71,7 +73,22 @@ def measure(make, x, iters):
             samples[k].append(v)
     out = {k: statistics.median(v[1:]) for k, v in samples.items()}
     out["held MiB"] = held / 2**20
+    out["saved MiB"] = saved_bytes(lambda: forward(plain)) / 2**20
     return out
+
+
+def saved_bytes(run) -> int:
+    """Bytes autograd saves for the backward of `run()` (each storage once, parameters excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
 
 
 def main() -> None:
@@ -83,11 +100,11 @@ def main() -> None:
     x = torch.randn(args.rows, CFG.block_size, CFG.n_embd)
     rows = {"2 blocks": lambda: nn.Sequential(Block(CFG), Block(CFG)), "head": lambda: Head(CFG)}
     print(f"one thread, activation {tuple(x.shape)}, median of {args.iters}; times in ms")
-    print(f"{'layers':10} {'F':>7} {'B':>7} {'B defer':>8} {'I':>7} {'W':>7} {'I+W':>7} {'(I+W)/B':>8} {'held MiB':>9}")
+    print(f"{'layers':10} {'F':>7} {'B':>7} {'B defer':>8} {'I':>7} {'W':>7} {'I+W':>7} {'(I+W)/B':>8} {'held MiB':>9} {'saved MiB':>9}")
     for name, make in rows.items():
         r = measure(make, x, args.iters)
         print(f"{name:10} {r['F']:7.1f} {r['B']:7.1f} {r['B deferred']:8.1f} {r['I']:7.1f} {r['W']:7.1f} "
-              f"{r['I'] + r['W']:7.1f} {(r['I'] + r['W']) / r['B']:8.2f} {r['held MiB']:9.1f}")
+              f"{r['I'] + r['W']:7.1f} {(r['I'] + r['W']) / r['B']:8.2f} {r['held MiB']:9.1f} {r['saved MiB']:9.1f}")
     # The bias gradient is deferred with its weight: its cost, a sum over the output gradient's
     # rows, is what moving it into I would add there.
     g = torch.randn(args.rows * CFG.block_size, 4 * CFG.n_embd)

@@ -248,8 +248,10 @@ class PipelineExecutor:
         if shapes is None:
             shapes = self._probe_shapes(key, inputs[0]) if self.pp_size > 1 else {}
         training = any(a.kind in ("B", "I") for a in actions)
-        # A step that failed part-way may have left W work queued: it belongs to no step now.
+        # A step that failed part-way may have left W work queued, or a hand-over untaken: they
+        # belong to no step now.
         self.weight_grads.clear()
+        self._local.clear()
         self._pending = []
         self._compute = []
         saved: dict[tuple[int, int], tuple] = {}
@@ -261,14 +263,15 @@ class PipelineExecutor:
                 for batch in plan[n]:
                     posted.update(self._post(batch, shapes, device))
                 needs = messages(action, self.num_stages)[0]
-                got = posted.pop(needs, None) if needs is not None else None
-                if needs in self._local:  # from a stage of this rank (a V layout's turn, or pp = 1)
-                    got = ((), self._local.pop(needs), None)
-                if got is not None and got[0]:
-                    handles, _, peer = got
-                    self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
-                               action.microbatch, peer)
-                received = got[1] if got is not None else None
+                if needs in self._local:  # made by a stage of this rank (a V layout's turn, or pp = 1)
+                    received = self._local.pop(needs)
+                else:
+                    got = posted.pop(needs, None) if needs is not None else None
+                    if got is not None:
+                        handles, _, peer = got
+                        self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
+                                   action.microbatch, peer)
+                    received = got[1] if got is not None else None
                 t0 = self.clock.mark()
                 if action.kind == "F":
                     total += self._forward(action, received, inputs, targets, saved, loss_scale, training)
@@ -283,13 +286,13 @@ class PipelineExecutor:
                             self._backward(action, received, saved)
                     else:
                         self._backward(action, received, saved)
-                    if after_backward is not None:
-                        after_backward(action)
                 t1 = self.clock.mark()
                 self._compute.append((t0, t1))
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)
+                if after_backward is not None and action.kind != "F":
+                    after_backward(action)  # launches reductions: not compute
         for batch in plan[len(actions)]:
             self._post(batch, shapes, device)
         assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
