@@ -303,3 +303,31 @@ def test_two_stages_on_one_rank_with_the_tied_weight_in_both(line):
     theirs = dict(ref.named_parameters())
     for name, p in engine.named_parameters():
         assert (p.grad - theirs[name].grad).abs().max().item() <= 1e-12, name
+
+
+UNTIED = GPTConfig(vocab_size=61, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("autocast,checkpoint", [(torch.bfloat16, "none"), (None, "full"), (None, "selective"),
+                                                 (torch.bfloat16, "selective")])
+def test_an_engine_with_i_and_w_is_bit_equal_to_the_same_order_with_b(autocast, checkpoint):
+    """Through the Engine, under bf16 autocast and activation checkpointing: each W adds what its
+    B would have added, in the same order (no weight here is shared with a module of I)."""
+    x, y = tokens(rows=8)
+
+    def run(line):
+        layers = build_gpt(UNTIED, seed=0)
+        engine = Engine(layers, gpt_loss, schedule={0: acts(line)}, microbatches=2, autocast_dtype=autocast,
+                        activation_checkpointing=checkpoint)
+        from plait.trace import Recorder
+
+        engine.executor.recorder = Recorder(steps={0}, step=0)
+        loss = engine.train_step(x, y)
+        kinds = [e.kind for e in engine.executor.recorder.events]
+        return loss, {n: p.grad for n, p in engine.named_parameters()}, kinds
+
+    loss_b, grads_b, kinds_b = run("0F0 0B0 0F1 0B1")
+    loss_iw, grads_iw, kinds_iw = run("0F0 0I0 0F1 0I1 0W0 0W1")
+    assert loss_iw == loss_b
+    assert_equal(grads_iw, grads_b)
+    assert (kinds_b, kinds_iw) == (["F", "B", "F", "B"], ["F", "I", "F", "I", "W", "W"])
