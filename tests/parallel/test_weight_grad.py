@@ -331,3 +331,8 @@ def test_an_engine_with_i_and_w_is_bit_equal_to_the_same_order_with_b(autocast, 
     assert loss_iw == loss_b
     assert_equal(grads_iw, grads_b)
     assert (kinds_b, kinds_iw) == (["F", "B", "F", "B"], ["F", "I", "F", "I", "W", "W"])
+
+
+def test_an_engine_refuses_an_action_list_that_misses_a_w():
+    with pytest.raises(ScheduleError, match="missing 0W1 on rank 0"):
+        Engine(build_gpt(CFG, seed=0), gpt_loss, schedule={0: acts("0F0 0I0 0W0 0F1 0I1")}, microbatches=2)

@@ -19,8 +19,8 @@ Why this way and not two `autograd.grad` walks (torch's split): measured on plai
 keeps the micro-batch's whole graph alive until W; deferral costs 0.98 x B and keeps only each
 linear layer's (input, output gradient) pair.
 
-What is deferred: the weight and bias of every `nn.Linear` whose weight is a leaf tensor that
-requires a gradient (a Parameter). Every other parameterised module -- LayerNorm, Embedding,
+What is deferred: the weight and bias of every `nn.Linear` (that class exactly: a subclass may
+have a forward of its own) whose weight is a leaf tensor that requires a gradient (a Parameter). Every other parameterised module -- LayerNorm, Embedding,
 a user's own layer, a Linear whose weight is computed (a parametrization) -- gets its gradients
 in I, exactly, through autograd as usual. A weight used at several places (the tied embedding
 and LM head on one rank, a Linear called twice) gets each deferred use's gradient summed in W
