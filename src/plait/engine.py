@@ -153,6 +153,10 @@ class Engine:
         self.split_backward = any(a.kind in ("I", "W") for a in self.train_actions)
         if self.split_backward:
             defer_linears(stages.values())
+        # Each stage's weights whose gradients W adds (a weight tied to a module of I too, included).
+        self._deferred = {s: {p for mod in stage.modules() if mod.__dict__.get("_plait_deferred")
+                              for p in (mod.weight, mod.bias) if p is not None and p.requires_grad and p.is_leaf}
+                          for s, stage in stages.items()}
         self._last_backward = {a.stage: a for a in self.train_actions if a.kind in ("B", "W")}
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
@@ -208,6 +212,8 @@ class Engine:
         def on_backward(action):
             if sync is not None and not split:  # ZeRO-2 sends every micro-batch; otherwise only in the last backward
                 sync.begin_backward(action.stage, last=action.microbatch == m - 1)
+            elif sync is not None and sync.zero == 2 and action.kind == "W":  # W's buckets go as they fill
+                sync.begin_weight_grads(action.stage, self._deferred[action.stage])
 
         def after_backward(action):
             # [Note: reduction after W] With I and W no hook can tell when a stage's gradients are

@@ -200,13 +200,18 @@ def explicit_sync_one_rank():
                                 keys={p: (min(s), -1) for p, s in users.items()}, stages=users)
             sync.set_zero(level)
             engine.grad_sync, engine.executor.weight_grads.accumulate = sync, sync.add_grad
-            sent, launch = [], sync._launch
+            sent, launch, in_w, run = [], sync._launch, [False], engine.executor.weight_grads.run
 
-            def recording_launch(bucket, launch=launch, sent=sent):
-                sent.append((bucket, bucket.flat[:bucket.numel].clone() if bucket.flat is not None else None))
+            def recording_launch(bucket, launch=launch, sent=sent, in_w=in_w):
+                sent.append((bucket, bucket.flat[:bucket.numel].clone() if bucket.flat is not None else None, in_w[0]))
                 launch(bucket)
 
-            sync._launch = recording_launch
+            def flagged_run(key, run=run, in_w=in_w):
+                in_w[0] = True
+                run(key)
+                in_w[0] = False
+
+            sync._launch, engine.executor.weight_grads.run = recording_launch, flagged_run
             engine.train_step(x, y)
             names = {p: n for n, p in engine.named_parameters()}
             grads, once = {}, True
@@ -216,14 +221,14 @@ def explicit_sync_one_rank():
                 for p in bucket.params:
                     grads[names[p]] = full[offset:offset + p.numel()].view_as(p).clone()
                     offset += p.numel()
-                mine = [s for b, s in sent if b is bucket]
+                mine = [s for b, s, _ in sent if b is bucket]
                 if level < 2:  # one launch, after which nothing was added (a group of one sums nothing)
                     once = once and len(mine) == 1 and torch.equal(mine[0], full)
             # Level 2: every bucket after each W or B of each stage using one of its parameters.
             per_micro_batch = sum(a.kind in ("B", "W") and any(a.stage in users[p] for p in b.params)
                                   for b in sync.buckets for a in engine.train_actions)
             out.append({"grads": grads, "sent once": once, "launches": len(sent), "buckets": len(sync.buckets),
-                        "level 2 launches": per_micro_batch})
+                        "level 2 launches": per_micro_batch, "during W": sum(w for _, _, w in sent)})
     return out
 
 
@@ -245,6 +250,7 @@ def test_explicit_sync_sends_each_bucket_once_after_its_stages_last_w_with_its_f
         for name, g in r["grads"].items():
             assert (g - want[name]).abs().max().item() <= 1e-15, (n, name)
         if level < 2:
-            assert r["sent once"] and r["launches"] == r["buckets"], n
-        else:
+            assert r["sent once"] and r["launches"] == r["buckets"] and r["during W"] == 0, n
+        else:  # streamed: most buckets leave during W, as soon as their W gradients are in
             assert r["launches"] == r["level 2 launches"] > 2 * r["buckets"], n
+            assert r["during W"] >= r["launches"] // 3, (n, r["during W"], r["launches"])

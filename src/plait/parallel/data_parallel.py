@@ -179,6 +179,7 @@ class GradientSync:
             for stage in stages:
                 self._touching.setdefault(stage, []).append(bucket)
         self._complete: set = set()
+        self._w_left: dict[int, int] = {}  # explicit level 2: W gradients each bucket still waits for
         self.explicit = False
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
         self._made: dict[tuple, int] = {}
@@ -221,6 +222,7 @@ class GradientSync:
         self.no_grad = set()
         self.explicit = explicit
         self._complete = set()
+        self._w_left = {}
 
     def begin_backward(self, stage: int, last: bool) -> None:
         """Called before each backward action (one stage, one micro-batch); `last` is the step's last
@@ -272,6 +274,13 @@ class GradientSync:
                 p.grad = grad
             else:
                 p.grad.add_(grad)
+            left = self._w_left.get(id(bucket)) if self._stage is not None else None
+            if left is not None:  # a W announced by begin_weight_grads: send what it has completed
+                self._w_left[id(bucket)] = left - 1
+                order = self._touching[self._stage]
+                while self._cursor < len(order) and self._w_left[id(order[self._cursor])] <= 0:
+                    self._send_staged(order[self._cursor])
+                    self._cursor += 1
             return
         view = bucket.views[slot]
         if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # set outside a step: move it in
@@ -283,29 +292,43 @@ class GradientSync:
         else:
             view.add_(grad)
 
+    def begin_weight_grads(self, stage, params: set[nn.Parameter]) -> None:
+        """Explicit level 2, before a W of `stage` that will add a gradient for each of `params`
+        (the stage's deferred weights): from then on each of the stage's buckets is launched, in
+        index order, as soon as its share of `params` is in, so W's gradients leave `.grad`
+        while W runs instead of all waiting for its end."""
+        self._stage, self._cursor = stage, 0
+        self._w_left = {id(b): sum(p in params for p in b.params) for b in self._touching.get(stage, [])}
+
     def complete(self, stage) -> None:
         """Explicit mode: every gradient of `stage` is in, for the step (levels 0 and 1: call after
         the stage's last W or B) or for the micro-batch (level 2: after each W or B). Launches
         the reductions that were waiting only for it, in bucket order."""
         if self.zero == 2:
-            # Every bucket holding one of the stage's parameters, with or without gradients (every
-            # replica launches the same), each from a staged buffer (the pool bounds how many exist)
-            # into which the parameters' `.grad` move. A bucket shared with another stage of this
-            # rank (a tied weight) goes at each stage's completion: the last share is sent last.
-            for bucket in self._touching.get(stage, []):
-                self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
-                self._stage_bucket(bucket)
-                for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
-                    if p.grad is not None:
-                        view.copy_(p.grad)
-                        p.grad = None
-                        bucket.fresh[slot] = True
-                self._launch(bucket)
+            # Every bucket holding one of the stage's parameters that W has not already sent, with or
+            # without gradients (every replica launches the same). A bucket shared with another stage
+            # of this rank (a tied weight) goes at each stage's completion: the last share is sent last.
+            order = self._touching.get(stage, [])
+            for bucket in order[self._cursor if self._stage == stage else 0:]:
+                self._send_staged(bucket)
+            self._stage, self._cursor = None, 0
             return
         self._complete.add(stage)
         while self._next < len(self.buckets) and self._bucket_stages[self._next] <= self._complete:
             self._launch(self.buckets[self._next])
             self._next += 1
+
+    def _send_staged(self, bucket: Bucket) -> None:
+        """Level 2, explicit: move the bucket's parameters' `.grad` into a staged buffer (the pool
+        bounds how many exist) and launch its reduce-scatter."""
+        self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
+        self._stage_bucket(bucket)
+        for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+            if p.grad is not None:
+                view.copy_(p.grad)
+                p.grad = None
+                bucket.fresh[slot] = True
+        self._launch(bucket)
 
     def _launch_ready(self, everything: bool = False) -> None:
         if self.zero == 2:
