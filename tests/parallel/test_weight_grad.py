@@ -336,3 +336,16 @@ def test_an_engine_with_i_and_w_is_bit_equal_to_the_same_order_with_b(autocast, 
 def test_an_engine_refuses_an_action_list_that_misses_a_w():
     with pytest.raises(ScheduleError, match="missing 0W1 on rank 0"):
         Engine(build_gpt(CFG, seed=0), gpt_loss, schedule={0: acts("0F0 0I0 0W0 0F1 0I1")}, microbatches=2)
+
+
+def test_i_and_w_accumulate_over_steps_without_zero_grad():
+    ref = gpt(torch.float64, defer=False)
+    layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
+    engine = Engine(layers, gpt_loss, schedule={0: acts("0F0 0F1 0I0 0I1 0W1 0W0")}, microbatches=2)
+    for seed in (1, 2):
+        x, y = tokens(seed, rows=8)
+        gpt_loss(ref(x), y).backward()
+        engine.train_step(x, y)
+    theirs = dict(ref.named_parameters())
+    for name, p in engine.named_parameters():
+        assert (p.grad - theirs[name].grad).abs().max().item() <= 1e-12, name
