@@ -33,9 +33,10 @@ How (and why):
   with `complete(stage)`: at levels 0 and 1 after the stage's last W (or B)
   of the step, at level 2 after each of its micro-batches' W (or B). A
   bucket is launched only once every stage it holds is complete, in index
-  order as always. At level 2 the gradients wait in `.grad` until then (so
-  no full buffer lives from a micro-batch's I to its W) and are moved into
-  staged buffers at `complete`, bucket by bucket.
+  order as always. At level 2 the gradients wait in `.grad` (so no full
+  buffer lives from a micro-batch's I to its W) and move into staged buffers
+  bucket by bucket: during W, each as soon as its W gradients are in
+  (`begin_weight_grads` says which are coming), the rest at `complete`.
 
 ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
 - 0: each bucket (gradients, then its flags in the tail) is all-reduced;
@@ -264,7 +265,8 @@ class GradientSync:
 
         Explicit mode only: it stores and records use; `complete` launches. At levels 0 and 1
         it accumulates into the bucket view (which `.grad` then is); at level 2 into `.grad`,
-        which `complete` moves into the staged bucket.
+        from which the bucket is sent once its W gradients are in (`begin_weight_grads`), or
+        at `complete`.
         """
         assert self.explicit, "gradients from W need an explicit-mode step (prepare(explicit=True))"
         bucket, slot = self._where[p]
