@@ -9,6 +9,8 @@ head (final LayerNorm and LM head), each the median of `iters` runs:
 - B deferred: the backward with plait.parallel.weight_grad installed but no store deferring
   (what a B action costs in a zero-bubble run);
 - I and W: the backward inside `store.deferring`, then `store.run`;
+- 2 walks: torch's split for comparison, `autograd.grad` to the input (keeping the graph),
+  then to the parameters;
 - held: bytes the queue holds between I and W (inputs and output gradients of the linears;
   the inputs are among what the forward saved anyway), against saved: what autograd saves for
   the backward of a plain forward.
@@ -47,7 +49,8 @@ def measure(make, x, iters):
     deferred.load_state_dict(plain.state_dict())
     defer_linears([deferred])
     store = WeightGradStore()
-    samples: dict[str, list[float]] = {k: [] for k in ("F", "B", "B deferred", "I", "W")}
+    samples: dict[str, list[float]] = {k: [] for k in ("F", "B", "B deferred", "I", "W", "2 walks")}
+    params = [p for p in plain.parameters()]
     held = 0
 
     def forward(model):
@@ -69,7 +72,11 @@ def measure(make, x, iters):
             i = clock(loss.backward)
         held = sum(t.numel() * t.element_size() for item in store._queues[0] for t in item[2:])
         w = clock(lambda: store.run(0))
-        for k, v in zip(samples, (f, b, bd, i, w)):
+        # torch's split, for comparison: autograd.grad to the input keeping the graph, then to the weights.
+        xx = x.detach().requires_grad_()
+        loss = plain(xx).float().square().mean()
+        walks = clock(lambda: (torch.autograd.grad(loss, xx, retain_graph=True), torch.autograd.grad(loss, params)))
+        for k, v in zip(samples, (f, b, bd, i, w, walks)):
             samples[k].append(v)
     out = {k: statistics.median(v[1:]) for k, v in samples.items()}
     out["held MiB"] = held / 2**20
@@ -100,11 +107,11 @@ def main() -> None:
     x = torch.randn(args.rows, CFG.block_size, CFG.n_embd)
     rows = {"2 blocks": lambda: nn.Sequential(Block(CFG), Block(CFG)), "head": lambda: Head(CFG)}
     print(f"one thread, activation {tuple(x.shape)}, median of {args.iters}; times in ms")
-    print(f"{'layers':10} {'F':>7} {'B':>7} {'B defer':>8} {'I':>7} {'W':>7} {'I+W':>7} {'(I+W)/B':>8} {'held MiB':>9} {'saved MiB':>9}")
+    print(f"{'layers':10} {'F':>7} {'B':>7} {'B defer':>8} {'I':>7} {'W':>7} {'I+W':>7} {'(I+W)/B':>8} {'2 walks/B':>9} {'held MiB':>9} {'saved MiB':>9}")
     for name, make in rows.items():
         r = measure(make, x, args.iters)
         print(f"{name:10} {r['F']:7.1f} {r['B']:7.1f} {r['B deferred']:8.1f} {r['I']:7.1f} {r['W']:7.1f} "
-              f"{r['I'] + r['W']:7.1f} {(r['I'] + r['W']) / r['B']:8.2f} {r['held MiB']:9.1f} {r['saved MiB']:9.1f}")
+              f"{r['I'] + r['W']:7.1f} {(r['I'] + r['W']) / r['B']:8.2f} {r['2 walks'] / r['B']:9.2f} {r['held MiB']:9.1f} {r['saved MiB']:9.1f}")
     # The bias gradient is deferred with its weight: its cost, a sum over the output gradient's
     # rows, is what moving it into I would add there.
     g = torch.randn(args.rows * CFG.block_size, 4 * CFG.n_embd)
