@@ -84,6 +84,13 @@ def checkpoint_layer(layer: nn.Module, mode: str) -> nn.Module:
     return layer
 
 
+def mode_of(layer: nn.Module) -> str:
+    """The checkpointing mode `checkpoint_layer` last gave `layer` ("none" if none)."""
+    if "_plait_plain_forward" not in layer.__dict__:
+        return "none"
+    return layer.__dict__["forward"].args[1]  # the partial of _checkpointed_forward(plain, mode)
+
+
 def apply(layers: Iterable[nn.Module], mode: str, *, types: tuple[type, ...] | None = None) -> list[nn.Module]:
     """Checkpoint `layers` in `mode`: those of class `types`, or all but the first and last.
 

@@ -15,12 +15,17 @@ It composes the pieces on a mesh with axes "pp" and "dp":
   plain gradient accumulation);
 - data_parallel.py sums each stage's gradients over its dp replicas while
   the last micro-batch's backward runs.
+
+A schedule whose actions split backwards into I and W (parallel/weight_grad.py)
+makes this rank's nn.Linear modules defer their weight gradients to W, and
+drives the data-parallel reduction itself: a stage's buckets are launched
+after its last W of the step (ZeRO 0 and 1) or after each of its W (ZeRO 2).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,8 +38,9 @@ from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
-from plait.parallel.schedule import make_schedule, rank_stages
+from plait.parallel.schedule import Action, make_schedule, rank_stages
 from plait.parallel.tied import TiedGradients, find_tied
+from plait.parallel.weight_grad import defer_linears
 from plait.watchdog import wait
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,7 +54,9 @@ class Engine:
             each takes and returns one tensor.
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
         mesh: a DeviceMesh with axes "pp" and "dp" (plait.make_mesh); None for one process.
-        schedule: "gpipe", "1f1b" or "interleaved-1f1b" (used when pp > 1).
+        schedule: "gpipe", "1f1b" or "interleaved-1f1b" (used when pp > 1); or the training
+            actions themselves, {pp rank: [Action, ...]} for every pp rank (kinds F, B, I, W;
+            parallel/schedule.py validates them), used as given, also with pp = 1.
         microbatches: micro-batches per step on this data-parallel rank; with
             one pipeline stage this is gradient accumulation.
         virtual_stages: stages per pipeline rank (interleaved-1f1b).
@@ -69,7 +77,7 @@ class Engine:
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
-                 schedule: str = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
+                 schedule: str | Mapping[int, Sequence[Action]] = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
                  sample_input: torch.Tensor | None = None, init: Init | None = None,
@@ -92,7 +100,7 @@ class Engine:
         self.pp_size = mesh["pp"].size() if mesh is not None else 1
         self.pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-        if self.pp_size == 1:
+        if self.pp_size == 1 and isinstance(schedule, str):
             schedule, virtual_stages = "1f1b", 1  # one stage: F0 B0 F1 B1 ... is accumulation
         self.schedule = schedule
         num_stages = self.pp_size * virtual_stages
@@ -125,7 +133,10 @@ class Engine:
         self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe,
                                          {s: self.partition.stage_layers(s) for s in self.stage_ids})
         # This rank's actions, and its plan of sends and receives around them (parallel/p2p.py).
-        train = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)
+        if isinstance(schedule, str):
+            train = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)
+        else:  # given as actions: p2p_plan below validates them (simulate)
+            train = {r: list(acts) for r, acts in schedule.items()}
         evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)
         self.train_actions = train[self.pp_rank]
         self.eval_actions = evaluate[self.pp_rank]
@@ -137,6 +148,16 @@ class Engine:
         self.generate_plan = p2p_plan(one, self.pp_size, 1, virtual_stages, lead)[self.pp_rank]
         self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
+        # I and W: this rank's linear layers defer their weight gradients to W (parallel/weight_grad.py),
+        # and each stage's last backward action of the step (W or B) is where its gradients are complete.
+        self.split_backward = any(a.kind in ("I", "W") for a in self.train_actions)
+        if self.split_backward:
+            defer_linears(stages.values())
+        # Each stage's weights whose gradients W adds (a weight tied to a module of I too, included).
+        self._deferred = {s: {p for mod in stage.modules() if mod.__dict__.get("_plait_deferred")
+                              for p in (mod.weight, mod.bias) if p is not None and p.requires_grad and p.is_leaf}
+                          for s, stage in stages.items()}
+        self._last_backward = {a.stage: a for a in self.train_actions if a.kind in ("B", "W")}
         self.dp_group = mesh.get_group("dp") if self.dp_size > 1 else None
         self.pp_group = mesh.get_group("pp") if self.pp_size > 1 else None
         self.grad_sync = None
@@ -151,8 +172,14 @@ class Engine:
             # that both holders of the tied weight cut it into the same shards (parallel/data_parallel.py).
             tied_index = {p: n for n, (p, _) in enumerate(tied)}  # the same list on every rank
             keys = {p: (s, tied_index.get(p, -1)) for s, stage in stages.items() for p in stage.parameters()}
+            users: dict[nn.Parameter, set[int]] = {}  # a weight tied between two stages of this rank has two
+            for s, stage in stages.items():
+                for p in stage.parameters():
+                    users.setdefault(p, set()).add(s)
             self.grad_sync = GradientSync(list(self.parameters()), self.dp_group, bucket_bytes=int(bucket_mb * 2**20),
-                                          describe=self.describe, keys=keys)
+                                          describe=self.describe, keys=keys, stages=users)
+            # W's gradients are added outside autograd, where no hook sees them: they go to the buckets.
+            self.executor.weight_grads.accumulate = self.grad_sync.add_grad
 
     def before_parameter_access(self, fn: Callable[[], None]) -> None:
         """Call `fn()` before the Engine hands out or loads its parameters (parameters,
@@ -189,17 +216,30 @@ class Engine:
         """
         self.module.train()
         m, sync = self.num_microbatches, self.grad_sync
+        split = self.split_backward
         if sync is not None:
-            sync.prepare()
+            sync.prepare(explicit=split)
 
         def on_backward(action):
-            if sync is not None:  # ZeRO-2 sends every micro-batch; otherwise only during the last backward
+            if sync is not None and not split:  # ZeRO-2 sends every micro-batch; otherwise only in the last backward
                 sync.begin_backward(action.stage, last=action.microbatch == m - 1)
+            elif sync is not None and sync.zero == 2 and action.kind == "W":  # W's buckets go as they fill
+                sync.begin_weight_grads(action.stage, self._deferred[action.stage])
+
+        def after_backward(action):
+            # [Note: reduction after W] With I and W no hook can tell when a stage's gradients are
+            # complete (W adds them outside autograd), so the schedule does: after the stage's last
+            # W (or B) of the step, or at ZeRO-2 after each micro-batch's, its buckets are launched.
+            if sync is None or not split or action.kind == "I":
+                return
+            if sync.zero == 2 or action == self._last_backward[action.stage]:
+                sync.complete(action.stage)
 
         # Equal micro-batches and equal shares: the mean over the global batch is the
         # sum over replicas and micro-batches of loss / (m * dp).
         total = self.executor.run(self.train_actions, self.train_plan, *self._split(inputs, targets),
-                                  loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward)
+                                  loss_scale=1.0 / (m * self.dp_size), on_backward=on_backward,
+                                  after_backward=after_backward)
         flags = sync.finish() if sync is not None else []
         if sync is not None and self.executor.recorder is not None:
             for name, start, end in sync.spans():

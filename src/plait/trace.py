@@ -36,7 +36,7 @@ from plait.timing import Clock
 class Event:
     rank: int
     step: int
-    kind: str  # "F", "B", "wait", "allreduce", "optimizer", "checkpoint"
+    kind: str  # "F", "B", "I", "W", "wait", "allreduce", "optimizer", "checkpoint"
     name: str  # "F3", "B3", "bucket 1", ...
     start: float  # seconds since the aligned zero
     end: float
@@ -106,6 +106,9 @@ class Recorder:
         return [e for part in parts for e in part] if parts is not None else None
 
 
+COMPUTE = ("F", "B", "I", "W")  # the executor's actions: what the bubble is measured against
+
+
 def traced_steps(total: int, count: int) -> set[int]:
     """The steps to trace: `count` steps after two of warm-up (allocator, caches), within the run."""
     first = min(2, max(0, total - count))
@@ -133,12 +136,12 @@ def step_stats(events: list[Event], step: int, ranks: list[int]) -> dict:
     """For one traced step over `ranks` (one pipeline): its span, each rank's compute time, the
     measured bubble, and the median forward/backward time of each stage."""
     mine = [e for e in events if e.step == step and e.rank in ranks]
-    start = min(e.start for e in mine if e.kind in ("F", "B"))
-    end = max(e.end for e in mine if e.kind in ("F", "B"))
-    busy = {r: sum(e.end - e.start for e in mine if e.rank == r and e.kind in ("F", "B")) for r in ranks}
+    start = min(e.start for e in mine if e.kind in COMPUTE)
+    end = max(e.end for e in mine if e.kind in COMPUTE)
+    busy = {r: sum(e.end - e.start for e in mine if e.rank == r and e.kind in COMPUTE) for r in ranks}
     costs: dict[tuple[str, int], list[float]] = {}
     for e in mine:
-        if e.kind in ("F", "B"):
+        if e.kind in COMPUTE:
             costs.setdefault((e.kind, e.stage), []).append(e.end - e.start)
     return {"start": start, "end": end, "busy": busy,
             "bubble": 1 - sum(busy.values()) / (len(ranks) * (end - start)),
@@ -159,7 +162,7 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     stats = step_stats(events, step, rows)
     t0 = stats["start"]
     measured = [Box(rows.index(e.rank), e.start - t0, e.end - t0, e.kind,
-                    str(e.microbatch) if e.kind in ("F", "B") else "", max(e.stage, 0) // pp)
+                    str(e.microbatch) if e.kind in COMPUTE else "", max(e.stage, 0) // pp)
                 for e in events if e.step == step and e.rank in rows and e.end > t0]
     num_stages = pp * virtual
     fwd = [stats["cost"].get(("F", s), 0.0) for s in range(num_stages)]
@@ -184,7 +187,7 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     for r in sorted({e.rank for e in events}):
         mine = [e for e in events if e.step == step and e.rank == r]
         span = max(e.end for e in mine) - min(e.start for e in mine)
-        compute = sum(e.end - e.start for e in mine if e.kind in ("F", "B", "optimizer"))
+        compute = sum(e.end - e.start for e in mine if e.kind in (*COMPUTE, "optimizer"))
         comm = sum(e.end - e.start for e in mine if e.kind == "wait")
         ranks[str(r)] = {"compute": compute / span, "comm": comm / span, "idle": max(0.0, 1 - (compute + comm) / span)}
     return {"traced_step": step + 1, "step_s": stats["end"] - stats["start"], "bubble_measured": stats["bubble"],

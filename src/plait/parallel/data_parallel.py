@@ -25,6 +25,18 @@ How (and why):
   one host synchronisation.
 - With `sync` off (gradient accumulation), hooks only record use; nothing
   is sent until the last micro-batch.
+- A schedule that splits backwards into I and W (parallel/weight_grad.py)
+  adds the linear layers' weight gradients in W, outside autograd, where
+  no hook fires. The step is then run in explicit mode (`prepare(explicit=True)`):
+  hooks (gradients that arrive in I or B) and `add_grad` (those of W) only
+  store gradients and record use, and the caller launches the reductions
+  with `complete(stage)`: at levels 0 and 1 after the stage's last W (or B)
+  of the step, at level 2 after each of its micro-batches' W (or B). A
+  bucket is launched only once every stage it holds is complete, in index
+  order as always. At level 2 the gradients wait in `.grad` (so no full
+  buffer lives from a micro-batch's I to its W) and move into staged buffers
+  bucket by bucket: during W, each as soon as its W gradients are in
+  (`begin_weight_grads` says which are coming), the rest at `complete`.
 
 ZeRO ([Note: ZeRO levels]; plait.parallel.zero steps the shards):
 - 0: each bucket (gradients, then its flags in the tail) is all-reduced;
@@ -103,10 +115,13 @@ class GradientSync:
         keys: optional {param: key}; under ZeRO two parameters with different keys never
             share a bucket (the Engine keys each pipeline stage, and a tied weight apart,
             so that both holders of a tied weight cut it into the same shards).
+        stages: optional {param: the stages on this rank that use it} (several for a weight
+            tied between two stages of one rank), for the explicit mode's `complete`.
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
-                 describe=lambda r: f"rank {r}", keys: dict[nn.Parameter, object] | None = None):
+                 describe=lambda r: f"rank {r}", keys: dict[nn.Parameter, object] | None = None,
+                 stages: dict[nn.Parameter, set] | None = None):
         self.group = group
         self.describe = describe
         self.sync = True
@@ -115,6 +130,7 @@ class GradientSync:
         self.native_scatter = dist.get_backend(group) in NATIVE_SCATTER_BACKENDS
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.keys = keys or {}
+        self.stages = stages or {}
         self.bucket_bytes = bucket_bytes
         self.clock = Clock(self.params[0].device if self.params else "cpu")
         broadcast_parameters(self.params, group)
@@ -155,6 +171,17 @@ class GradientSync:
             self._stage_buckets.setdefault(bucket.key[0] if bucket.key else None, []).append(bucket)
         self._stage = None  # level 2: the stage whose backward is running, and its next bucket
         self._cursor = 0
+        # Explicit mode: the stages whose gradients each bucket holds (a parameter with none
+        # listed waits for finish()), and the buckets holding each stage's, in index order.
+        self._bucket_stages = [frozenset().union(*(self.stages.get(p) or {None} for p in b.params))
+                               for b in self.buckets]
+        self._touching: dict[object, list[Bucket]] = {}
+        for bucket, stages in zip(self.buckets, self._bucket_stages):
+            for stage in stages:
+                self._touching.setdefault(stage, []).append(bucket)
+        self._complete: set = set()
+        self._w_left: dict[int, int] = {}  # explicit level 2: W gradients each bucket still waits for
+        self.explicit = False
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # level 2: staging buffers not in use, by kind
         self._made: dict[tuple, int] = {}
         self._staging_numel = max((b.padded for b in self.buckets), default=0)
@@ -168,8 +195,11 @@ class GradientSync:
         size = bucket.padded // self.dp_size
         return self.dp_rank * size, (self.dp_rank + 1) * size
 
-    def prepare(self) -> None:
+    def prepare(self, explicit: bool = False) -> None:
         """Before a step's first backward: reset the buckets' bookkeeping.
+
+        `explicit`: the step's reductions are launched by `complete`, not by the hooks (a
+        schedule with I and W actions; see the module's doc).
 
         A gradient still held from before (accumulating over several steps, level 0 or 1) is
         moved into its bucket and counts as used; a parameter whose `.grad` is None gets its
@@ -191,6 +221,9 @@ class GradientSync:
         self._stage, self._cursor = None, 0
         self._timed = []
         self.no_grad = set()
+        self.explicit = explicit
+        self._complete = set()
+        self._w_left = {}
 
     def begin_backward(self, stage: int, last: bool) -> None:
         """Called before each backward action (one stage, one micro-batch); `last` is the step's last
@@ -203,7 +236,16 @@ class GradientSync:
         self._stage, self._cursor = stage, 0
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        if p.grad is None:
+            # autograd calls a parameter's hooks even when its gradient is undefined, as in I for a
+            # weight whose gradient was deferred to W (weight_grad.py): nothing arrived.
+            return
         bucket, slot = self._where[p]
+        if self.explicit and self.zero == 2:
+            # Explicit level 2: the gradient stays in `.grad` (autograd adds the next micro-batch's I
+            # into it) until `complete` stages the bucket: no full buffer lives from I to W.
+            bucket.used[slot] = True
+            return
         if self.zero == 2 and bucket.flat is None:  # this micro-batch's first gradient for the bucket
             self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
             self._stage_bucket(bucket)
@@ -212,11 +254,83 @@ class GradientSync:
             view.copy_(p.grad)
             p.grad = None if self.zero == 2 else view  # level 2: autograd's next one starts afresh
         bucket.used[slot] = bucket.fresh[slot] = True
-        if not self.sync:
+        if not self.sync or self.explicit:  # explicit mode: `complete` launches
             return
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch_ready()
+
+    def add_grad(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a gradient computed outside autograd (a W action's) where `p`'s hook would put it.
+
+        Explicit mode only: it stores and records use; `complete` launches. At levels 0 and 1
+        it accumulates into the bucket view (which `.grad` then is); at level 2 into `.grad`,
+        from which the bucket is sent once its W gradients are in (`begin_weight_grads`), or
+        at `complete`.
+        """
+        assert self.explicit, "gradients from W need an explicit-mode step (prepare(explicit=True))"
+        bucket, slot = self._where[p]
+        bucket.used[slot] = True
+        if self.zero == 2:
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+            left = self._w_left.get(id(bucket)) if self._stage is not None else None
+            if left is not None:  # a W announced by begin_weight_grads: send what it has completed
+                self._w_left[id(bucket)] = left - 1
+                order = self._touching[self._stage]
+                while self._cursor < len(order) and self._w_left[id(order[self._cursor])] <= 0:
+                    self._send_staged(order[self._cursor])
+                    self._cursor += 1
+            return
+        view = bucket.views[slot]
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # set outside a step: move it in
+            view.copy_(p.grad)
+            p.grad = view
+        if p.grad is None:
+            view.copy_(grad)
+            p.grad = view
+        else:
+            view.add_(grad)
+
+    def begin_weight_grads(self, stage, params: set[nn.Parameter]) -> None:
+        """Explicit level 2, before a W of `stage` that will add a gradient for each of `params`
+        (the stage's deferred weights): from then on each of the stage's buckets is launched, in
+        index order, as soon as its share of `params` is in, so W's gradients leave `.grad`
+        while W runs instead of all waiting for its end."""
+        self._stage, self._cursor = stage, 0
+        self._w_left = {id(b): sum(p in params for p in b.params) for b in self._touching.get(stage, [])}
+
+    def complete(self, stage) -> None:
+        """Explicit mode: every gradient of `stage` is in, for the step (levels 0 and 1: call after
+        the stage's last W or B) or for the micro-batch (level 2: after each W or B). Launches
+        the reductions that were waiting only for it, in bucket order."""
+        if self.zero == 2:
+            # Every bucket holding one of the stage's parameters that W has not already sent, with or
+            # without gradients (every replica launches the same). A bucket shared with another stage
+            # of this rank (a tied weight) goes at each stage's completion: the last share is sent last.
+            order = self._touching.get(stage, [])
+            for bucket in order[self._cursor if self._stage == stage else 0:]:
+                self._send_staged(bucket)
+            self._stage, self._cursor = None, 0
+            return
+        self._complete.add(stage)
+        while self._next < len(self.buckets) and self._bucket_stages[self._next] <= self._complete:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _send_staged(self, bucket: Bucket) -> None:
+        """Level 2, explicit: move the bucket's parameters' `.grad` into a staged buffer (the pool
+        bounds how many exist) and launch its reduce-scatter."""
+        self._drain(bucket, everything=True)  # at most one full buffer in flight per bucket
+        self._stage_bucket(bucket)
+        for slot, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+            if p.grad is not None:
+                view.copy_(p.grad)
+                p.grad = None
+                bucket.fresh[slot] = True
+        self._launch(bucket)
 
     def _launch_ready(self, everything: bool = False) -> None:
         if self.zero == 2:
@@ -327,6 +441,8 @@ class GradientSync:
         them (concatenated, in bucket order) to `apply_flags`.
         """
         start = self.clock.mark()
+        if self.explicit and self.zero == 2:  # `complete` sent each stage's last gradients
+            assert all(p.grad is None for p in self.params), "a gradient arrived after its stage's last W"
         if self.zero == 2:
             self._flush_stage()
         else:

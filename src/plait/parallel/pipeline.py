@@ -9,6 +9,11 @@ order; this module only does it. For each action:
     B(stage s, micro-batch i): backward from the loss (last stage) or from the
         gradient received from stage s+1; send the input's gradient to s-1;
         then drop the micro-batch's saved activations.
+    I(stage s, micro-batch i): as B, but the weight gradients of the stage's
+        linear layers are queued instead of computed (parallel/weight_grad.py):
+        the gradient to s-1 goes out as soon as it exists.
+    W(stage s, micro-batch i): compute and accumulate the gradients I queued
+        for (s, i); no message.
 
 Communication is point-to-point, tagged by (stage, micro-batch, direction).
 Between actions the executor posts the batches (`batch_isend_irecv`) that
@@ -36,6 +41,7 @@ from torch import nn
 
 from plait.parallel.p2p import Message, messages, shape_plan
 from plait.parallel.schedule import Action, stage_rank
+from plait.parallel.weight_grad import WeightGradStore
 from plait.timing import Clock
 from plait.watchdog import wait
 
@@ -77,12 +83,15 @@ class PipelineExecutor:
         # input key -> {stage s: (shape, dtype) of what s sends to s+1}; a gradient has its activation's shape
         self._shapes: dict[tuple, dict[int, tuple[torch.Size, torch.dtype]]] = {}
         self._outbox: dict[Message, torch.Tensor] = {}  # made, not yet posted
+        self._local: dict[Message, torch.Tensor] = {}  # made for a stage of this same rank: handed over, not sent
         # How many actions early receives are posted (p2p_plan's `lead`): gloo runs operations in
         # any order, so early is safe there and lets data land during compute; NCCL needs lockstep.
         self.lead = 1 if dist.is_initialized() and dist.get_backend() == "gloo" else 0
         self.clock: Clock | None = None  # made at the first run, on the inputs' device
         self._compute: list[tuple] = []  # marks around each forward/backward of the last run
         self.recorder = None  # a trace.Recorder while tracing
+        # What I actions queue for W, per (stage, micro-batch); the Engine sets where W's gradients go.
+        self.weight_grads = WeightGradStore()
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[stage_rank(stage, self.pp_size)]
@@ -217,15 +226,18 @@ class PipelineExecutor:
     # ---- execution -----------------------------------------------------------------
 
     def run(self, actions: list[Action], plan: list, inputs: list[torch.Tensor], targets: list[torch.Tensor],
-            loss_scale: float, on_backward: Callable[[Action], None] | None = None) -> torch.Tensor:
+            loss_scale: float, on_backward: Callable[[Action], None] | None = None,
+            after_backward: Callable[[Action], None] | None = None) -> torch.Tensor:
         """Run `actions`; returns the sum of the micro-batch losses on the last stage (0 elsewhere).
 
         `inputs`/`targets` are this rank's micro-batches (every rank gets them; only
         the first and last stage read them). Each micro-batch loss is multiplied by
         `loss_scale` before backward. `plan` is this rank's p2p plan for `actions`
         (parallel/p2p.py): the batches of sends and receives to post before each
-        action. `on_backward(action)` is called just before each backward (the
-        engine uses it to switch gradient sync on for the last one).
+        action. `on_backward(action)` is called just before each backward (B, I
+        or W; the engine uses it to switch gradient sync on for the last one), and
+        `after_backward(action)` just after (where the engine starts the reduction
+        of gradients that W completed).
         Actions with kind "F" only make a forward-only run (no graph is kept).
         """
         device = inputs[0].device
@@ -235,7 +247,11 @@ class PipelineExecutor:
         shapes = self._shapes.get(key)
         if shapes is None:
             shapes = self._probe_shapes(key, inputs[0]) if self.pp_size > 1 else {}
-        training = any(a.kind == "B" for a in actions)
+        training = any(a.kind in ("B", "I") for a in actions)
+        # A step that failed part-way may have left W work queued, or a hand-over untaken: they
+        # belong to no step now.
+        self.weight_grads.clear()
+        self._local.clear()
         self._pending = []
         self._compute = []
         saved: dict[tuple[int, int], tuple] = {}
@@ -247,27 +263,41 @@ class PipelineExecutor:
                 for batch in plan[n]:
                     posted.update(self._post(batch, shapes, device))
                 needs = messages(action, self.num_stages)[0]
-                got = posted.pop(needs, None) if needs is not None else None
-                if got is not None:
-                    handles, _, peer = got
-                    self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
-                               action.microbatch, peer)
-                received = got[1] if got is not None else None
+                if needs in self._local:  # made by a stage of this rank (a V layout's turn, or pp = 1)
+                    received = self._local.pop(needs)
+                else:
+                    got = posted.pop(needs, None) if needs is not None else None
+                    if got is not None:
+                        handles, _, peer = got
+                        self._wait(handles, "forward activations" if action.kind == "F" else "backward gradients",
+                                   action.microbatch, peer)
+                    received = got[1] if got is not None else None
                 t0 = self.clock.mark()
                 if action.kind == "F":
                     total += self._forward(action, received, inputs, targets, saved, loss_scale, training)
                 else:
                     if on_backward is not None:
                         on_backward(action)
-                    self._backward(action, received, saved)
+                    key = (action.stage, action.microbatch)
+                    if action.kind == "W":
+                        self.weight_grads.run(key)
+                    elif action.kind == "I":
+                        with self.weight_grads.deferring(key):
+                            self._backward(action, received, saved)
+                    else:
+                        self._backward(action, received, saved)
                 t1 = self.clock.mark()
                 self._compute.append((t0, t1))
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)
+                if after_backward is not None and action.kind != "F":
+                    after_backward(action)  # launches reductions: not compute
         for batch in plan[len(actions)]:
             self._post(batch, shapes, device)
         assert not self._outbox, f"the plan never posts {sorted(self._outbox)}"
+        assert not self._local, f"no stage took {sorted(self._local)}"
+        assert not self.weight_grads.pending(), f"no W ran for {self.weight_grads.pending()}"
         for works, what, microbatch, peer in self._pending:
             self._wait(works, what, microbatch, peer, sending=True)
         self._pending = []
@@ -287,10 +317,18 @@ class PipelineExecutor:
             if training:
                 saved[(s, i)] = (x, loss * loss_scale)
             return loss.detach().double()
-        self._outbox[("act", s, s + 1, i)] = out.detach().contiguous()
+        self._send(("act", s, s + 1, i), out.detach().contiguous())
         if training:
             saved[(s, i)] = (x, out)
         return torch.zeros((), dtype=torch.float64, device=out.device)
+
+    def _send(self, message: Message, tensor: torch.Tensor) -> None:
+        """Queue `tensor` for the plan to post, or hand it over if its stage is on this rank
+        (the plan has no operation for it: p2p_plan)."""
+        if self._peer(message[2]) == self._peer(message[1]):
+            self._local[message] = tensor
+        else:
+            self._outbox[message] = tensor
 
     def _backward(self, action, received, saved) -> None:
         s, i = action.stage, action.microbatch
@@ -300,4 +338,4 @@ class PipelineExecutor:
         else:
             torch.autograd.backward(out, received)
         if s > 0:
-            self._outbox[("grad", s, s - 1, i)] = x.grad.contiguous()
+            self._send(("grad", s, s - 1, i), x.grad.contiguous())

@@ -1,0 +1,227 @@
+"""The backward split into I (input gradients) and W (weight gradients), by per-operation deferral.
+
+A zero-bubble schedule runs the backward of a (stage, micro-batch) in two actions: I, the
+gradient with respect to the stage's input (what the previous stage waits for), and W, the
+gradients with respect to the weights (what nobody waits for), which fill the bubbles.
+
+How: the `nn.Linear` modules of a stage run `linear` below (`defer_linears` replaces their
+`forward` on the instance; the module objects, their parameters and `state_dict` keys are
+unchanged, and so is a weight tied to another module). Its backward computes the input
+gradient at once; while a `WeightGradStore` is deferring for a (stage, micro-batch) -- the
+executor's I action -- it returns no weight or bias gradient and queues what they need
+(the layer's input and its output gradient) instead. W (`WeightGradStore.run`) computes the
+queued gradients and hands them to the store's `accumulate`: into `.grad`, as AccumulateGrad
+would, or into the data-parallel buckets (GradientSync.add_grad). With no store deferring (a
+B action, evaluation, one process) the backward returns every gradient as F.linear's would.
+
+Why this way and not two `autograd.grad` walks (torch's split): measured on plait's GPT blocks
+(/work/shared/notes/backward-split-measured.md), the second walk costs I + W = 1.48 x B, and
+keeps the micro-batch's whole graph alive until W; deferral costs 0.98 x B and keeps only each
+linear layer's (input, output gradient) pair.
+
+What is deferred: the weight and bias of every `nn.Linear` (that class exactly: a subclass may
+have a forward of its own) whose weight is a leaf tensor that requires a gradient (a Parameter). Every other parameterised module -- LayerNorm, Embedding,
+a user's own layer, a Linear whose weight is computed (a parametrization) -- gets its gradients
+in I, exactly, through autograd as usual. A weight used at several places (the tied embedding
+and LM head on one rank, a Linear called twice) gets each deferred use's gradient summed in W
+in the order autograd would sum them, then added once; a use that is not deferred (the
+embedding lookup) adds its share in I.
+
+Exactness: the gradients are computed with the same matrix products autograd uses for F.linear
+(`grad_out @ W` for the input, `grad_out^T @ x` for the weight, `grad_out` summed over rows for
+the bias), in the same dtype: under autocast the inputs are cast to the autocast dtype as
+autocast casts them (floating tensors other than float64), the products run in it, and the
+weight gradient is returned in the parameter's dtype, as autocast's cast backward returns it.
+Tests hold the results bit-equal to a plain backward in float32 and float64 where autograd sums
+the same terms in the same order (tests/parallel/test_weight_grad.py says where it cannot).
+Parameters' post-accumulate-grad hooks do not fire for gradients added in W: plait's one user of
+them, GradientSync, takes those gradients through `add_grad` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable
+from typing import Hashable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The queue of the (stage, micro-batch) whose I is running, or None: nothing is deferred. A
+# module global, not a thread-local: on a GPU autograd runs backward functions on its own device
+# threads, while the executor's thread waits in backward.
+_queue: list | None = None
+
+Accumulate = Callable[[nn.Parameter, torch.Tensor], None]
+
+
+def accumulate_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
+    """Add `grad` into `p.grad` as AccumulateGrad does: the first gradient is kept, later ones added."""
+    with torch.no_grad():
+        if p.grad is None:
+            p.grad = grad
+        else:
+            p.grad += grad
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    # autocast casts floating tensors other than float64 (its "eligible" rule); so do we.
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _weight_grads(x: torch.Tensor, grad_out: torch.Tensor, want_weight: bool, want_bias: bool):
+    """The weight and bias gradients of y = x W^T + b, as autograd computes them for F.linear.
+
+    F.linear runs a contiguous input as one matrix product on its rows (addmm, or mm without a
+    bias); the product's backward, for the transposed weight it multiplies by, is
+    grad_out^T @ x, and the bias's is grad_out summed over the rows.
+    """
+    g = grad_out.reshape(-1, grad_out.size(-1))
+    gw = g.t().mm(x.reshape(-1, x.size(-1))) if want_weight else None
+    gb = g.sum(0) if want_bias else None
+    return gw, gb
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            out = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        ctx.x_dtype = x.dtype
+        # The leaf parameters themselves, where W adds the gradients (not their autocast copies).
+        ctx.params = (weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        weight, bias = ctx.params
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad_out.reshape(-1, grad_out.size(-1))
+            grad_x = g.mm(w).view(*grad_out.shape[:-1], w.size(1)).to(ctx.x_dtype)
+        want_w = ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        if _queue is not None:
+            # W needs only the input and the output gradient: the rest of the graph can go.
+            _queue.append((weight if want_w else None, bias if want_b else None, x, grad_out))
+            return grad_x, None, None, None
+        gw, gb = _weight_grads(x, grad_out, want_w, want_b)
+        return (grad_x, gw.to(weight.dtype) if gw is not None else None,
+                gb.to(bias.dtype) if gb is not None else None, None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` whose weight and bias gradients W can take (see the module's doc).
+
+    Where nothing can be deferred -- no gradient is recorded, or the weight (or bias) is not a
+    leaf tensor, whose gradient must flow on through autograd -- it is F.linear itself.
+    """
+    leaf = weight.is_leaf and weight.requires_grad and (bias is None or bias.is_leaf)
+    if not (torch.is_grad_enabled() and leaf):
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias, _autocast_dtype(x.device.type))
+
+
+def _deferred_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    return linear(input, module.weight, module.bias)
+
+
+def defer_linears(modules: Iterable[nn.Module]) -> int:
+    """Make every `nn.Linear` inside `modules` run `linear`; returns how many it changed.
+
+    Only the instance's `forward` is replaced: parameters, names and tied weights stay as they
+    are. A Linear already checkpointed (plait.checkpointing) keeps its checkpointing, around the
+    new forward. Idempotent; with no store deferring, the new forward gives the same values and
+    gradients as the old.
+    """
+    from plait import checkpointing
+
+    changed = 0
+    for root in modules:
+        for m in root.modules():
+            if type(m) is not nn.Linear or m.__dict__.get("_plait_deferred"):
+                continue
+            mode = checkpointing.mode_of(m)
+            if mode != "none":
+                checkpointing.checkpoint_layer(m, "none")
+            m.forward = functools.partial(_deferred_forward, m)
+            m._plait_deferred = True
+            if mode != "none":
+                checkpointing.checkpoint_layer(m, mode)  # wraps the instance's forward, ours
+            changed += 1
+    return changed
+
+
+class WeightGradStore:
+    """Deferred weight-gradient work, queued per key (the executor's (stage, micro-batch)).
+
+    Args:
+        accumulate: `accumulate(param, grad)` adds a W gradient where AccumulateGrad would have
+            put it; by default into `.grad` (`accumulate_grad`). The Engine points it at its
+            GradientSync under data parallelism.
+    """
+
+    def __init__(self, accumulate: Accumulate | None = None):
+        self.accumulate = accumulate or accumulate_grad
+        self._queues: dict[Hashable, list] = {}
+
+    @contextlib.contextmanager
+    def deferring(self, key: Hashable):
+        """Inside, the backward of `linear` queues its weight gradients under `key` (the I action)."""
+        global _queue
+        outer, _queue = _queue, self._queues.setdefault(key, [])
+        try:
+            yield
+        finally:
+            _queue = outer
+
+    def pending(self) -> list[Hashable]:
+        """Keys whose weight gradients are queued and not yet run (holding their activations)."""
+        return [k for k, q in self._queues.items() if q]
+
+    def clear(self) -> None:
+        """Drop every queued piece of work (and the activations it holds), run or not."""
+        self._queues.clear()
+
+    def run(self, key: Hashable) -> None:
+        """The W action: compute `key`'s queued weight gradients and accumulate them, freeing each
+        queued (input, output gradient) pair as it goes.
+
+        A parameter queued several times (a weight used at several places) gets its gradients
+        summed in queue order, the order autograd's backward met them and would have summed
+        them, and accumulated once, when its last one is in.
+        """
+        queue = self._queues.pop(key, [])
+        left: dict[nn.Parameter, int] = {}
+        for weight, bias, _, _ in queue:
+            for p in (weight, bias):
+                if p is not None:
+                    left[p] = left.get(p, 0) + 1
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        queue.reverse()  # popped from the end: first queued, first run
+        with torch.no_grad():
+            while queue:
+                weight, bias, x, grad_out = queue.pop()
+                gw, gb = _weight_grads(x, grad_out, weight is not None, bias is not None)
+                del x, grad_out
+                for p, g in ((weight, gw), (bias, gb)):
+                    if p is None:
+                        continue
+                    g = g.to(p.dtype)
+                    sums[p] = g if p not in sums else sums[p].add_(g)
+                    left[p] -= 1
+                    if left[p] == 0:
+                        self.accumulate(p, sums.pop(p))
