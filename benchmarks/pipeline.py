@@ -1,6 +1,7 @@
 """plait's pipeline schedules against torch.distributed.pipelining, side by side in one run.
 
-    .venv/bin/python benchmarks/pipeline.py [--rounds 24] [--steps 1] [--microbatches 2,4,8]
+    .venv/bin/python benchmarks/pipeline.py [--rounds 16] [--steps 1] [--microbatches 2,4,8]
+                                            [--schedules gpipe,1f1b,zb1p,zbv]
 
 The GPT of the data-parallel benchmark (about 4.8 M parameters, float32,
 global batch 16 x 128 tokens), cut into 2 stages at the same place for both
@@ -9,8 +10,11 @@ be equal, as the bubble formula assumes: with a 3072-token vocabulary the
 LM head costs about one block, and embedding + 3 blocks balance 2 blocks +
 head. (With 4 blocks and 2048 tokens, the best cut left one stage 7-12%
 heavier than the other.) For each number of micro-batches m: plait
-GPipe and 1F1B against torch's ScheduleGPipe and Schedule1F1B, and one
-process on the whole batch. Like the data-parallel benchmark, everything is
+GPipe, 1F1B, zb1p and zbv against torch's ScheduleGPipe, Schedule1F1B,
+ScheduleInterleavedZeroBubble (given one stage per rank: ZB-H1's place in
+torch) and ScheduleZBVZeroBubble, and one process on the whole batch. zbv
+cuts the layers into 4 stages (by the same profile), rank r holding stages
+r and 3-r, for both engines. Like the data-parallel benchmark, everything is
 measured in the same two processes, interleaved in rounds, medians reported;
 below the table, plait/torch paired round by round, which cancels the drift.
 Both engines do the same work per step: torch's runner also sums the tied
@@ -25,12 +29,23 @@ Columns:
   matrix products less efficiently than the whole batch does, so this is
   below 1 - bubble even with no bubble at all.
 - bubble: plait's measured bubble, 1 - (time both ranks spent computing) /
-  (2 x step time), from the executor's own clock.
-- sim: the bubble plait's simulator predicts for this schedule with the
-  stage costs profiled here; theory: (p-1)/(m+p-1), for equal stages.
-- act MiB s0/s1: peak bytes of activations saved for backward on each stage,
-  counted with autograd's saved-tensor hooks (parameters excluded) in one
-  untimed step of each run: the hooks cost time, so timed steps run without.
+  (2 x the pipeline's span), from the executor's own clock: the span runs from
+  the first rank's first action to the last rank's last, as the trace's
+  bubble does; the optimizer step and the loss all-reduce after it are not
+  pipeline time (they cost every schedule the same; the step time has them).
+- sim: the bubble plait's simulator predicts for plait's order of this
+  schedule with the F, B, I and W times plait's executor measured on each
+  stage in this run (medians); theory: the formula for equal stages
+  (schedule.theoretical_bubble: (p-1)/(m+p-1) for 1F1B, (p-1)/(3m+p-1) for
+  zb1p).
+- act MiB r0/r1: peak bytes of activations held for backward on each rank,
+  counted with autograd's saved-tensor hooks (parameters excluded), plus for
+  plait's I/W schedules the output gradients that wait for W (the inputs W
+  needs are saved tensors already), in one untimed step of each run: the
+  hooks cost time, so timed steps run without. torch's zero-bubble split
+  keeps the graph between I and W, which the hooks count.
+
+Below, each of issue 18's targets with PASS or MISS.
 """
 
 from __future__ import annotations
@@ -53,8 +68,9 @@ from tests.distributed.harness import spawn  # noqa: E402
 
 import plait  # noqa: E402
 from plait.model import build_gpt, count_params, gpt_loss  # noqa: E402
-from plait.parallel.partition import layer_costs, partition  # noqa: E402
-from plait.parallel.schedule import make_schedule, simulate, theoretical_bubble  # noqa: E402
+from plait.parallel.partition import partition  # noqa: E402
+from plait.parallel.schedule import (make_schedule, rank_stages, schedule_layout, simulate,  # noqa: E402
+                                     theoretical_bubble)
 
 GLOBAL_BATCH, PP = 16, 2
 
@@ -66,10 +82,12 @@ def batch(step: int):
 
 
 class SavedActivations:
-    """Peak bytes held by autograd for backward (parameters excluded) while active."""
+    """Peak bytes held by autograd for backward (parameters excluded) while active, plus
+    `extra()` (what a plait engine's W actions hold beyond saved tensors), read at each save."""
 
-    def __init__(self):
+    def __init__(self, extra=lambda: 0):
         self.now = self.peak = 0
+        self.extra = extra
         self._live: set[int] = set()
 
     def _pack(self, t: torch.Tensor):
@@ -77,8 +95,8 @@ class SavedActivations:
             size = t.untyped_storage().nbytes()
             self._live.add(id(t))
             self.now += size
-            self.peak = max(self.peak, self.now)
             weakref.finalize(t, self._free, id(t), size)
+        self.peak = max(self.peak, self.now + self.extra())
         return t
 
     def _free(self, ident: int, size: int):
@@ -89,8 +107,18 @@ class SavedActivations:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
-def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "zb1p": "ScheduleInterleavedZeroBubble",
+                   "zbv": "ScheduleZBVZeroBubble"}
+
+
+def virtual_of(name: str) -> int:
+    return 2 if name == "zbv" else 1
+
+
+def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int, list[int]]) -> dict:
     """name -> (step function, its activation counter, its plait engine or None)."""
+    import torch.distributed.pipelining as pipelining
+
     rank = dist.get_rank()
     mesh = plait.make_mesh(dp=1, pp=PP)
     runners = {}
@@ -105,14 +133,16 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
             opt.zero_grad(set_to_none=True)
 
     runners["one process"] = (run_single, SavedActivations(), None)
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     for m in microbatches:
-        for name, torch_cls in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)):
+        for name in schedules:
+            virtual = virtual_of(name)
+            cut = bounds[virtual]
             engine = plait.Engine(build_gpt(CFG, seed=0), gpt_loss, mesh, schedule=name, microbatches=m,
-                                  split=bounds[1:-1])
+                                  virtual_stages=virtual, split=cut[1:-1])
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-4, fused=True)
-            counter = SavedActivations()
+            store = engine.executor.weight_grads
+            counter = SavedActivations(lambda store=store: store.held_bytes)
 
             def run_plait(i, counting, engine=engine, opt=opt, counter=counter):
                 with counter() if counting else contextlib.nullcontext():
@@ -121,30 +151,36 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
                 opt.zero_grad(set_to_none=True)
 
             runners[f"plait {name} m={m}"] = (run_plait, counter, engine)
+            if name == "zb1p" and m % PP:
+                continue  # torch's zero-bubble schedules need a multiple of pp micro-batches
 
             layers = build_gpt(CFG, seed=0)
-            module = nn.Sequential(*layers[bounds[rank]:bounds[rank + 1]])
-            stage = PipelineStage(module, rank, PP, torch.device("cpu"))
-            schedule = torch_cls(stage, m, loss_fn=gpt_loss)
-            topt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+            ids = rank_stages(rank, PP, virtual, schedule_layout(name))
+            modules = [nn.Sequential(*layers[cut[s]:cut[s + 1]]) for s in ids]
+            stages = [pipelining.PipelineStage(mod, s, PP * virtual, torch.device("cpu")) for mod, s in zip(modules, ids)]
+            cls = getattr(pipelining, TORCH_SCHEDULES[name])
+            schedule = cls(stages[0] if name in ("gpipe", "1f1b") else stages, m, loss_fn=gpt_loss)
+            params = list(dict.fromkeys(p for mod in modules for p in mod.parameters()))  # the tied weight once
+            topt = torch.optim.AdamW(params, lr=1e-4, fused=True)
             tcounter = SavedActivations()
+            first, last = 0 in ids, PP * virtual - 1 in ids
+            # Under the loop layout the tied embedding / LM head is on both ranks: each holds a copy.
+            # Under zbv's V both stages are on rank 0, one Parameter, whose gradient autograd sums.
+            tied = layers[0].wte.weight if virtual == 1 else None
 
-            tied = layers[0].wte.weight  # the LM head's weight too: each stage holds a copy
-
-            def run_torch(i, counting, schedule=schedule, opt=topt, counter=tcounter, tied=tied):
+            def run_torch(i, counting, schedule=schedule, opt=topt, counter=tcounter, tied=tied, first=first,
+                          last=last):
                 x, y = batch(i)
+                kwargs = {"target": y, "losses": []} if last else {}
                 with counter() if counting else contextlib.nullcontext():
-                    if rank == 0:
-                        schedule.step(x)
-                        loss = torch.zeros((), dtype=torch.float64)
-                    else:
-                        losses = []
-                        schedule.step(target=y, losses=losses)
-                        loss = torch.stack(losses).mean().detach().double()
+                    schedule.step(x, **kwargs) if first else schedule.step(**kwargs)
+                loss = (torch.stack(kwargs["losses"]).mean().detach().double() if last
+                        else torch.zeros((), dtype=torch.float64))
                 # What plait's train_step also does, and a torch user must add: sum the tied
                 # embedding's gradient over the two stages (or the copies drift apart), and
                 # give every rank the step's loss.
-                dist.all_reduce(tied.grad)
+                if tied is not None:
+                    dist.all_reduce(tied.grad)
                 dist.all_reduce(loss)
                 loss.item()
                 opt.step()
@@ -154,11 +190,13 @@ def make_runners(microbatches: list[int], bounds: list[int]) -> dict:
     return runners
 
 
-def measure(rounds: int, steps: int, microbatches: list[int], bounds: list[int]) -> dict:
-    runners = make_runners(microbatches, bounds)
+def measure(rounds: int, steps: int, microbatches: list[int], schedules: list[str], bounds: dict) -> dict:
+    runners = make_runners(microbatches, schedules, bounds)
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
     busy: dict[str, list[float]] = {n: [] for n in names}
+    window: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    costs: dict[str, dict[tuple[str, int], list[float]]] = {n: {} for n in names}
     for n in names:  # warm-up (and torch's shape inference), then one step counting activations:
         runners[n][0](0, False)  # the counting hooks cost time, so timed steps run without them
         runners[n][0](0, True)
@@ -172,73 +210,146 @@ def measure(rounds: int, steps: int, microbatches: list[int], bounds: list[int])
                 times[n].append(time.perf_counter() - t0)
                 if engine is not None:
                     busy[n].append(engine.executor.compute_s)
-    return {"times": times, "busy": busy, "peak": {n: runners[n][1].peak for n in names}}
+                    window[n].append(engine.executor.compute_window())
+                    for action, seconds in engine.executor.action_seconds():
+                        costs[n].setdefault((action.kind, action.stage), []).append(seconds)
+    return {"times": times, "busy": busy, "window": window, "peak": {n: runners[n][1].peak for n in names},
+            "costs": {n: {k: statistics.median(v) for k, v in c.items()} for n, c in costs.items()}}
+
+
+def pipeline_bubbles(res: list[dict], key: str) -> list[float]:
+    """Each timed step's bubble: 1 - compute of both ranks / (2 x span from the first start to the last end)."""
+    out = []
+    for step in range(len(res[0]["busy"][key])):
+        start = min(r["window"][key][step][0] for r in res)
+        end = max(r["window"][key][step][1] for r in res)
+        out.append(1 - sum(r["busy"][key][step] for r in res) / (PP * (end - start)))
+    return out
+
+
+def simulated_bubble(name: str, m: int, costs: dict[tuple[str, int], float]) -> float:
+    """plait's order of `name`, simulated with the action times plait measured on each stage."""
+    virtual = virtual_of(name)
+    total = PP * virtual
+    split = any(kind == "I" for kind, _ in costs)
+    per = {kind: [costs.get((kind, s), 0.0) for s in range(total)] for kind in "FBIW"}
+    backward = [per["I"][s] + per["W"][s] for s in range(total)] if split else per["B"]
+    return simulate(make_schedule(name, PP, m, virtual), PP, m, virtual, forward_cost=per["F"],
+                    backward_cost=backward, input_cost=per["I"] if split else None,
+                    weight_cost=per["W"] if split else None, layout=schedule_layout(name)).bubble
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1, help="steps of each configuration per round")
     parser.add_argument("--microbatches", default="2,4,8")
+    parser.add_argument("--schedules", default="gpipe,1f1b,zb1p,zbv")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ms = [int(m) for m in args.microbatches.split(",")]
+    schedules = args.schedules.split(",")
     layers = build_gpt(CFG, seed=0)
     sample = batch(0)[0][: GLOBAL_BATCH // max(ms)]
-    costs = layer_costs(layers, "profile", sample)  # seconds per layer for one micro-batch of the largest m
-    bounds = list(partition(layers, PP, "profile", sample_input=sample).bounds)  # balanced by measured cost
+    # Balanced by measured cost: 2 stages for one per rank, 4 for zbv's two per rank.
+    bounds = {v: list(partition(layers, PP * v, "profile", sample_input=sample).bounds) for v in (1, 2)}
     print(f"GPT {CFG.n_layer} layers x {CFG.n_embd}, vocab {CFG.vocab_size}: "
           f"{count_params(layers) / 1e6:.2f} M parameters, float32; global batch {GLOBAL_BATCH} x {CFG.block_size}; "
-          f"2 stages cut at {bounds}; {args.rounds} rounds x {args.steps} steps; 1 thread per process; "
-          f"torch {torch.__version__}")
-    res = spawn(measure, PP, args.rounds, args.steps, ms, bounds, timeout=3000,
+          f"2 stages cut at {bounds[1]}, zbv's 4 at {bounds[2]}; {args.rounds} rounds x {args.steps} steps; "
+          f"1 thread per process; torch {torch.__version__}")
+    res = spawn(measure, PP, args.rounds, args.steps, ms, schedules, bounds, timeout=6000,
                 deferred_completion=False)  # plain gloo: the wrapper is for tests
     med = {n: statistics.median(t) for n, t in res[0]["times"].items()}
     t1 = med["one process"]
-    stage_cost = [sum(costs[bounds[s]:bounds[s + 1]]) for s in range(PP)]
     print(f"\n{'run':<16} {'step (ms)':>10} {'vs torch':>9} {'efficiency':>11} {'bubble':>7} {'sim':>6} "
-          f"{'theory':>7} {'act MiB s0':>11} {'s1':>6}")
+          f"{'theory':>7} {'act MiB r0':>11} {'r1':>6}")
     print(f"{'one process':<16} {t1 * 1e3:>10.1f}")
-    measured, simulated = {}, {}
+    measured, simulated, peaks = {}, {}, {}
     for m in ms:
-        for name in ("gpipe", "1f1b"):
+        for name in schedules:
             for engine in ("plait", "torch"):
                 key = f"{engine} {name} m={m}"
+                if key not in med:
+                    print(f"{key:<16} {'(torch needs m a multiple of pp)':>40}")
+                    continue
                 t = med[key]
                 eff = t1 / (PP * t)
-                fwd = [c / 3 for c in stage_cost]  # forward about a third of forward + backward
-                sim = simulate(make_schedule(name, PP, m), PP, m, forward_cost=fwd,
-                               backward_cost=[2 * f for f in fwd]).bubble
-                ratio = f"{t / med[f'torch {name} m={m}']:>9.3f}" if engine == "plait" else f"{'':>9}"
-                acts = [r["peak"][key] / 2**20 for r in res]
-                bubble = f"{'-':>7}"
+                other = f"torch {name} m={m}"
+                ratio = f"{t / med[other]:>9.3f}" if engine == "plait" and other in med else f"{'':>9}"
+                peaks[key] = [r["peak"][key] / 2**20 for r in res]
+                bubble = sim = f"{'-':>7}"
                 if engine == "plait":
-                    busy = sum(statistics.median(r["busy"][key]) for r in res)
-                    bubble = f"{1 - busy / (PP * t):>7.3f}"
-                    measured[(name, m)] = 1 - busy / (PP * t)
-                print(f"{key:<16} {t * 1e3:>10.1f} {ratio} {eff:>11.3f} {bubble} {sim:>6.3f} "
-                      f"{theoretical_bubble(name, PP, m):>7.3f} {acts[0]:>11.1f} {acts[1]:>6.1f}")
-                simulated[(name, m)] = sim
+                    measured[(name, m)] = statistics.median(pipeline_bubbles(res, key))
+                    costs = {k: v for r in res for k, v in r["costs"][key].items()}
+                    simulated[(name, m)] = simulated_bubble(name, m, costs)
+                    bubble, sim = f"{measured[(name, m)]:>7.3f}", f"{simulated[(name, m)]:>6.3f}"
+                theory = theoretical_bubble(name, PP, m, virtual_of(name))
+                print(f"{key:<16} {t * 1e3:>10.1f} {ratio} {eff:>11.3f} {bubble} {sim:>6} "
+                      f"{theory:>7.3f} {peaks[key][0]:>11.1f} {peaks[key][1]:>6.1f}")
+
+    print("\nplait's measured action times, median ms per (kind, stage), as the simulator takes them:")
+    for m in ms:
+        for name in schedules:
+            costs = {k: v for r in res for k, v in r["costs"][f"plait {name} m={m}"].items()}
+            print(f"  {name} m={m}: " + "  ".join(f"{kind}{stage} {costs[(kind, stage)] * 1e3:.1f}"
+                                                for kind, stage in sorted(costs, key=lambda k: (k[1], "FBIW".index(k[0])))))
+
     # The machine drifts between rounds more than the engines differ: the verdict pairs each
     # round's plait steps with the same round's torch steps (see benchmarks/data_parallel.py).
     def per_round(key):
         ts, k = res[0]["times"][key], args.steps
         return [statistics.median(ts[r * k:(r + 1) * k]) for r in range(args.rounds)]
 
+    def paired(a, b):
+        ratios = [x / y for x, y in zip(per_round(a), per_round(b))]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return statistics.median(ratios), q
+
     print(f"\npaired per round, median (quartiles) over {args.rounds} rounds; efficiency is 1 - measured bubble:")
     worst = 0.0
     for m in ms:
-        for name in ("gpipe", "1f1b"):
-            ratios = [a / b for a, b in zip(per_round(f"plait {name} m={m}"), per_round(f"torch {name} m={m}"))]
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            worst = max(worst, statistics.median(ratios))
+        for name in schedules:
+            if f"torch {name} m={m}" not in med:
+                continue
+            ratio, q = paired(f"plait {name} m={m}", f"torch {name} m={m}")
+            worst = max(worst, ratio)
             eff = 1 - measured[(name, m)]
-            print(f"  {name} m={m}: plait/torch {statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f}); "
-                  f"efficiency {eff:.3f} = {eff / (1 - theoretical_bubble(name, PP, m)):.2f} x its bound "
-                  f"1 - theory, {eff / (1 - simulated[(name, m)]):.2f} x 1 - sim")
+            theory = theoretical_bubble(name, PP, m, virtual_of(name))
+            print(f"  {name} m={m}: plait/torch {ratio:.3f} ({q[0]:.3f}-{q[2]:.3f}); efficiency {eff:.3f} = "
+                  f"{eff / (1 - theory):.2f} x its bound 1 - theory, {eff / (1 - simulated[(name, m)]):.2f} x 1 - sim")
     gap = max(measured[k] - simulated[k] for k in measured)
     print(f"worst paired plait/torch step-time ratio {worst:.3f} (target <= 1.00); largest excess of plait's "
           f"measured bubble over the simulated one: {gap:.3f}")
+    targets(ms, schedules, med, measured, peaks, paired)
+
+
+def targets(ms, schedules, med, measured, peaks, paired) -> None:
+    """Issue 18's targets, each PASS or MISS, from the figures above."""
+    rows = []
+    if {"zb1p", "1f1b"} <= set(schedules) and 4 in ms:
+        ratio, _ = paired("plait zb1p m=4", "torch 1f1b m=4")
+        rows.append((ratio <= 0.90, "zb1p m=4 step <= 0.90 x torch Schedule1F1B (paired)", f"{ratio:.3f}"))
+    if "zbv" in schedules:
+        for m in ms:
+            if f"torch zbv m={m}" in med:
+                ratio, _ = paired(f"plait zbv m={m}", f"torch zbv m={m}")
+                rows.append((ratio <= 1.0, f"zbv m={m} step <= torch ScheduleZBVZeroBubble (paired)", f"{ratio:.3f}"))
+    if {"zb1p", "1f1b"} <= set(schedules):
+        for m in (m for m in ms if m in (4, 8)):
+            zb, ob = measured[("zb1p", m)], measured[("1f1b", m)]
+            rows.append((zb <= 0.5 * ob, f"zb1p m={m} measured bubble <= half of plait 1F1B's",
+                         f"{zb:.3f} vs {ob:.3f} = {zb / ob:.2f}"))
+        for m in ms:
+            zb, ob = peaks[f"plait zb1p m={m}"], peaks[f"plait 1f1b m={m}"]
+            per_rank = [a / b for a, b in zip(zb, ob)]
+            rows.append((max(zb) <= 1.1 * max(ob), f"zb1p m={m} peak activations <= 1.1 x 1F1B's (largest rank)",
+                         f"{max(zb):.1f} / {max(ob):.1f} MiB = {max(zb) / max(ob):.2f}; per rank "
+                         + " / ".join(f"{x:.2f}" for x in per_rank)))
+    if rows:
+        print("\ntargets")
+        for ok, what, figure in rows:
+            print(f"  {'PASS' if ok else 'MISS'}  {what:<62} {figure}")
+
 
 if __name__ == "__main__":
     main()

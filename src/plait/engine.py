@@ -38,7 +38,7 @@ from plait.parallel.data_parallel import GradientSync
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
-from plait.parallel.schedule import Action, make_schedule, rank_stages
+from plait.parallel.schedule import Action, make_schedule, rank_stages, schedule_layout, stage_rank
 from plait.parallel.tied import TiedGradients, find_tied
 from plait.parallel.weight_grad import defer_linears
 from plait.watchdog import wait
@@ -54,12 +54,13 @@ class Engine:
             each takes and returns one tensor.
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
         mesh: a DeviceMesh with axes "pp" and "dp" (plait.make_mesh); None for one process.
-        schedule: "gpipe", "1f1b" or "interleaved-1f1b" (used when pp > 1); or the training
-            actions themselves, {pp rank: [Action, ...]} for every pp rank (kinds F, B, I, W;
-            parallel/schedule.py validates them), used as given, also with pp = 1.
+        schedule: "gpipe", "1f1b", "interleaved-1f1b", "zb1p" or "zbv" (used when pp > 1); or
+            the training actions themselves, {pp rank: [Action, ...]} for every pp rank (kinds
+            F, B, I, W; parallel/schedule.py validates them), used as given, also with pp = 1.
+            zb1p and zbv split each backward into I and W (parallel/zero_bubble.py).
         microbatches: micro-batches per step on this data-parallel rank; with
             one pipeline stage this is gradient accumulation.
-        virtual_stages: stages per pipeline rank (interleaved-1f1b).
+        virtual_stages: stages per pipeline rank (interleaved-1f1b; 2 for zbv).
         partition_method: how layers are cut into stages: "uniform", "params", "profile".
         split: manual cut indices, overriding `partition_method`.
         autocast_dtype: run forwards under `torch.autocast` in this dtype
@@ -74,6 +75,8 @@ class Engine:
         device: where meta layers are materialised (default: the CPU).
         activation_checkpointing: "none", "selective" or "full" (plait.checkpointing), applied
             to every layer but the first and last.
+        layout: how stages sit on ranks, for actions given as a dict: "loop" (stage s on rank
+            s % pp) or "v" (zbv's); a named schedule brings its own (`schedule_layout`).
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
@@ -81,7 +84,8 @@ class Engine:
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
                  sample_input: torch.Tensor | None = None, init: Init | None = None,
-                 device: torch.device | str | None = None, activation_checkpointing: str = "none"):
+                 device: torch.device | str | None = None, activation_checkpointing: str = "none",
+                 layout: str = "loop"):
         layers = list(layers)
         on_meta = any(is_meta(layer) for layer in layers)
         if on_meta and init is None:
@@ -103,6 +107,9 @@ class Engine:
         if self.pp_size == 1 and isinstance(schedule, str):
             schedule, virtual_stages = "1f1b", 1  # one stage: F0 B0 F1 B1 ... is accumulation
         self.schedule = schedule
+        if isinstance(schedule, str):
+            layout = schedule_layout(schedule)
+        self.layout = layout
         num_stages = self.pp_size * virtual_stages
         self.partition: Partition = partition(layers, num_stages, partition_method, split, sample_input)
         if mesh is not None and partition_method == "profile" and split is None:
@@ -110,7 +117,7 @@ class Engine:
             dist.broadcast_object_list(box, src=0)
             self.partition = box[0]
         # This rank's stages, and the global index of each layer it holds (for state_dict keys).
-        self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages)
+        self.stage_ids = rank_stages(self.pp_rank, self.pp_size, virtual_stages, layout)
         self.layer_ids = [j for s in self.stage_ids for j in self.partition.stage_layers(s)]
         # Keys that name a weight another key already names (the tied LM head), for checkpoints.
         # Found by identity, before any layer is materialised (a meta tied weight is one object).
@@ -121,7 +128,7 @@ class Engine:
                 self.tied_keys.update({f"{j}.{name}": first_key[p]} if p in first_key else {})
                 first_key.setdefault(p, f"{j}.{name}")
         layer_stage = [s for s in range(num_stages) for _ in self.partition.stage_layers(s)]
-        tied = find_tied(layers, layer_stage, self.pp_size) if self.pp_size > 1 else []
+        tied = find_tied(layers, layer_stage, self.pp_size, layout) if self.pp_size > 1 else []
         # Only this rank's layers get memory; the rest of the list stays on the meta device.
         real = materialize(layers, self.layer_ids, init, device or "cpu") if on_meta else {}
         tied = [(real.get(p, p), ranks) for p, ranks in tied]
@@ -131,22 +138,22 @@ class Engine:
         pp_ranks = mesh["pp"].mesh.flatten().tolist() if mesh is not None else [0]
         self._pp_ranks = pp_ranks
         self.executor = PipelineExecutor(stages, num_stages, pp_ranks, loss_fn, self._autocast, self.describe,
-                                         {s: self.partition.stage_layers(s) for s in self.stage_ids})
+                                         {s: self.partition.stage_layers(s) for s in self.stage_ids}, layout)
         # This rank's actions, and its plan of sends and receives around them (parallel/p2p.py).
         if isinstance(schedule, str):
             train = make_schedule(schedule, self.pp_size, microbatches, virtual_stages)
         else:  # given as actions: p2p_plan below validates them (simulate)
             train = {r: list(acts) for r, acts in schedule.items()}
-        evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages)
+        evaluate = make_schedule("forward-only", self.pp_size, microbatches, virtual_stages, layout)
         self.train_actions = train[self.pp_rank]
         self.eval_actions = evaluate[self.pp_rank]
         lead = self.executor.lead
-        self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
+        self.train_plan = p2p_plan(train, self.pp_size, microbatches, virtual_stages, lead, layout)[self.pp_rank]
         # Generation runs one micro-batch (the growing sequence) forward through the pipeline.
-        one = make_schedule("forward-only", self.pp_size, 1, virtual_stages)
+        one = make_schedule("forward-only", self.pp_size, 1, virtual_stages, layout)
         self.generate_actions = one[self.pp_rank]
-        self.generate_plan = p2p_plan(one, self.pp_size, 1, virtual_stages, lead)[self.pp_rank]
-        self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages, lead)[self.pp_rank]
+        self.generate_plan = p2p_plan(one, self.pp_size, 1, virtual_stages, lead, layout)[self.pp_rank]
+        self.eval_plan = p2p_plan(evaluate, self.pp_size, microbatches, virtual_stages, lead, layout)[self.pp_rank]
         self.is_last_stage = num_stages - 1 in self.stage_ids
         # I and W: this rank's linear layers defer their weight gradients to W (parallel/weight_grad.py),
         # and each stage's last backward action of the step (W or B) is where its gradients are complete.
@@ -290,10 +297,11 @@ class Engine:
                 else:
                     nxt = torch.empty(idx.size(0), 1, dtype=torch.long, device=idx.device)
                 if self.pp_group is not None:
-                    work = dist.broadcast(nxt, src=self._pp_ranks[-1], group=self.pp_group, async_op=True)
+                    sampler = self._pp_ranks[stage_rank(self.executor.num_stages - 1, self.pp_size, self.layout)]
+                    work = dist.broadcast(nxt, src=sampler, group=self.pp_group, async_op=True)
                     me = self.describe(dist.get_rank())
                     wait(work, lambda s: f"{me} waited {s:.0f} s for the next sampled token from "
-                                         f"{self.describe(self._pp_ranks[-1])}")
+                                         f"{self.describe(sampler)}")
                 idx = torch.cat([idx, nxt], dim=1)
         finally:
             ex.loss_fn, ex.recorder = saved_loss_fn, saved_recorder

@@ -134,7 +134,7 @@ def write_chrome_trace(events: list[Event], path: str | Path, metadata: dict) ->
 
 def step_stats(events: list[Event], step: int, ranks: list[int]) -> dict:
     """For one traced step over `ranks` (one pipeline): its span, each rank's compute time, the
-    measured bubble, and the median forward/backward time of each stage."""
+    measured bubble, and the median time of each kind of action (F, B, I, W) on each stage."""
     mine = [e for e in events if e.step == step and e.rank in ranks]
     start = min(e.start for e in mine if e.kind in COMPUTE)
     end = max(e.end for e in mine if e.kind in COMPUTE)
@@ -152,7 +152,7 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
                   microbatches: int, virtual: int, metadata: dict) -> dict:
     """trace.json and pipeline.png for a traced run; returns the figures for the run's summary."""
     from plait.charts import Box, boxes_from_simulation, draw_pipeline
-    from plait.parallel.schedule import make_schedule, simulate, theoretical_bubble
+    from plait.parallel.schedule import make_schedule, schedule_layout, simulate, theoretical_bubble
 
     run_dir = Path(run_dir)
     write_chrome_trace(events, run_dir / "trace.json", metadata)
@@ -165,17 +165,24 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
                     str(e.microbatch) if e.kind in COMPUTE else "", max(e.stage, 0) // pp)
                 for e in events if e.step == step and e.rank in rows and e.end > t0]
     num_stages = pp * virtual
-    fwd = [stats["cost"].get(("F", s), 0.0) for s in range(num_stages)]
-    bwd = [stats["cost"].get(("B", s), 0.0) for s in range(num_stages)]
+    cost = stats["cost"]
+    fwd = [cost.get(("F", s), 0.0) for s in range(num_stages)]
+    # A split schedule runs I and W instead of B: the simulation takes their measured costs.
+    split = any(kind == "I" for kind, _ in cost)
+    inp = [cost.get(("I", s), 0.0) for s in range(num_stages)] if split else None
+    wgt = [cost.get(("W", s), 0.0) for s in range(num_stages)] if split else None
+    bwd = [inp[s] + wgt[s] for s in range(num_stages)] if split else [cost.get(("B", s), 0.0)
+                                                                     for s in range(num_stages)]
     # Rows carry the rank numbers of the job (as the `ranks:` line and trace.json do), not row numbers.
     row_labels = [f"rank {r} (dp={r % dp}, pp={r // dp})" for r in rows]
     which = ("" if dp == 1 else f", all {dp} replicas" if pp == 1
              else f", replica 0 (ranks {', '.join(map(str, rows))})")
     panels = [(f"measured: step {step + 1}{which}", measured, "s")]
     sim_bubble = None
-    if pp > 1 and all(fwd) and all(bwd):
+    if pp > 1 and all(fwd) and all(bwd) and (not split or (all(inp) and all(wgt))):
         sim = simulate(make_schedule(schedule, pp, microbatches, virtual), pp, microbatches, virtual,
-                       forward_cost=fwd, backward_cost=bwd)
+                       forward_cost=fwd, backward_cost=bwd, input_cost=inp, weight_cost=wgt,
+                       layout=schedule_layout(schedule))
         sim_bubble = sim.bubble
         panels.append(("simulated with the measured stage costs", boxes_from_simulation(sim, virtual), "s"))
     theory = theoretical_bubble(schedule, pp, microbatches, virtual) if pp > 1 else 0.0

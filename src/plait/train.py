@@ -43,6 +43,7 @@ from plait.config import Config
 from plait.data import check_length, get_batch, is_prepared, load_prepared, prepare
 from plait.build import build_engine, build_optimizer  # noqa: F401 - build_optimizer: this module's API too
 from plait.engine import Engine
+from plait.parallel.schedule import rank_stages
 from plait.errors import TrainingError
 from plait.lr import lr_at, plan_of, replan
 from plait.model import flops_per_token
@@ -222,7 +223,7 @@ def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, n
         f"micro-batches x {p.dp} replicas")
     if mesh is not None:
         holders = [f"{r}: dp {r % p.dp} stage{'s' if p.virtual_stages > 1 else ''} "
-                   f"{','.join(str(st) for st in range(r // p.dp, p.pp * p.virtual_stages, p.pp))}"
+                   f"{','.join(str(st) for st in rank_stages(r // p.dp, p.pp, p.virtual_stages, engine.layout))}"
                    for r in range(p.world_size)]
         log("ranks: " + "; ".join(holders))
     if p.pp > 1:

@@ -9,7 +9,7 @@ import plait
 from plait import distributed
 from plait.model import GPTConfig, build_gpt, gpt_loss
 from plait.parallel.p2p import p2p_plan
-from plait.parallel.schedule import make_schedule
+from plait.parallel.schedule import make_schedule, rank_stages, schedule_layout
 from tests.distributed.harness import spawn, train_one_process
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=6, n_head=2, n_embd=16, tie_embeddings=False)
@@ -24,8 +24,8 @@ def global_batch(step, rows):
 
 def layouts(pp):
     """(schedule, micro-batches, virtual stages) to check for `pp` stages."""
-    out = [(name, m, 1) for name in ("gpipe", "1f1b") for m in (1, pp, 2 * pp + 1)]
-    return out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)]
+    out = [(name, m, 1) for name in ("gpipe", "1f1b", "zb1p") for m in (1, pp, 2 * pp + 1)]
+    return out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)] + [("zbv", m, 2) for m in (1, pp, 2 * pp)]
 
 
 def make_optimizer(params):
@@ -40,26 +40,31 @@ def reference(m, steps=STEPS):
 
 
 def torch_accepts(schedule, m, pp):
-    """torch's Schedule1F1B refuses fewer micro-batches than stages; ours runs them."""
-    return not (schedule == "1f1b" and m < pp)
+    """torch's Schedule1F1B refuses fewer micro-batches than stages, ours runs them; zb1p is
+    compared with torch's ScheduleInterleavedZeroBubble on one stage per rank, which needs a
+    multiple of pp micro-batches (ours runs any number)."""
+    return not ((schedule == "1f1b" and m < pp) or (schedule == "zb1p" and m % pp))
 
 
 def torch_pipelining_grads(schedule, m, virtual, bounds):
     """One step of torch's own pipelining on the same stages; this rank's gradients by name."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                              ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
     pp, rank = distributed.world_size(), distributed.rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
-    stage_ids = list(range(rank, pp * virtual, pp))
+    stage_ids = rank_stages(rank, pp, virtual, schedule_layout(schedule))
     stages = [PipelineStage(nn.Sequential(*layers[bounds[s]:bounds[s + 1]]), s, pp * virtual, torch.device("cpu"))
               for s in stage_ids]
-    if schedule == "interleaved-1f1b":
-        runner = ScheduleInterleaved1F1B(stages, m, loss_fn=gpt_loss)
+    if schedule in ("interleaved-1f1b", "zb1p", "zbv"):
+        cls = {"interleaved-1f1b": ScheduleInterleaved1F1B, "zb1p": ScheduleInterleavedZeroBubble,
+               "zbv": ScheduleZBVZeroBubble}[schedule]
+        runner = cls(stages, m, loss_fn=gpt_loss)
     else:
         runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], m, loss_fn=gpt_loss)
     x, y = global_batch(0, 2 * m)
     kwargs = {}
-    if rank == pp - 1:
+    if pp * virtual - 1 in stage_ids:  # the loss's rank: the last under the loop layout, the first under zbv's V
         kwargs = {"target": y, "losses": []}
     runner.step(x, **kwargs) if rank == 0 else runner.step(**kwargs)
     return {f"{j}.{name}": p.grad.clone() for s in stage_ids for j in range(bounds[s], bounds[s + 1])
@@ -75,8 +80,8 @@ def train_pp(lead=None, compare_with_torch=True):
         engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=m, virtual_stages=virtual)
         if lead is not None:  # another plan than the one for this backend
             engine.executor.lead = lead
-            engine.train_plan = p2p_plan(make_schedule(schedule, pp, m, virtual), pp, m, virtual, lead)[
-                distributed.rank()]
+            engine.train_plan = p2p_plan(make_schedule(schedule, pp, m, virtual), pp, m, virtual, lead,
+                                         schedule_layout(schedule))[distributed.rank()]
         opt = make_optimizer(engine.parameters())
         losses, first_grads = [], None
         for step in range(STEPS):

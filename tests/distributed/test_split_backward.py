@@ -157,12 +157,11 @@ def assert_hybrid_equals_one_process(ranks):
             assert max(abs(a - b) for a, b in zip(r[n]["norms"], ref_norms)) <= 1e-9, level
 
 
-# dp = 2 x pp = 2, GPT-2's tied embedding cut across the stages, 2 micro-batches per replica.
-HYBRID = {0: acts("0F0 0F1 0I0 0I1 0W0 0W1"), 1: acts("1F0 1I0 1F1 1I1 1W0 1W1")}
-
-
-def test_dp2_pp2_split_schedule_with_tied_embeddings_and_zero_equals_one_process():
-    assert_hybrid_equals_one_process(spawn(train_hybrid_split, 4, 2, 2, HYBRID, 1, timeout=400))
+# dp = 2 x pp = 2, 2 micro-batches per replica: zb1p cuts GPT-2's tied embedding across the two
+# ranks; zbv's V puts the embedding and the LM head both on pp rank 0, one Parameter in two stages.
+@pytest.mark.parametrize("schedule,virtual", [("zb1p", 1), ("zbv", 2)])
+def test_dp2_pp2_zero_bubble_with_tied_embeddings_clipping_and_zero_equals_one_process(schedule, virtual):
+    assert_hybrid_equals_one_process(spawn(train_hybrid_split, 4, 2, 2, schedule, virtual, timeout=400))
 
 
 # dp = 2, two stages on each rank as a V layout's first rank holds them: the tied embedding and

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import matplotlib.image
+import pytest
 
 from plait.parallel.schedule import make_schedule
 
@@ -14,21 +15,24 @@ ARGS = ["--dp", "1", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", "
         "--sample-tokens", "0", "--no-progress", "--trace"]
 
 
-def test_traced_1f1b_run(tmp_path, data_dir):
+@pytest.mark.parametrize("schedule,virtual", [("1f1b", 1), ("zbv", 2)])
+def test_traced_run(tmp_path, data_dir, schedule, virtual):
+    """zbv: I and W recorded as the schedule orders them, on the V layout's two stages per rank."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "plait", "train", *ARGS, "--data-dir", data_dir, "--out", str(out)],
+    args = [*ARGS, "--schedule", schedule, "--virtual-stages", str(virtual)]
+    proc = subprocess.run([sys.executable, "-m", "plait", "train", *args, "--data-dir", data_dir, "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trace = json.loads((out / "trace.json").read_text())
     events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     for e in events:
         assert {"name", "cat", "ph", "ts", "dur", "pid", "tid"} <= set(e) and e["dur"] >= 0
-    schedule = make_schedule("1f1b", 2, 4)
+    actions = make_schedule(schedule, 2, 4, virtual)
     for step in (2, 3):  # the traced steps (0-based), after two of warm-up
         for rank in (0, 1):
             mine = sorted((e for e in events if e["pid"] == rank and e["args"]["step"] == step
-                           and e["cat"] in ("F", "B")), key=lambda e: e["ts"])
-            assert [f"{e['args']['stage']}{e['name']}" for e in mine] == [str(a) for a in schedule[rank]]
+                           and e["cat"] in ("F", "B", "I", "W")), key=lambda e: e["ts"])
+            assert [f"{e['args']['stage']}{e['name']}" for e in mine] == [str(a) for a in actions[rank]]
     png = out / "pipeline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(png).shape
@@ -42,4 +46,6 @@ def test_traced_1f1b_run(tmp_path, data_dir):
     assert f"{'tokens/s':<28}{tokens_per_s:>14,.0f}" in report.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert f"{summary['trace']['bubble_measured']:.3f} measured" in report.stdout
+    # The simulation of the traced step ran, with the measured F (and B, or I and W) times.
+    assert 0 <= summary["trace"]["bubble_simulated"] < 1
     assert (out / "throughput.png").is_file() and (out / "loss.png").is_file()

@@ -48,6 +48,28 @@ def test_torchrun_resume_is_exact(hybrid_run, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_zbv_through_plait_train_matches_one_process_and_resumes_exactly(single_run, tmp_path, data_dir):
+    """The zero-bubble V as a user starts it: float64 parameters and sample as one process's, its
+    checkpoints resumed bit-identically (the tied embedding and LM head are one Parameter on
+    pp rank 0 under the V, two stages apart)."""
+    out = tmp_path / "zbv"
+    layout = ["--dp", "2", "--pp", "2", "--microbatches", "2", "--schedule", "zbv", "--virtual-stages", "2"]
+    proc = plait(["train", *ARGS, *layout, "--data-dir", data_dir, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipeline: zbv, 4 stages on 2 ranks" in proc.stdout
+    assert_same_model(model_at(single_run), model_at(out))
+    assert (out / "sample.txt").read_text() == (single_run / "sample.txt").read_text()
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000006")
+    proc = plait(["train", "--resume", str(cut), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {cut}/checkpoints/step-000004 at step 4" in proc.stdout
+    a, b = model_at(out), model_at(cut)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_layout_that_does_not_fill_the_job_is_refused(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "plait", "train", *ARGS, "--dp", "4", "--pp", "1", "--microbatches", "1", "--data-dir", data_dir,

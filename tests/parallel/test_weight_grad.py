@@ -40,7 +40,7 @@ def grads(model):
 
 
 def split_backward(loss, store=None, key=0):
-    """I then W for one micro-batch; returns the names of parameters with a gradient after I."""
+    """I then W for one micro-batch."""
     store = store or WeightGradStore()
     with store.deferring(key):
         loss.backward()
@@ -143,19 +143,35 @@ def test_checkpointed_blocks_recompute_in_i_and_w_keeps_what_it_needs(mode):
     assert_equal(grads(ours), grads(ref))
 
 
-def test_a_checkpointed_linear_layer_stays_checkpointed_around_the_deferred_forward():
+def test_a_checkpointed_linear_layer_is_not_deferred_and_gets_its_gradients_in_i():
     torch.manual_seed(0)
     layers = [nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)]
     ref = [nn.Linear(8, 8) for _ in layers]
     for a, b in zip(ref, layers):
         b.load_state_dict(a.state_dict())
     checkpointing.apply(layers, "full")  # the middle one
-    defer_linears(layers)
+    assert defer_linears(layers) == 2
     assert [checkpointing.mode_of(m) for m in layers] == ["none", "full", "none"]
+    assert [bool(m.__dict__.get("_plait_deferred")) for m in layers] == [True, False, True]
     x = torch.randn(4, 8)
     nn.Sequential(*ref)(x).sum().backward()
-    split_backward(nn.Sequential(*layers)(x).sum())
+    model, store = nn.Sequential(*layers), WeightGradStore()
+    with store.deferring(0):
+        model(x).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["1.weight", "1.bias"]
+    store.run(0)
     assert_equal(grads(nn.Sequential(*layers)), grads(nn.Sequential(*ref)))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_under_engine_checkpointing_only_the_layers_outside_it_defer(mode):
+    """The Engine checkpoints before it defers: the blocks' Linears stay whole in I, the LM head
+    (outside checkpointing) defers. [Note: checkpointing and the split]"""
+    layers = build_gpt(CFG, seed=0)
+    checkpointing.apply(layers, mode)
+    assert defer_linears(layers) == 1
+    deferred = [name for name, m in nn.Sequential(*layers).named_modules() if m.__dict__.get("_plait_deferred")]
+    assert deferred == [f"{len(layers) - 1}.lm_head"]
 
 
 def test_under_bf16_autocast_the_gpt_is_bit_equal_to_autocasts_own_backward():

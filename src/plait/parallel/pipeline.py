@@ -66,13 +66,15 @@ class PipelineExecutor:
         autocast: a callable returning the context to run forwards in.
         describe: global rank -> how to name it in errors, e.g. "rank 3 (dp=1, pp=1)".
         stage_layers: stage -> indices of its layers in the whole model (named in errors).
+        layout: how stages sit on pipeline ranks ("loop", or "v" for zbv: parallel/schedule.py).
     """
 
     def __init__(self, stages: dict[int, nn.Module], num_stages: int, pp_ranks: list[int],
                  loss_fn: Callable, autocast: Callable[[], contextlib.AbstractContextManager],
                  describe: Callable[[int], str] = lambda r: f"rank {r}",
-                 stage_layers: dict[int, Sequence[int]] | None = None):
+                 stage_layers: dict[int, Sequence[int]] | None = None, layout: str = "loop"):
         self.describe = describe
+        self.layout = layout
         self.stage_layers = stage_layers or {}  # stage -> indices of its layers in the whole model, for messages
         self.stages = stages
         self.num_stages = num_stages
@@ -88,13 +90,13 @@ class PipelineExecutor:
         # any order, so early is safe there and lets data land during compute; NCCL needs lockstep.
         self.lead = 1 if dist.is_initialized() and dist.get_backend() == "gloo" else 0
         self.clock: Clock | None = None  # made at the first run, on the inputs' device
-        self._compute: list[tuple] = []  # marks around each forward/backward of the last run
+        self._compute: list[tuple] = []  # (start, end, action) of each compute action of the last run
         self.recorder = None  # a trace.Recorder while tracing
         # What I actions queue for W, per (stage, micro-batch); the Engine sets where W's gradients go.
         self.weight_grads = WeightGradStore()
 
     def _peer(self, stage: int) -> int:
-        return self.pp_ranks[stage_rank(stage, self.pp_size)]
+        return self.pp_ranks[stage_rank(stage, self.pp_size, self.layout)]
 
     def _tag(self, stage: int, microbatch: int, what: int) -> int:
         return (microbatch * self.num_stages + stage) * 3 + what
@@ -102,7 +104,16 @@ class PipelineExecutor:
     @property
     def compute_s(self) -> float:
         """Time in forward/backward during the last run (not waiting); read after the step."""
-        return sum(self.clock.seconds(a, b) for a, b in self._compute)
+        return sum(self.clock.seconds(a, b) for a, b, _ in self._compute)
+
+    def compute_window(self) -> tuple[float, float]:
+        """(start of the first compute action, end of the last) of the last run, in `time.perf_counter`
+        seconds, which processes on one machine share: on the CPU only (a GPU's marks are events)."""
+        return self._compute[0][0], self._compute[-1][1]
+
+    def action_seconds(self) -> list[tuple[Action, float]]:
+        """Each compute action of the last run with its time (what `simulate` takes as costs)."""
+        return [(action, self.clock.seconds(a, b)) for a, b, action in self._compute]
 
     # ---- communication -------------------------------------------------------------
 
@@ -162,13 +173,13 @@ class PipelineExecutor:
         way). The rank that finds one sends an error header instead of a shape, so
         every rank downstream stops with a message too instead of waiting.
         """
-        me = stage_rank(min(self.stages), self.pp_size)
+        me = stage_rank(min(self.stages), self.pp_size, self.layout)
         shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}
         device = first_input.device
         out, failure = None, None
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for step in shape_plan(self.pp_size, self.num_stages // self.pp_size)[me]:
+            for step in shape_plan(self.pp_size, self.num_stages // self.pp_size, self.layout)[me]:
                 if isinstance(step, tuple):  # ("run", s)
                     s = step[1]
                     if s == self.num_stages - 1 or failure is not None:  # the last stage's output crosses nothing
@@ -287,7 +298,7 @@ class PipelineExecutor:
                     else:
                         self._backward(action, received, saved)
                 t1 = self.clock.mark()
-                self._compute.append((t0, t1))
+                self._compute.append((t0, t1, action))
                 if self.recorder is not None:
                     self.recorder.add(action.kind, f"{action.kind}{action.microbatch}", t0, t1,
                                       action.stage, action.microbatch)

@@ -14,14 +14,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.parallel.schedule import stage_rank
 from plait.watchdog import wait
 
 
-def find_tied(layers: list[nn.Module], layer_stage: list[int], pp: int) -> list[tuple[nn.Parameter, tuple[int, ...]]]:
+def find_tied(layers: list[nn.Module], layer_stage: list[int], pp: int,
+              layout: str = "loop") -> list[tuple[nn.Parameter, tuple[int, ...]]]:
     """Parameters held by layers on more than one pipeline rank, with those ranks (sorted).
 
     Every rank gets the same list in the same order: it is computed from the
-    whole layer list, which every rank builds identically.
+    whole layer list, which every rank builds identically. `layout` places the
+    stages (parallel/schedule.py); under zbv's V the first and last stage share
+    rank 0, so GPT-2's tied weight is tied within one rank and not listed.
     """
     holders: dict[nn.Parameter, set[int]] = {}
     order: list[nn.Parameter] = []
@@ -30,7 +34,7 @@ def find_tied(layers: list[nn.Module], layer_stage: list[int], pp: int) -> list[
             if p not in holders:
                 holders[p] = set()
                 order.append(p)
-            holders[p].add(layer_stage[j] % pp)
+            holders[p].add(stage_rank(layer_stage[j], pp, layout))
     return [(p, tuple(sorted(holders[p]))) for p in order if len(holders[p]) > 1]
 
 

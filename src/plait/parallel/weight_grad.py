@@ -139,30 +139,46 @@ def _deferred_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return linear(input, module.weight, module.bias)
 
 
+def _unchecked_modules(root: nn.Module):
+    """`root` and its submodules, leaving out every checkpointed module and what is inside it."""
+    from plait import checkpointing
+
+    if checkpointing.mode_of(root) != "none":
+        return
+    yield root
+    for child in root.children():
+        yield from _unchecked_modules(child)
+
+
 def defer_linears(modules: Iterable[nn.Module]) -> int:
     """Make every `nn.Linear` inside `modules` run `linear`; returns how many it changed.
 
     Only the instance's `forward` is replaced: parameters, names and tied weights stay as they
-    are. A Linear already checkpointed (plait.checkpointing) keeps its checkpointing, around the
-    new forward. Idempotent; with no store deferring, the new forward gives the same values and
+    are. Idempotent; with no store deferring, the new forward gives the same values and
     gradients as the old.
-    """
-    from plait import checkpointing
 
+    [Note: checkpointing and the split] A module checkpointed by plait.checkpointing (a whole
+    layer, or a Linear itself) is left as it is, and so is everything inside it: its backward
+    recomputes the forward and runs whole in I. Deferring there would keep each recomputed
+    matmul's input and output gradient until W, about as much as the layer saves without
+    checkpointing (16 of a GPT block's widths against checkpointing's 1), and a zero-bubble
+    schedule holds up to pp micro-batches between I and W: the peak would exceed 1F1B's with
+    checkpointing by far. Left whole, a checkpointed layer costs what it costs under 1F1B,
+    and W keeps the layers outside (the embedding and the LM head by default).
+    """
     changed = 0
     for root in modules:
-        for m in root.modules():
+        for m in _unchecked_modules(root):
             if type(m) is not nn.Linear or m.__dict__.get("_plait_deferred"):
                 continue
-            mode = checkpointing.mode_of(m)
-            if mode != "none":
-                checkpointing.checkpoint_layer(m, "none")
             m.forward = functools.partial(_deferred_forward, m)
             m._plait_deferred = True
-            if mode != "none":
-                checkpointing.checkpoint_layer(m, mode)  # wraps the instance's forward, ours
             changed += 1
     return changed
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class WeightGradStore:
@@ -177,16 +193,22 @@ class WeightGradStore:
     def __init__(self, accumulate: Accumulate | None = None):
         self.accumulate = accumulate or accumulate_grad
         self._queues: dict[Hashable, list] = {}
+        # Bytes of the output gradients queued and not yet run: what W holds beyond the forward's
+        # saved inputs (those are autograd's saved tensors, kept alive by the queue until W).
+        self.held_bytes = 0
 
     @contextlib.contextmanager
     def deferring(self, key: Hashable):
         """Inside, the backward of `linear` queues its weight gradients under `key` (the I action)."""
         global _queue
-        outer, _queue = _queue, self._queues.setdefault(key, [])
+        queue = self._queues.setdefault(key, [])
+        before = len(queue)
+        outer, _queue = _queue, queue
         try:
             yield
         finally:
             _queue = outer
+            self.held_bytes += sum(_nbytes(item[3]) for item in queue[before:])
 
     def pending(self) -> list[Hashable]:
         """Keys whose weight gradients are queued and not yet run (holding their activations)."""
@@ -195,6 +217,7 @@ class WeightGradStore:
     def clear(self) -> None:
         """Drop every queued piece of work (and the activations it holds), run or not."""
         self._queues.clear()
+        self.held_bytes = 0
 
     def run(self, key: Hashable) -> None:
         """The W action: compute `key`'s queued weight gradients and accumulate them, freeing each
@@ -215,6 +238,7 @@ class WeightGradStore:
         with torch.no_grad():
             while queue:
                 weight, bias, x, grad_out = queue.pop()
+                self.held_bytes -= _nbytes(grad_out)
                 gw, gb = _weight_grads(x, grad_out, weight is not None, bias is not None)
                 del x, grad_out
                 for p, g in ((weight, gw), (bias, gb)):
