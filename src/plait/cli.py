@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     slurm.add_argument("--job-name", default="plait", metavar="NAME",
                        help="letters, digits, '.', '_' and '-' (default: plait)")
+    slurm.add_argument("--signal-grace", type=int, default=120, metavar="SECONDS",
+                       help="Slurm sends the stop signal (--stop-signal, default SIGTERM) this long before the "
+                            "time limit: the run checkpoints, stops and requeues itself (default: 120)")
     slurm.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS")
     export = sub.add_parser("export", help="write a run's newest checkpoint as one file or a Hugging Face folder",
                             description="Export the newest complete checkpoint of a run: as one safetensors "
@@ -209,7 +212,8 @@ def _slurm(args: argparse.Namespace) -> int:
         raise ConfigError(f"dp({cfg.parallel.dp}) * pp({cfg.parallel.pp}) = {cfg.parallel.world_size} != "
                           f"{args.nodes} nodes x {args.gpus_per_node} GPUs = {args.nodes * args.gpus_per_node}; "
                           f"choose --dp and --pp to fill the allocation")
-    print(slurm_script(args.nodes, args.gpus_per_node, train_args, args.partition, args.time, args.job_name))
+    print(slurm_script(args.nodes, args.gpus_per_node, train_args, args.partition, args.time, args.job_name,
+                       stop_signal=cfg.launch.stop_signal, signal_grace=args.signal_grace))
     return 0
 
 
@@ -398,11 +402,43 @@ def main(argv: list[str] | None = None) -> int:
                     plan_run_dir(cfg, args.resume, warn=lambda _line: None)
 
             def run_training() -> int:
-                train(cfg, resume=args.resume)
+                from plait.stop import STOPPED, StopRequested, StopSignals, before_first_step_line
+
+                stops = StopSignals(cfg.launch.stop_signal).install()
+                # A worker under a launcher leaves a stop with 0, for torch's agent would restart it
+                # otherwise; the launcher then returns STOPPED itself (plait/stop.py).
+                stopped_code = 0 if under_launcher() else STOPPED
+                rank0 = int(os.environ.get("RANK", 0)) == 0
+                try:
+                    result = train(cfg, resume=args.resume, stops=stops)
+                except StopRequested as e:
+                    if rank0:
+                        print(before_first_step_line(e.name), flush=True)
+                    return stopped_code
+                except (PlaitError, RuntimeError):
+                    if stops.requested is None:
+                        raise
+                    # A peer that stopped before the first step closed its connections: this is
+                    # the same stop, not a failure.
+                    if rank0:
+                        print(before_first_step_line(stops.name), flush=True)
+                    return stopped_code
+                finally:
+                    stops.uninstall()
+                if result.stopped is not None:
+                    if rank0:
+                        print(result.stopped, flush=True)
+                    return stopped_code
                 return 0
 
-            return _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend),
+            code = _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend),
                                        check_before_launch)
+            if code == 0 and not under_launcher() and cfg.parallel.world_size > 1 and cfg.launch.node_rank == 0:
+                from plait.stop import STOPPED, finished
+
+                # The workers left with 0: a finished run has its last step's checkpoint, a stopped one not.
+                return 0 if finished(cfg.output.out, cfg.train.steps) else STOPPED
+            return code
         from plait.verify import devices, options, verify
 
         checked = devices(cfg)

@@ -20,6 +20,7 @@ from typing import Any
 
 from plait.errors import ConfigError
 from plait.model_shape import PRESETS, GPTConfig
+from plait.stop import STOP_SIGNALS
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -193,6 +194,9 @@ class LaunchConfig:
     max_restarts: int = option(0, "times torch's launcher restarts the workers after one fails", min=0)
     backend: str = option("auto", "collectives; they follow --device (nccl on cuda, gloo on cpu), and a "
                                   "backend named here must be that one", choices=("auto", "gloo", "nccl"))
+    stop_signal: str = option("SIGTERM", "a signal that, like SIGTERM and SIGINT, stops the run after the step "
+                                         "all ranks agree on, with a checkpoint (a second one stops at once)",
+                              choices=STOP_SIGNALS)
 
     def __post_init__(self) -> None:
         _check_fields(self, "launch")

@@ -170,6 +170,13 @@ class Engine:
         self.grad_sync = None
         self._before_access: list[Callable[[], None]] = []
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
+        # [Note: stop agreement] `stop_signal()` says whether this rank was asked to stop (the
+        # signal's number, or 0; plait/stop.py). Each train_step adds it to the loss's all-reduce,
+        # which every rank of the job joins: after it, every rank holds the same `stop_agreed`,
+        # the number of the signal that asked (0: none; -1: ranks were asked by different signals),
+        # at no cost beyond two more numbers in a collective the step makes anyway.
+        self.stop_signal: Callable[[], int] | None = None
+        self.stop_agreed = 0
         self.tied = None
         if tied:
             columns = mesh.mesh.reshape(self.pp_size, self.dp_size).T.tolist()
@@ -256,9 +263,9 @@ class Engine:
             self.tied.sync(self.describe, grad_of=(lambda p: sync.bucket_of(p).shard) if sharded else None)
         # [Note: one read per step] The loss, the gradient norm and the used-flags come back to
         # the host in one transfer: the step's only synchronisation with the device.
-        values = self._reduce_and_read(total, self._grad_norm_sq(), flags)
+        values = self._reduce_and_read(total, self._grad_norm_sq(), flags, stop=True)
         if sync is not None:
-            sync.apply_flags(values[2:], keep=self.tied.params if self.tied is not None else frozenset())
+            sync.apply_flags(values[4:], keep=self.tied.params if self.tied is not None else frozenset())
         self._grad_norm = (values[1] ** 0.5, self._norm_tensor)
         return values[0]
 
@@ -326,14 +333,20 @@ class Engine:
                 sq += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
         return sq
 
-    def _reduce_and_read(self, loss_sum: torch.Tensor, norm_sq: torch.Tensor, flags: list[torch.Tensor]) -> list:
+    def _reduce_and_read(self, loss_sum: torch.Tensor, norm_sq: torch.Tensor, flags: list[torch.Tensor],
+                         stop: bool = False) -> list:
         """Sum the micro-batch losses and the norm's shares over all ranks; read them and `flags`.
 
-        Returns [global mean loss, squared gradient norm, *flags]. Only last-stage ranks
-        hold a loss: summing over every rank and dividing by dp gives every rank the
-        same global mean.
+        Returns [global mean loss, squared gradient norm, *flags], and with `stop` [loss, norm,
+        ranks asking to stop, sum of their signals' numbers, *flags] ([Note: stop agreement]),
+        setting `stop_agreed`. Only last-stage ranks hold a loss: summing over every rank and
+        dividing by dp gives every rank the same global mean.
         """
-        both = torch.stack([loss_sum / self.num_microbatches, norm_sq])
+        parts = [loss_sum / self.num_microbatches, norm_sq]
+        if stop:
+            signum = self.stop_signal() if self.stop_signal is not None else 0
+            parts += [norm_sq.new_tensor(float(signum > 0)), norm_sq.new_tensor(float(signum))]
+        both = torch.stack(parts)
         if self.mesh is not None and dist.get_world_size() > 1:
             work = dist.all_reduce(both, async_op=True)
             me = self.describe(dist.get_rank())
@@ -342,6 +355,10 @@ class Engine:
             both[0] /= self.dp_size
         self._norm_tensor = both[1].sqrt()
         values = torch.cat([both, *(f.double() for f in flags)]).tolist()
+        if stop:
+            asking, total = values[2], values[3]
+            # Ranks asked by different signals agree to stop all the same; -1 says the signals differ.
+            self.stop_agreed = 0 if asking == 0 else int(total // asking) if total % asking == 0 else -1
         return values
 
     def clip_grad_norm_(self, max_norm: float) -> float:

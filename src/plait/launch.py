@@ -27,7 +27,7 @@ import uuid
 from datetime import timedelta
 
 from plait.config import Config
-from plait.errors import ConfigError, PlaitError
+from plait.errors import ConfigError, PlaitError, say
 
 
 _LISTENERS: list[socket.socket] = []  # the rendezvous store's listening socket, open for the launcher's life
@@ -96,9 +96,55 @@ def _honour_shutdown_timeout() -> None:
             if pcontext is not None:
                 close = pcontext.close
                 pcontext.close = lambda death_sig=None, timeout=limit: close(death_sig, min(timeout, limit))
+                if _FORWARDER is not None:  # after torch's process context took the signals: ours win
+                    _FORWARDER.attach(pcontext)
             return started
 
     launcher_api.LocalElasticAgent = Agent
+
+
+class StopForwarder:
+    """The launcher's part of a graceful stop (plait/stop.py): the first stop signal goes on to this
+    node's workers, and the launcher goes on waiting for them to checkpoint and leave; a second,
+    more than `window_s` later, is torch's: its agent stops the workers (SIGTERM, then SIGKILL).
+
+    torch's agent, left alone, takes SIGTERM and SIGINT as "tear down now" and lets a signal such
+    as SIGUSR1 end the launcher by default, so a stop lost the step in progress and everything
+    since the last checkpoint.
+    """
+
+    def __init__(self, stop_signal: str, window_s: float = 2.0):
+        from plait.stop import signals_for
+
+        self.signals = signals_for(stop_signal)
+        self.window_s = window_s
+        self.first: float | None = None
+        self._pcontext = None
+
+    def attach(self, pcontext) -> None:
+        """Take the stop signals for the workers of `pcontext` (each restart round has its own)."""
+        self._pcontext = pcontext
+        for sig in self.signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            for pid in self._pcontext.pids().values():
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:  # already gone: the agent will see it
+                    pass
+            return
+        if now - self.first < self.window_s:  # the same stop, arriving twice (Ctrl-C reaches the whole group)
+            return
+        from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+        _terminate_process_handler(signum, frame)  # raises torch's SignalException: its agent tears down
+
+
+_FORWARDER: StopForwarder | None = None
 
 
 def under_launcher() -> bool:
@@ -118,6 +164,7 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
     address given, not to all interfaces. A node other than 0 first waits up to
     --timeout for node 0's store to answer (`_wait_for_rendezvous`).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -158,8 +205,15 @@ def launch(cfg: Config, command: str, argv: list[str], devices: tuple[str, str] 
         _check_port_free(lc.rdzv)
     elif lc.rdzv:
         _wait_for_rendezvous(lc.rdzv, cfg.parallel.timeout)
+    global _FORWARDER
+    _FORWARDER = StopForwarder(cfg.launch.stop_signal)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", command, *argv)
+    except SignalException as e:  # a second stop signal (StopForwarder), or SIGHUP/SIGQUIT: torch stopped the workers
+        name = signal.Signals(e.sigval).name
+        second = f"a second {name}" if _FORWARDER.first is not None else name
+        say(f"plait: stopped at once on {second}; the workers were stopped without another checkpoint")
+        return 128 + e.sigval
     except ChildFailedError as e:
         dp = cfg.parallel.dp
         silent = _silent_ranks(e.failures.values())
@@ -256,11 +310,13 @@ SLURM_PARTITIONS = re.compile(r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*")  # sbatch t
 
 
 def check_slurm_options(nodes: int, gpus_per_node: int, partition: str | None, time: str | None,
-                        job_name: str) -> None:
+                        job_name: str, signal_grace: int = 120) -> None:
     """Refuse, by option, what would make a broken or unsafe sbatch script."""
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if not 0 <= signal_grace <= 65535:  # sbatch --signal's limit
+        raise ConfigError(f"--signal-grace must be between 0 and 65535 seconds (got {signal_grace})")
     if time is not None and not SLURM_TIME.fullmatch(time):
         raise ConfigError(f"--time {time!r} is not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, "
                           f"D-HH:MM or D-HH:MM:SS, e.g. 04:00:00")
@@ -271,9 +327,21 @@ def check_slurm_options(nodes: int, gpus_per_node: int, partition: str | None, t
                           f"(several partitions: separated by commas)")
 
 
+def _run_dir_of(train_args: list[str]) -> str | None:
+    """The run folder the train options name (--out or --resume, the last one given), or None."""
+    found = None
+    for i, arg in enumerate(train_args):
+        for flag in ("--out", "--resume"):
+            if arg == flag and i + 1 < len(train_args):
+                found = train_args[i + 1]
+            elif arg.startswith(flag + "="):
+                found = arg[len(flag) + 1:]
+    return found
+
+
 def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partition: str | None = None,
                  time: str | None = None, job_name: str = "plait", cpus_per_task: int | None = None,
-                 python: str | None = None) -> str:
+                 python: str | None = None, stop_signal: str = "SIGTERM", signal_grace: int = 120) -> str:
     """An sbatch script: one task per node, each starting that node's workers with the
     rendezvous on the allocation's first node.
 
@@ -282,8 +350,17 @@ def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partitio
     interpreter is what activating it does for Python, so the script works
     where `plait` is not on the compute nodes' PATH, as long as they see the
     same path (a shared file system).
+
+    A long run outlives its allocation: Slurm sends `stop_signal` `signal_grace` seconds before
+    the time limit (`--signal`, to the tasks, which pass it on to their workers), the run
+    checkpoints the step it reached and exits with plait.stop.STOPPED (3), and the script puts
+    the job back in the queue (`scontrol requeue`; `--requeue` also lets Slurm requeue it after a
+    node failure or a preemption). A requeued job runs the script again, with the same job id:
+    it finds the run's folder (config.toml there) and resumes it. The run folder is --out (or
+    --resume) of the train options, else runs/<job name>-<job id>. `--open-mode=append` keeps
+    each attempt's output in the one log.
     """
-    check_slurm_options(nodes, gpus_per_node, partition, time, job_name)
+    check_slurm_options(nodes, gpus_per_node, partition, time, job_name, signal_grace)
     python = python or os.path.abspath(sys.executable)  # not resolved: a venv's python is a symlink out of it
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus_per_node}"]
@@ -293,8 +370,15 @@ def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partitio
         lines.append(f"#SBATCH --partition={partition}")
     if time:
         lines.append(f"#SBATCH --time={time}")
+    run_dir = _run_dir_of(train_args)
+    fresh = [a for a in train_args]
+    if run_dir is None:
+        fresh += ["--out", "__RUN_DIR__"]
     lines += [
         "#SBATCH --output=%x-%j.out",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --signal={stop_signal.removeprefix('SIG')}@{signal_grace}",
+        "#SBATCH --requeue",
         "set -euo pipefail",
         "",
         "# plait runs with the Python this script was generated from, and so in its environment",
@@ -312,9 +396,29 @@ def slurm_script(nodes: int, gpus_per_node: int, train_args: list[str], partitio
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         "port=$((20000 + SLURM_JOB_ID % 20000))",
         "",
+        "# The run's folder. A job that Slurm requeued (the run stopped on the signal before the time",
+        "# limit, a preemption, a node failure) finds its run there and carries it on.",
+        f"run={shlex.quote(run_dir)}" if run_dir is not None
+        else 'run="runs/${SLURM_JOB_NAME:-plait}-${SLURM_JOB_ID}"',
+        'if [ -f "$run/config.toml" ]; then',
+        '    set -- --resume "$run"',
+        "else",
+        "    set -- " + " ".join('"$run"' if a == "__RUN_DIR__" else shlex.quote(a) for a in fresh),
+        "fi",
+        "",
+        "set +e",
         "srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" -m plait train \\",
         '    --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$1:$2" "${@:3}"\' \\',
-        '    "$python" "$head" "$port" ' + " ".join(shlex.quote(a) for a in train_args),
+        '    "$python" "$head" "$port" "$@"',
+        "code=$?",
+        "set -e",
+        "# 3: plait stopped on the signal with a checkpoint (plait.stop.STOPPED); back into the queue.",
+        'if [ "$code" -eq 3 ]; then',
+        '    echo "plait: stopped before the time limit; requeueing job $SLURM_JOB_ID to resume $run"',
+        '    scontrol requeue "$SLURM_JOB_ID" || true  # a preemption may have requeued it already',
+        "    exit 0",
+        "fi",
+        'exit "$code"',
         "",
     ]
     return "\n".join(lines)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from plait.data import check_length, get_batch, is_prepared, load_prepared, prep
 from plait.build import build_engine, build_optimizer  # noqa: F401 - build_optimizer: this module's API too
 from plait.engine import Engine
 from plait.parallel.schedule import rank_stages
+from plait.stop import StopSignals, stopped_line
 from plait.errors import TrainingError
 from plait.lr import lr_at, plan_of, replan
 from plait.model import flops_per_token
@@ -60,6 +63,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
     sample: str = ""
+    stopped: str | None = None  # after a graceful stop, its one line (plait/stop.py); None if the run finished
 
 
 def evaluate(engine: Engine, tokens, cfg: Config, device: torch.device, dp_rank: int) -> float:
@@ -107,22 +111,41 @@ class Run:
                                 group=self.ckpt_group, trainer={"lr_schedule": plan_of(self.cfg, self.anchor)})
 
 
-def train(cfg: Config, resume: str | None = None, log=print) -> TrainResult:
+def train(cfg: Config, resume: str | None = None, log=print, stops: StopSignals | None = None) -> TrainResult:
     """Train a GPT as `cfg` says; with `resume`, continue that run from its newest checkpoint.
 
     Called on every rank of the job (torchrun starts them); in a single process
     it needs no launcher. A new run refuses a folder that is not empty, and a
     resume a --steps not past its checkpoint, before writing anything
     (plait/rundir.py).
+
+    `stops` takes this process's stop signals (plait/stop.py; made and installed here if None,
+    from the main thread). A stop before the model is built raises StopRequested; after it,
+    the run ends at the step every rank agrees on with a checkpoint of it, and the result's
+    `stopped` holds the line that says so.
     """
-    run = set_up(cfg, resume, log)
-    result = TrainResult(run_dir=run.run_dir, steps=cfg.train.steps)
-    run_steps(run, result)
-    wrap_up(run, result)
-    return result
+    own = stops is None and threading.current_thread() is threading.main_thread()
+    if own:
+        stops = StopSignals(cfg.launch.stop_signal).install()
+    try:
+        if stops is not None:
+            stops.raising = True
+        run = set_up(cfg, resume, log, stops)
+        if stops is not None:
+            run.engine.stop_signal = lambda: int(stops.requested or 0)
+        result = TrainResult(run_dir=run.run_dir, steps=cfg.train.steps)
+        run_steps(run, result)
+        if result.stopped is None:
+            wrap_up(run, result)
+        return result
+    finally:
+        if stops is not None:
+            stops.raising = False
+        if own:
+            stops.uninstall()
 
 
-def set_up(cfg: Config, resume: str | None, log) -> Run:
+def set_up(cfg: Config, resume: str | None, log, stops: StopSignals | None = None) -> Run:
     """Join the job, prepare the data and the run directory, build the model, and resume if asked.
 
     A layout predicted to need more than --max-memory-gb is refused first, before any process
@@ -160,6 +183,10 @@ def set_up(cfg: Config, resume: str | None, log) -> Run:
         # Another --steps re-plans the rest of the cosine from here, with no jump (plait/lr.py).
         anchor = replan(trainer_state(start).get("lr_schedule"), first_step, cfg)
         log(f"resumed from {start} at step {first_step}")
+    # From here a stop signal only sets a flag: the step loop acts on it, with a checkpoint
+    # (the model exists now), and nothing below is left half-written by an exception.
+    if stops is not None:
+        stops.raising = False
     if main:  # only now: a resume refused above records none of its options
         save_config(run_dir, cfg)
     if start is not None:
@@ -189,6 +216,7 @@ def _prepare_data(cfg: Config):
         if folder is not None and is_prepared(folder):
             data = load_prepared(folder)
         else:  # rank 0; or a rank on another machine that does not see rank 0's folder
+            maybe_die("in-prepare", 0)
             data = prepare(d.data, d.data_dir, progress=main and cfg.output.progress, **d.prepare_options())
         check_length(data.train, cfg.seq_len, "train")
         check_length(data.val, cfg.seq_len, "validation")
@@ -277,15 +305,24 @@ def run_steps(run: Run, result: TrainResult) -> None:
             bar.update(1)
             if "val_loss" in record and not cfg.output.progress:
                 log(f"step {done}: loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
-            if done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0:
+            saved = done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0
+            if saved:
                 run.checkpoint(done)
             maybe_die("after-step", done)
+            if engine.stop_agreed and done < cfg.train.steps:  # every rank read the same ([Note: stop agreement])
+                if not saved:
+                    run.checkpoint(done)
+                name = signal.Signals(engine.stop_agreed).name if engine.stop_agreed > 0 else "stop signals"
+                result.stopped = stopped_line(done, name, str(run.run_dir / "checkpoints" / f"step-{done:06d}"),
+                                              str(run.run_dir))
+                break
         bar.close()
-        # Measured here, not at the end: the plan is of training, and saving a checkpoint (ZeRO's
-        # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
-        run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
-        if run.first_step < cfg.train.steps:
-            run.checkpoint(cfg.train.steps)
+        if result.stopped is None:
+            # Measured here, not at the end: the plan is of training, and saving a checkpoint (ZeRO's
+            # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
+            run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
+            if run.first_step < cfg.train.steps:
+                run.checkpoint(cfg.train.steps)
     finally:
         if metrics is not None:
             metrics.close()

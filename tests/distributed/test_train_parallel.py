@@ -48,26 +48,23 @@ def test_torchrun_resume_is_exact(hybrid_run, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_zbv_through_plait_train_matches_one_process_and_resumes_exactly(single_run, tmp_path, data_dir):
-    """The zero-bubble V as a user starts it: float64 parameters and sample as one process's, its
-    checkpoints resumed bit-identically (the tied embedding and LM head are one Parameter on
-    pp rank 0 under the V, two stages apart)."""
+def test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly(single_run, tmp_path, data_dir):
+    """The zero-bubble V as a user starts it: float64 parameters and sample as one process's. Then
+    the same run stopped by SIGTERM to one worker (rank 3) checkpoints the step every rank agreed
+    on and, resumed, ends bit-identical to the uninterrupted run (the tied embedding and LM head
+    are one Parameter on pp rank 0 under the V, two stages apart)."""
+    from tests.distributed.test_stop import resume_and_compare, stopped_run
+
     out = tmp_path / "zbv"
     layout = ["--dp", "2", "--pp", "2", "--microbatches", "2", "--schedule", "zbv", "--virtual-stages", "2"]
     proc = plait(["train", *ARGS, *layout, "--data-dir", data_dir, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pipeline: zbv, 4 stages on 2 ranks" in proc.stdout
+    assert "ranks: 0: dp 0 stages 0,3; 1: dp 1 stages 0,3; 2: dp 0 stages 1,2; 3: dp 1 stages 1,2" in proc.stdout
     assert_same_model(model_at(single_run), model_at(out))
     assert (out / "sample.txt").read_text() == (single_run / "sample.txt").read_text()
-    cut = tmp_path / "cut"
-    shutil.copytree(out, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-000006")
-    proc = plait(["train", "--resume", str(cut), "--no-progress"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {cut}/checkpoints/step-000004 at step 4" in proc.stdout
-    a, b = model_at(out), model_at(cut)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    stopped, step = stopped_run(tmp_path, data_dir, layout, "term-after-step:3:rank=3", name="stopped")
+    resume_and_compare(stopped, step, out)
 
 
 def test_layout_that_does_not_fill_the_job_is_refused(tmp_path, data_dir):

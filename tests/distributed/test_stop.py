@@ -1,0 +1,102 @@
+"""A stop signal ends the run after a step every rank agrees on, with its checkpoint; resuming loses nothing."""
+
+import json
+
+import pytest
+import torch
+
+import plait
+from plait import distributed
+from plait.model import GPTConfig, build_gpt, gpt_loss
+from plait.report import read_metrics
+from tests.distributed.harness import spawn
+from tests.distributed.runs import ARGS, HYBRID, model_at, plait as run_plait
+
+DP2 = ["--dp", "2", "--pp", "1", "--microbatches", "2"]
+
+
+def agreement(asks):
+    """Each rank's stop_agreed after one train_step, rank r asking with signal number asks[r] (0: none)."""
+    mesh = plait.make_mesh(dp=2, pp=2)
+    cfg = GPTConfig(vocab_size=61, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    engine = plait.Engine(build_gpt(cfg, seed=0), gpt_loss, mesh, microbatches=2)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    seen = [engine.stop_agreed]
+    engine.stop_signal = lambda: asks[distributed.rank()]
+    engine.train_step(x, torch.roll(x, -1, dims=1))
+    seen.append(engine.stop_agreed)
+    engine.stop_signal = lambda: 0
+    engine.train_step(x, torch.roll(x, -1, dims=1))
+    return seen + [engine.stop_agreed]
+
+
+@pytest.mark.parametrize("asks,agreed", [([0, 0, 0, 0], 0), ([0, 0, 0, 15], 15), ([15, 15, 15, 15], 15),
+                                         ([10, 0, 15, 0], -1)])
+def test_every_rank_reads_the_same_stop_from_the_step_s_own_all_reduce(asks, agreed):
+    """One rank asked (a signal to one worker) or all of them (through the launcher): every rank of
+    the dp=2 x pp=2 job agrees after that step, on the signal's number; the next step asks nothing."""
+    assert spawn(agreement, 4, asks, timeout=120) == [[0, agreed, 0]] * 4
+
+
+def stopped_run(tmp_path, data_dir, layout, fault, name="run"):
+    out = tmp_path / name
+    proc = run_plait(["train", *ARGS, *layout, "--data-dir", data_dir, "--out", str(out)], fault=fault)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stopped at step")]
+    assert len(lines) == 1, proc.stdout
+    step = int(lines[0].split()[3])
+    assert lines[0] == (f"stopped at step {step} on SIGTERM; checkpoint {out}/checkpoints/step-{step:06d}; "
+                        f"resume with: plait train --resume {out}")
+    # Nothing lost: the checkpoint is of the last step the run took.
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == step
+    assert json.loads((out / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())["step"] == step
+    assert 3 <= step < 6
+    return out, step
+
+
+def resume_and_compare(out, step, reference):
+    proc = run_plait(["train", "--resume", str(out), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step-{step:06d} at step {step}" in proc.stdout
+    a, b = model_at(reference), model_at(out)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory, data_dir):
+    """An uninterrupted dp=2 run, the reference of the stopped one."""
+    out = tmp_path_factory.mktemp("dp2") / "run"
+    proc = run_plait(["train", *ARGS, *DP2, "--data-dir", data_dir, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sigterm_to_the_launcher_at_dp2_checkpoints_the_step_reached_and_resumes_bit_identically(
+        dp2_run, tmp_path, data_dir):
+    out, step = stopped_run(tmp_path, data_dir, DP2, "term-launcher-after-step:3:rank=0")
+    resume_and_compare(out, step, dp2_run)
+
+
+# SIGTERM to one worker of a dp=2 x pp=2 job (the zero-bubble V layout): tests/distributed/
+# test_train_parallel.py::test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly.
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    proc = run_plait(["train", *ARGS, "--dp", "1", "--pp", "1", "--checkpoint-every", "0", "--data-dir", data_dir,
+                      "--out", str(out)], fault="term-twice-after-step:2:rank=0")
+    assert proc.returncode == 128 + 15, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == "plait: stopped at once on a second SIGTERM; no checkpoint written for this stop"
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("layout", [["--dp", "1", "--pp", "1"], DP2], ids=["one process", "dp=2 launched"])
+def test_a_signal_while_the_data_is_prepared_exits_cleanly_with_nothing_half_written(tmp_path, layout):
+    cache, out = tmp_path / "cache", tmp_path / "run"  # a cache of its own: the default corpus is prepared anew
+    fault = "term-launcher-in-prepare:0:rank=0" if layout == DP2 else "term-in-prepare:0:rank=0"
+    proc = run_plait(["train", *ARGS, *layout, "--data-dir", str(cache), "--out", str(out)], fault=fault)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "stopped before the first step on SIGTERM; nothing was written" in proc.stdout.splitlines()
+    assert not out.exists() or not any(out.iterdir())  # no config.toml, no checkpoint
+    assert not cache.exists() or not [p for p in cache.rglob("*") if ".tmp-" in p.name]
