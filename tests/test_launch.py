@@ -12,18 +12,33 @@ from plait.verify import _report, _small_copy
 
 def test_slurm_script(capsys):
     assert main(["slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "01:00:00",
-                 "--", "--dp", "4", "--pp", "2", "--model", "gpt2-124m", "--steps", "1000"]) == 0
+                 "--", "--dp", "4", "--pp", "2", "--model", "gpt2-124m", "--steps", "1000", "--stop-signal",
+                 "SIGUSR1"]) == 0
     script = capsys.readouterr().out
-    assert script.splitlines()[:9] == [
+    assert script.splitlines()[:12] == [
         "#!/bin/bash", "#SBATCH --job-name=plait", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00",
-        "#SBATCH --output=%x-%j.out", "set -euo pipefail"]
+        "#SBATCH --output=%x-%j.out", "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@120",
+        "#SBATCH --requeue", "set -euo pipefail"]
     assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in script
     # Not `plait` from PATH: this interpreter by its absolute path, i.e. the environment the script came from.
     assert f"python={shlex.quote(os.path.abspath(sys.executable))}\n" in script
     assert "srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" -m plait train \\" in script
     assert '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$1:$2" "${@:3}"' in script
-    assert script.rstrip().endswith('"$python" "$head" "$port" --dp 4 --pp 2 --model gpt2-124m --steps 1000')
+    # No --out: the run folder is named after the job, which keeps its id when Slurm requeues it.
+    assert ('run="runs/${SLURM_JOB_NAME:-plait}-${SLURM_JOB_ID}"\nif [ -f "$run/config.toml" ]; then\n'
+            '    set -- --resume "$run"\nelse\n    set -- --dp 4 --pp 2 --model gpt2-124m --steps 1000 '
+            '--stop-signal SIGUSR1 --out "$run"\nfi\n') in script
+    assert '    "$python" "$head" "$port" "$@"\n' in script
+
+
+def test_slurm_signal_grace(capsys):
+    assert main(["slurm", "--nodes", "1", "--gpus-per-node", "2", "--signal-grace", "600", "--", "--dp", "2",
+                 "--pp", "1"]) == 0
+    assert "#SBATCH --signal=TERM@600\n" in capsys.readouterr().out
+    assert main(["slurm", "--nodes", "1", "--gpus-per-node", "2", "--signal-grace", "-1", "--", "--dp", "2",
+                 "--pp", "1"]) == 2
+    assert capsys.readouterr().err == "plait: error: --signal-grace must be between 0 and 65535 seconds (got -1)\n"
 
 
 def test_slurm_script_runs_the_given_python_with_each_node_s_rank(tmp_path):

@@ -171,7 +171,7 @@ class Engine:
         self._before_access: list[Callable[[], None]] = []
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
         # [Note: stop agreement] `stop_signal()` says whether this rank was asked to stop (the
-        # signal's number, or 0; plait/stop.py). Each train_step adds it to the loss's all-reduce,
+        # signal's number, or 0; plait/stop.py; None: no agreement). Each train_step adds it to the loss's all-reduce,
         # which every rank of the job joins: after it, every rank holds the same `stop_agreed`,
         # the number of the signal that asked (0: none; -1: ranks were asked by different signals),
         # at no cost beyond two more numbers in a collective the step makes anyway.
@@ -263,9 +263,10 @@ class Engine:
             self.tied.sync(self.describe, grad_of=(lambda p: sync.bucket_of(p).shard) if sharded else None)
         # [Note: one read per step] The loss, the gradient norm and the used-flags come back to
         # the host in one transfer: the step's only synchronisation with the device.
-        values = self._reduce_and_read(total, self._grad_norm_sq(), flags, stop=True)
+        stop = self.stop_signal is not None
+        values = self._reduce_and_read(total, self._grad_norm_sq(), flags, stop=stop)
         if sync is not None:
-            sync.apply_flags(values[4:], keep=self.tied.params if self.tied is not None else frozenset())
+            sync.apply_flags(values[4 if stop else 2:], keep=self.tied.params if self.tied is not None else frozenset())
         self._grad_norm = (values[1] ** 0.5, self._norm_tensor)
         return values[0]
 
@@ -344,7 +345,7 @@ class Engine:
         """
         parts = [loss_sum / self.num_microbatches, norm_sq]
         if stop:
-            signum = self.stop_signal() if self.stop_signal is not None else 0
+            signum = self.stop_signal()
             parts += [norm_sq.new_tensor(float(signum > 0)), norm_sq.new_tensor(float(signum))]
         both = torch.stack(parts)
         if self.mesh is not None and dist.get_world_size() > 1:

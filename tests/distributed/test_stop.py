@@ -72,14 +72,16 @@ def dp2_run(tmp_path_factory, data_dir):
     return out
 
 
-def test_sigterm_to_the_launcher_at_dp2_checkpoints_the_step_reached_and_resumes_bit_identically(
+def test_sigterm_to_one_worker_at_dp2_checkpoints_the_step_reached_and_resumes_bit_identically(
         dp2_run, tmp_path, data_dir):
-    out, step = stopped_run(tmp_path, data_dir, DP2, "term-launcher-after-step:3:rank=0")
+    """Rank 1 alone gets the signal; the step's all-reduce tells rank 0, which writes the line."""
+    out, step = stopped_run(tmp_path, data_dir, DP2, "term-after-step:3:rank=1")
     resume_and_compare(out, step, dp2_run)
 
 
-# SIGTERM to one worker of a dp=2 x pp=2 job (the zero-bubble V layout): tests/distributed/
-# test_train_parallel.py::test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly.
+# SIGTERM to the launcher: of a dp=2 x pp=2 job (the zero-bubble V layout) in tests/distributed/
+# test_train_parallel.py::test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly;
+# of a dp=2 job as Slurm sends it, in test_the_slurm_script_requeues_a_stopped_run_... below.
 
 
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, data_dir):
@@ -100,3 +102,60 @@ def test_a_signal_while_the_data_is_prepared_exits_cleanly_with_nothing_half_wri
     assert "stopped before the first step on SIGTERM; nothing was written" in proc.stdout.splitlines()
     assert not out.exists() or not any(out.iterdir())  # no config.toml, no checkpoint
     assert not cache.exists() or not [p for p in cache.rglob("*") if ".tmp-" in p.name]
+
+
+def free_port_in(low, high):
+    """A port in [low, high) nothing listens on now (the Slurm script derives its port from the job id)."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(low, high), 200):
+        try:
+            socket.create_server(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def test_the_slurm_script_requeues_a_stopped_run_and_the_requeued_job_resumes_it(dp2_run, tmp_path, data_dir):
+    """`plait slurm`'s script, run by bash with srun and scontrol stood in for: the stop signal Slurm
+    sends before the time limit (here: rank 0 sends it to its launcher after step 3) ends the run
+    with a checkpoint and exit 3, the script requeues the job; run again as Slurm reruns a requeued
+    job (same job id), it resumes the run folder and finishes bit-identical to an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from plait.launch import slurm_script
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\nshift\nSLURM_NODEID=0 exec "$@"\n')  # one node: task 0
+    (fake / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo localhost; '
+                                   'elif [ "$1" = requeue ]; then echo "$2" >> "$REQUEUES"; fi\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "run"
+    script = slurm_script(1, 2, [*ARGS, *DP2, "--data-dir", data_dir, "--out", str(out)], python=sys.executable)
+    port = free_port_in(20000, 40000)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_JOB_ID": str(port - 20000), "SLURM_NNODES": "1", "SLURM_JOB_NAME": "plait",
+           "REQUEUES": str(tmp_path / "requeues")}
+    first = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**env, "PLAIT_FAULT": "term-launcher-after-step:3:rank=0"}, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = [line for line in first.stdout.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1
+    step = int(stopped[0].split()[3])
+    assert first.stdout.splitlines()[-1] == (f"plait: stopped before the time limit; requeueing job {port - 20000} "
+                                             f"to resume {out}")
+    assert (tmp_path / "requeues").read_text() == f"{port - 20000}\n"
+    again = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step-{step:06d} at step {step}" in again.stdout
+    assert (tmp_path / "requeues").read_text() == f"{port - 20000}\n"  # finished: not requeued again
+    a, b = model_at(dp2_run), model_at(out)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

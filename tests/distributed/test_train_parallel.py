@@ -50,8 +50,8 @@ def test_torchrun_resume_is_exact(hybrid_run, tmp_path):
 
 def test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly(single_run, tmp_path, data_dir):
     """The zero-bubble V as a user starts it: float64 parameters and sample as one process's. Then
-    the same run stopped by SIGTERM to one worker (rank 3) checkpoints the step every rank agreed
-    on and, resumed, ends bit-identical to the uninterrupted run (the tied embedding and LM head
+    the same run stopped by SIGTERM to its launcher checkpoints the step every rank agreed on and,
+    resumed, ends bit-identical to the uninterrupted run (the tied embedding and LM head
     are one Parameter on pp rank 0 under the V, two stages apart)."""
     from tests.distributed.test_stop import resume_and_compare, stopped_run
 
@@ -63,7 +63,7 @@ def test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly(
     assert "ranks: 0: dp 0 stages 0,3; 1: dp 1 stages 0,3; 2: dp 0 stages 1,2; 3: dp 1 stages 1,2" in proc.stdout
     assert_same_model(model_at(single_run), model_at(out))
     assert (out / "sample.txt").read_text() == (single_run / "sample.txt").read_text()
-    stopped, step = stopped_run(tmp_path, data_dir, layout, "term-after-step:3:rank=3", name="stopped")
+    stopped, step = stopped_run(tmp_path, data_dir, layout, "term-launcher-after-step:3:rank=0", name="stopped")
     resume_and_compare(stopped, step, out)
 
 
