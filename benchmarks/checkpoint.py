@@ -8,9 +8,10 @@ workers through torch's launcher), in a temporary run directory: dp=2, 8 steps, 
 every 2 steps and at the end, once with --no-async-checkpoint and once with the background
 write (the default). From rank 0's metrics.jsonl: "stall" is `checkpoint_stall_s`, the
 seconds the step loop spent in each checkpoint (median and max over the checkpoints in the
-run, the final one included); "step" the median `step_time` of the steps that did not
-checkpoint, after the first; "after" the median of the steps right after a checkpoint (a
-background write shares the CPU with them); "wall" the whole command, start-up included.
+run, the final one included, and each in step order); "step" the median `step_time` of the
+steps that did not checkpoint, after the first (`step_time` ends before a step's checkpoint;
+with a checkpoint every 2 steps these are the steps that run beside a background write, which
+shares the CPU with them); "wall" the whole command, start-up included.
 
 The DCP row saves a state dict of the same tensors (the async run's last checkpoint: the
 model and AdamW's state, as rank 0 writes them) with
@@ -55,11 +56,9 @@ def plait_run(out: Path, model: str, background: bool, data_dir: str, timeout: f
     stalls = [r["checkpoint_stall_s"] for r in records if "checkpoint_stall_s" in r]
     saved = {r["step"] for r in records if "checkpoint_stall_s" in r}
     plain = [r["step_time"] for r in records[1:] if r["step"] not in saved]
-    after = [r["step_time"] for r in records if r["step"] - 1 in saved]
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     size = sum(p.stat().st_size for p in ckpt.iterdir())
-    return {"stalls": stalls, "step": statistics.median(plain), "after": statistics.median(after) if after else None,
-            "wall": wall, "checkpoint": ckpt, "bytes": size}
+    return {"stalls": stalls, "step": statistics.median(plain), "wall": wall, "checkpoint": ckpt, "bytes": size}
 
 
 def dcp_stalls(checkpoint: Path, rounds: int, scratch: Path) -> dict:
@@ -115,11 +114,10 @@ def main() -> None:
 
     print(f"{model} at dp=2 x pp=1, seq 128, global batch 4, 8 steps, a checkpoint every 2 steps and at the end; "
           f"{last['bytes'] / 2**20:.0f} MiB per checkpoint; torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    print(f"\n{'':<38}{'stall med (s)':>14}{'stall max (s)':>14}{'step (s)':>10}{'after (s)':>11}{'wall (s)':>10}")
+    print(f"\n{'':<38}{'stall med (s)':>14}{'stall max (s)':>14}{'step (s)':>10}{'wall (s)':>10}   stalls (s)")
     for label, r in rows.items():
-        after = f"{r['after']:>11.3f}" if r["after"] is not None else f"{'-':>11}"
         print(f"{label:<38}{statistics.median(r['stalls']):>14.3f}{max(r['stalls']):>14.3f}{r['step']:>10.3f}"
-              f"{after}{r['wall']:>10.1f}")
+              f"{r['wall']:>10.1f}   {' '.join(f'{x:.2f}' for x in r['stalls'])}")
     print(f"\n{'DCP async_save, same tensors':<38}{'stall med (s)':>14}{'stall max (s)':>14}{'write med (s)':>14}")
     for name, (stalls, writes) in dcp.items():
         print(f"{'  ' + name:<38}{statistics.median(stalls):>14.3f}{max(stalls):>14.3f}"
