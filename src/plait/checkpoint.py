@@ -23,6 +23,13 @@ run on a gloo group with a timeout of their own (`checkpoint_group`,
 --checkpoint-timeout), not the step's. A folder without a manifest, or whose
 files do not match their checksums, is skipped in favour of an older one.
 
+Saving is two halves: `stage_training_state` takes, on the training thread,
+what needs the live tensors or the job's collectives (ZeRO gathers its
+optimizer state there); `write_staged` writes, fsyncs, hashes, gathers the
+entries on rank 0, writes the manifest and renames, using only the checkpoint
+group. `save_training_state` runs both in turn; plait.checkpoint_async runs
+the second in a background thread, on host copies.
+
 This module writes; plait.checkpoint_read finds and loads (its public names
 are importable from here too), and plait.optimizer_names keys optimizer
 state by parameter name.
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,8 +60,8 @@ from plait.optimizer_names import load_optimizer_state_by_name, optimizer_state_
 
 __all__ = ["FORMAT", "checkpoint_group", "checkpoint_step", "latest_checkpoint", "list_checkpoints",
            "load_checkpoint", "load_model", "load_optimizer_state_by_name", "newest_intact",
-           "optimizer_state_by_name", "plan_reads", "restore_training_state", "save_training_state",
-           "trainer_state", "unique_tensors", "verify_checkpoint"]
+           "optimizer_state_by_name", "plan_reads", "restore_training_state", "save_training_state", "Staged",
+           "stage_training_state", "trainer_state", "unique_tensors", "verify_checkpoint", "write_staged"]
 
 # 3: the manifest lists the keys each file holds, RNG states are in rng-ppXX.pt.
 # 2 (still read): no keys, so every part is read; the CPU RNG state inside optim-ppXX.pt.
@@ -66,6 +75,12 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
     safetensors refuses tensors that share storage; the aliases go in metadata instead.
     """
+    unique, aliases = _distinct(state)
+    return {k: t.contiguous().cpu() for k, t in unique.items()}, aliases
+
+
+def _distinct(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`unique_tensors` without the copy to the CPU: the distinct tensors themselves, detached."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_key: dict[tuple, str] = {}
@@ -75,7 +90,7 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             aliases[key] = first_key[ident]
         else:
             first_key[ident] = key
-            unique[key] = t.detach().contiguous().cpu()
+            unique[key] = t.detach()
     return unique, aliases
 
 
@@ -127,61 +142,104 @@ def _describe(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
     return entry
 
 
-def _write_part(tmp: Path, engine, optim_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+@dataclass
+class Staged:
+    """One rank's share of a checkpoint, as `stage_training_state` took it: all the writes need.
+
+    `model` and `optim` are the live tensors, or host copies of them (plait.checkpoint_async),
+    in which case training may go on while they are written. A rank that writes no files (a
+    replica other than the first) holds no tensors.
+    """
+
+    run_dir: Path
+    step: int
+    keep: int
+    rank0: bool  # writes trainer.pt and the manifest, renames the folder and prunes
+    pp_rank: int
+    writes: bool  # the first data-parallel replica: writes this pipeline rank's files
+    model: dict[str, torch.Tensor]  # the distinct tensors to store, a tied copy left out
+    optim: dict[str, Any] | None  # name-keyed optimizer state (plait.optimizer_names)
+    rng: dict[str, Any] | None  # [Note: RNG states]
+    layout: dict[str, Any]
+    tied: dict[str, str]
+    trainer: dict[str, Any]
+
+
+def stage_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer, keep: int = 2,
+                         trainer: dict | None = None,
+                         copy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Staged:
+    """Take what checkpoint `step` holds of this rank; every rank calls it, on the training thread.
+
+    Every dp rank takes part: a ZeRO optimizer gathers its shards here (plait.parallel.zero).
+    `copy`, if given, maps {"model": ..., "optim": ...} to copies that the next steps leave
+    alone (plait.checkpoint_async.HostCopy); without it the live tensors are staged, and
+    must be written before the next optimizer step.
+    """
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    writes = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
+    layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
+              "schedule": engine.schedule}
+    optim_state = optimizer_state_by_name(engine, optimizer)  # a collective under ZeRO: before `writes` counts
+    model, rng = {}, None
+    if writes:
+        # [Note: a tied weight is stored once] Whatever the layout, a tied weight is one tensor under
+        # its first key, written by the rank holding that key's layer; its other keys are only the
+        # manifest's "tied". A rank holding its own copy under another key (the last pipeline stage's
+        # head) writes neither the copy nor its optimizer state: both copies take identical steps
+        # (parallel/tied.py), so the first holder's weight and state are the copy's too.
+        tied = engine.tied_keys
+        model = _distinct({k: v for k, v in engine.state_dict().items() if k not in tied})[0]
+        names = [n for n, _ in engine.named_parameters()]
+        copies = {tied[n] for n in names if n in tied} - set(names)  # state saved under a first key held elsewhere
+        optim_state = {**optim_state, "state": {k: v for k, v in optim_state["state"].items() if k not in copies}}
+        if copy is not None:
+            copied = copy({"model": model, "optim": optim_state})
+            model, optim_state = copied["model"], copied["optim"]
+        # [Note: RNG states] Dropout draws from the generator of the device it runs on: the
+        # CPU's, or this rank's GPU's. Both are CPU byte tensors, new ones at each call.
+        device = _device(engine)
+        rng = {"torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return Staged(Path(run_dir), step, keep, rank0, engine.pp_rank, writes, model, optim_state if writes else None,
+                  rng, layout, dict(engine.tied_keys), dict(trainer or {}))
+
+
+def _write_part(tmp: Path, staged: Staged) -> dict[str, dict[str, Any]]:
     """Write, fsync and hash this pipeline rank's files; returns their manifest entries."""
-    r = engine.pp_rank
+    r = staged.pp_rank
     model, optim, rng = f"model-pp{r:02d}.safetensors", f"optim-pp{r:02d}.pt", f"rng-pp{r:02d}.pt"
-    # [Note: a tied weight is stored once] Whatever the layout, a tied weight is one tensor under
-    # its first key, written by the rank holding that key's layer; its other keys are only the
-    # manifest's "tied". A rank holding its own copy under another key (the last pipeline stage's
-    # head) writes neither the copy nor its optimizer state: both copies take identical steps
-    # (parallel/tied.py), so the first holder's weight and state are the copy's too.
-    tied = engine.tied_keys
-    tensors = unique_tensors({k: v for k, v in engine.state_dict().items() if k not in tied})[0]
-    names = [n for n, _ in engine.named_parameters()]
-    copies = {tied[n] for n in names if n in tied} - set(names)  # state saved under a first key held elsewhere
-    optim_state = {**optim_state, "state": {k: v for k, v in optim_state["state"].items() if k not in copies}}
-    device = _device(engine)
+    tensors = {k: t.contiguous().cpu() for k, t in staged.model.items()}  # host copies already are
     save_file(tensors, tmp / model)
     follow_umask(tmp / model)
-    torch.save({"optimizer": optim_state}, tmp / optim)
-    # [Note: RNG states] Dropout draws from the generator of the device it runs on: the
-    # CPU's, or this rank's GPU's. Both are CPU byte tensors.
-    torch.save({"torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, tmp / rng)
-    return {model: _describe(tmp / model, sorted(tensors)), optim: _describe(tmp / optim, sorted(optim_state["state"])),
+    torch.save({"optimizer": staged.optim}, tmp / optim)
+    torch.save(staged.rng, tmp / rng)
+    return {model: _describe(tmp / model, sorted(tensors)), optim: _describe(tmp / optim, sorted(staged.optim["state"])),
             rng: _describe(tmp / rng)}
 
 
-def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer,
-                        keep: int = 2, group: dist.ProcessGroup | None = None, trainer: dict | None = None) -> Path:
-    """Write a complete checkpoint of step `step`; called on every rank, returns once it is in place.
+def write_staged(staged: Staged, group: dist.ProcessGroup | None = None) -> Path:
+    """Write a staged checkpoint; called on every rank, returns once the checkpoint is in place.
 
-    `group` carries the waits between its phases (`checkpoint_group`); None: the default group.
-    `trainer` (plain numbers and strings) goes into trainer.pt beside the step; `trainer_state` reads it.
+    Its only collectives are on `group` (`checkpoint_group`; None: the default group), so it may
+    run on a thread of its own while the training thread uses the job's other groups.
     """
-    root = Path(run_dir) / "checkpoints"
+    step = staged.step
+    root = staged.run_dir / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
+    if staged.rank0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
         tmp.mkdir()
     _barrier(group, step)
-    first_replica = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
-    # Every dp rank takes part: a ZeRO optimizer gathers its shards here (plait.parallel.zero).
-    optim_state = optimizer_state_by_name(engine, optimizer)
-    written = _write_part(tmp, engine, optim_state) if first_replica else {}
+    written = _write_part(tmp, staged) if staged.writes else {}
     maybe_die("in-checkpoint", step)
     parts = _gather(written, group, step)  # on rank 0 once every writer's files are on disk
-    if rank0:
-        layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
-                  "schedule": engine.schedule}
-        torch.save({**(trainer or {}), "step": step, "layout": layout}, tmp / "trainer.pt")
+    if staged.rank0:
+        torch.save({**staged.trainer, "step": step, "layout": staged.layout}, tmp / "trainer.pt")
         files = {"trainer.pt": _describe(tmp / "trainer.pt")}
         for part in parts:
             files.update(part)
-        manifest = {"format": FORMAT, "step": step, "layout": layout, "tied": engine.tied_keys,
+        manifest = {"format": FORMAT, "step": step, "layout": staged.layout, "tied": staged.tied,
                     "files": dict(sorted(files.items()))}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         fsync(tmp / "manifest.json")
@@ -190,7 +248,19 @@ def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch
             shutil.rmtree(final)
         tmp.rename(final)
         fsync(root)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        for old in list_checkpoints(staged.run_dir)[:-staged.keep]:
             shutil.rmtree(old)
     _barrier(group, step)
     return final
+
+
+def save_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer,
+                        keep: int = 2, group: dist.ProcessGroup | None = None, trainer: dict | None = None) -> Path:
+    """Write a complete checkpoint of step `step`; called on every rank, returns once it is in place.
+
+    `group` carries the waits between its phases (`checkpoint_group`); None: the default group.
+    `trainer` (plain numbers and strings) goes into trainer.pt beside the step; `trainer_state` reads it.
+    The live tensors are written as they are: nothing is copied (plait.checkpoint_async copies, and
+    writes in the background).
+    """
+    return write_staged(stage_training_state(run_dir, step, engine, optimizer, keep, trainer), group)

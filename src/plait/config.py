@@ -253,6 +253,8 @@ class OutputConfig:
     checkpoint_timeout: float = option(600.0, "seconds the ranks wait for each other while a checkpoint is "
                                               "written and hashed (its own limit, not --timeout)",
                                        min=0.0, min_open=True, max=WEEK_S)
+    async_checkpoint: bool = option(True, "write checkpoints in a background thread from host copies, so the step "
+                                          "loop waits only for the copy (plait/checkpoint_async.py)")
     progress: bool = option(True, "show a progress bar")
     trace: bool = option(False, "record per-rank timelines; write trace.json and pipeline.png")
     trace_steps: int = option(2, "steps to record with --trace (after two of warm-up)", min=1)

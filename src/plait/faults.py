@@ -2,7 +2,9 @@
 
     PLAIT_FAULT="after-step:3:rank=2"      # rank 2 SIGKILLs itself once step 3 is done
     PLAIT_FAULT="in-checkpoint:4:rank=1"   # rank 1 dies after writing its part of checkpoint 4,
-                                           # before the manifest makes the checkpoint complete
+                                           # before the manifest makes the checkpoint complete (in
+                                           # the background writer's thread, with --async-checkpoint,
+                                           # while the training thread is in the steps after it)
     PLAIT_FAULT="hang-after-step:3:rank=2" # rank 2 stops (SIGSTOP): alive, silent, holding its sockets
     PLAIT_FAULT="term-after-step:3:rank=1" # rank 1 sends itself SIGTERM once step 3 is done (a stop
                                            # signal to one worker: plait/stop.py)

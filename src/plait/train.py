@@ -13,7 +13,8 @@ One call of `train(cfg)`, on every rank, in three phases:
 - `run_steps`: for each step take this rank's share of the global batch (a
   pure function of seed and step), run the Engine's step, clip, update, log;
   evaluate every `eval_every` steps; checkpoint every `checkpoint_every`
-  steps and at the end;
+  steps and at the end (written in the background: plait/checkpoint_async.py;
+  the next checkpoint and the end of the loop wait for the write in flight);
 - `wrap_up`: draw the loss curve, sample some text, write summary.json.
 Only rank 0 prints and writes the run's files.
 """
@@ -36,8 +37,8 @@ from tqdm import tqdm
 
 from plait import distributed, memory
 from plait.distributed import on_rank0, to_device, use_tf32  # noqa: F401 - use_tf32: part of this module's API
-from plait.checkpoint import (checkpoint_group, restore_training_state,
-                              save_training_state, trainer_state)
+from plait.checkpoint import checkpoint_group, restore_training_state, trainer_state
+from plait.checkpoint_async import CheckpointWriter
 from plait.faults import maybe_die
 from plait.timing import Clock
 from plait.trace import Recorder, traced_steps, write_outputs
@@ -99,16 +100,30 @@ class Run:
     memory_plan: list  # of memory.RankPlan, one per rank
     memory_baseline: float  # MiB in use before the model was built: the measured peak is above it
     measured_memory: dict | None = None  # rank -> MiB above the baseline, after the last step
+    writer: CheckpointWriter | None = None  # made by __post_init__: writes over ckpt_group
+
+    def __post_init__(self) -> None:
+        if self.writer is None:
+            self.writer = CheckpointWriter(self.ckpt_group, background=self.cfg.output.async_checkpoint)
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.train.global_batch * self.cfg.seq_len
 
-    def checkpoint(self, step: int) -> None:
-        """Save the training state after `step` (a collective: every rank calls it)."""
+    def checkpoint(self, step: int) -> float:
+        """Save the training state after `step` (a collective: every rank calls it); returns the seconds
+        the step loop spent here. With --async-checkpoint that is the wait for the previous write, if it
+        is still going on, and the staging; the files are written behind (`wait_for_checkpoint`)."""
+        t0 = time.perf_counter()
         with self.recorder.span("checkpoint", f"checkpoint {step}"):
-            save_training_state(self.run_dir, step, self.engine, self.optimizer, keep=self.cfg.output.keep_checkpoints,
-                                group=self.ckpt_group, trainer={"lr_schedule": plan_of(self.cfg, self.anchor)})
+            self.writer.save(self.run_dir, step, self.engine, self.optimizer, keep=self.cfg.output.keep_checkpoints,
+                             trainer={"lr_schedule": plan_of(self.cfg, self.anchor)})
+        return time.perf_counter() - t0
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint being written in the background is in place; its failure is
+        raised here as one line (TrainingError). The end of the run and a graceful stop call it."""
+        self.writer.wait()
 
 
 def train(cfg: Config, resume: str | None = None, log=print, stops: StopSignals | None = None) -> TrainResult:
@@ -297,6 +312,15 @@ def run_steps(run: Run, result: TrainResult) -> None:
                 recorder.step = -1  # evaluation is not part of the traced step
                 record["val_loss"] = result.val_losses[done] = evaluate(engine, data.val, cfg, device, dp_rank)
                 recorder.step = step
+            saved = done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0
+            stopping = engine.stop_agreed and done < cfg.train.steps  # every rank read the same ([Note: stop agreement])
+            if done == cfg.train.steps:
+                # Measured here, before the final checkpoint: the plan is of training, and saving (ZeRO's
+                # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
+                run.wait_for_checkpoint()
+                run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
+            if saved or stopping or done == cfg.train.steps:
+                record["checkpoint_stall_s"] = run.checkpoint(done)
             if main:
                 metrics.write(record)
             result.losses.append(loss)
@@ -305,24 +329,19 @@ def run_steps(run: Run, result: TrainResult) -> None:
             bar.update(1)
             if "val_loss" in record and not cfg.output.progress:
                 log(f"step {done}: loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
-            saved = done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0
-            if saved:
-                run.checkpoint(done)
             maybe_die("after-step", done)
-            if engine.stop_agreed and done < cfg.train.steps:  # every rank read the same ([Note: stop agreement])
-                if not saved:
-                    run.checkpoint(done)
+            if stopping:
                 name = signal.Signals(engine.stop_agreed).name if engine.stop_agreed > 0 else "stop signals"
                 result.stopped = stopped_line(done, name, str(run.run_dir / "checkpoints" / f"step-{done:06d}"),
                                               str(run.run_dir))
                 break
         bar.close()
-        if result.stopped is None:
-            # Measured here, not at the end: the plan is of training, and saving a checkpoint (ZeRO's
-            # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
-            run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
-            if run.first_step < cfg.train.steps:
-                run.checkpoint(cfg.train.steps)
+        run.wait_for_checkpoint()  # the last checkpoint, or the stop's, is in place before the run says so
+    except BaseException:
+        # Failing already (a NaN loss, a lost peer): a write in flight is let finish, so that the
+        # checkpoint before it stays the newest, and its own failure is not the one reported.
+        run.writer.wait(raising=False)
+        raise
     finally:
         if metrics is not None:
             metrics.close()
