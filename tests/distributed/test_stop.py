@@ -159,3 +159,25 @@ def test_the_slurm_script_requeues_a_stopped_run_and_the_requeued_job_resumes_it
     a, b = model_at(dp2_run), model_at(out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_signal_while_a_checkpoint_is_written_in_the_background_stops_after_it_with_both_in_place(tmp_path,
+                                                                                                   data_dir):
+    """SIGTERM from inside the background write of checkpoint 4 (one process): training went on
+    beside the write, so the stop comes at a later step; its checkpoint waits for checkpoint 4 to
+    be in place first, and both are complete. The run then resumes from the stop's and finishes."""
+    from plait.checkpoint import newest_intact, verify_checkpoint
+
+    out = tmp_path / "run"
+    proc = run_plait(["train", *ARGS, "--dp", "1", "--pp", "1", "--steps", "12", "--data-dir", data_dir,
+                      "--out", str(out)], fault="term-in-checkpoint:4:rank=0")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("stopped at step")]
+    step = int(line.split()[3])
+    assert 4 <= step < 12
+    for n in {4, step}:  # complete: the manifest and every checksum
+        assert verify_checkpoint(out / "checkpoints" / f"step-{n:06d}") is None, n
+    assert newest_intact(out) == out / "checkpoints" / f"step-{step:06d}"
+    resumed = run_plait(["train", "--resume", str(out), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step-{step:06d} at step {step}" in resumed.stdout
