@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from plait.stop import StopRequested, StopSignals, before_first_step_line, finished, signals_for, stopped_line
+from plait.stop import StopRequested, StopSignals, before_first_step_line, signals_for, stopped_line, stopped_short
 
 
 def test_the_stop_signals_are_sigterm_sigint_and_the_chosen_one():
@@ -55,8 +55,11 @@ def test_the_lines_and_a_finished_run(tmp_path):
     assert stopped_line(78, "SIGTERM", "RUN/checkpoints/step-000078", "RUN") == (
         "stopped at step 78 on SIGTERM; checkpoint RUN/checkpoints/step-000078; resume with: plait train --resume RUN")
     assert before_first_step_line("SIGINT") == "stopped before the first step on SIGINT; nothing was written"
-    assert not finished(str(tmp_path), 6)
-    (tmp_path / "checkpoints" / "step-000006").mkdir(parents=True)
-    assert not finished(str(tmp_path), 6)  # no manifest: not a complete checkpoint
+    assert not stopped_short(str(tmp_path), 6)  # no checkpoint: nothing to tell
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    assert not stopped_short(str(tmp_path), 6)  # no manifest: not a complete checkpoint
+    (tmp_path / "checkpoints" / "step-000004" / "manifest.json").write_text("{}")
+    assert stopped_short(str(tmp_path), 6)
+    (tmp_path / "checkpoints" / "step-000006").mkdir()
     (tmp_path / "checkpoints" / "step-000006" / "manifest.json").write_text("{}")
-    assert finished(str(tmp_path), 6)
+    assert not stopped_short(str(tmp_path), 6)  # the last step's checkpoint: finished

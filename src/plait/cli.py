@@ -433,11 +433,14 @@ def main(argv: list[str] | None = None) -> int:
 
             code = _run_here_or_launch(cfg, "train", rest, run_training, (cfg.train.device, cfg.launch.backend),
                                        check_before_launch)
-            if code == 0 and not under_launcher() and cfg.parallel.world_size > 1 and cfg.launch.node_rank == 0:
-                from plait.stop import STOPPED, finished
+            if code == 0 and not under_launcher() and cfg.parallel.world_size > 1:
+                from plait.launch import forwarded_a_stop
+                from plait.stop import STOPPED, stopped_short
 
-                # The workers left with 0: a finished run has its last step's checkpoint, a stopped one not.
-                return 0 if finished(cfg.output.out, cfg.train.steps) else STOPPED
+                # The workers left with 0 after a stop as after the end: the stop went through this
+                # launcher, or (a signal to one worker) left the run's newest checkpoint short of its end.
+                if forwarded_a_stop() or (cfg.launch.node_rank == 0 and stopped_short(cfg.output.out, cfg.train.steps)):
+                    return STOPPED
             return code
         from plait.verify import devices, options, verify
 

@@ -147,6 +147,11 @@ class StopForwarder:
 _FORWARDER: StopForwarder | None = None
 
 
+def forwarded_a_stop() -> bool:
+    """Whether this launcher passed a stop signal on to its workers (plait/stop.py)."""
+    return _FORWARDER is not None and _FORWARDER.first is not None
+
+
 def under_launcher() -> bool:
     """True in a worker started by torchrun, elastic_launch or srun-with-torchrun."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -24,7 +24,8 @@ SIGTERM; Slurm users often pick SIGUSR1) as a request to stop:
 Exit codes: `plait train` returns STOPPED (3) after a graceful stop, in one process and as the
 launcher; a worker under a launcher returns 0 (torch's agent would restart a worker that
 exits otherwise under --max-restarts), and the launcher tells a stop from a finished run by
-the run's checkpoints: a finished run has the checkpoint of its last step.
+whether it passed a stop signal on, or else by the run's checkpoints: a finished run has the
+checkpoint of its last step, a stopped one checkpoints short of it.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ class StopSignals:
         return self.requested.name if self.requested is not None else ""
 
 
-def finished(run_dir: str, steps: int) -> bool:
-    """Whether the run in `run_dir` wrote the checkpoint of its last step (a finished run does)."""
-    return (Path(run_dir) / "checkpoints" / f"step-{steps:06d}" / "manifest.json").is_file()
+def stopped_short(run_dir: str, steps: int) -> bool:
+    """Whether the run in `run_dir` has checkpoints but not the one of its last step, `steps`:
+    it stopped (a finished run writes that one; a stop after the model exists writes its own)."""
+    done = sorted(Path(run_dir).glob("checkpoints/step-*/manifest.json"))
+    return bool(done) and not (Path(run_dir) / "checkpoints" / f"step-{steps:06d}" / "manifest.json").is_file()
 
 
 def stopped_line(step: int, signal_name: str, checkpoint: str, run_dir: str) -> str:

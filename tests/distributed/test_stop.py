@@ -93,10 +93,11 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, data_dir):
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("layout", [["--dp", "1", "--pp", "1"], DP2], ids=["one process", "dp=2 launched"])
-def test_a_signal_while_the_data_is_prepared_exits_cleanly_with_nothing_half_written(tmp_path, layout):
+def test_a_signal_while_the_data_is_prepared_exits_cleanly_with_nothing_half_written(tmp_path):
+    """SIGTERM to the launcher as rank 0 starts preparing the data: every worker unwinds."""
+    layout = DP2
     cache, out = tmp_path / "cache", tmp_path / "run"  # a cache of its own: the default corpus is prepared anew
-    fault = "term-launcher-in-prepare:0:rank=0" if layout == DP2 else "term-in-prepare:0:rank=0"
+    fault = "term-launcher-in-prepare:0:rank=0"
     proc = run_plait(["train", *ARGS, *layout, "--data-dir", str(cache), "--out", str(out)], fault=fault)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "stopped before the first step on SIGTERM; nothing was written" in proc.stdout.splitlines()

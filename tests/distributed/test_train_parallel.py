@@ -102,16 +102,11 @@ def test_bad_data_under_the_launcher_is_one_line_and_exit_2(tmp_path):
     assert lines == [f"plait: error: --data {tmp_path / 'missing.txt'}: no such file or folder"]
 
 
-def test_verify_passes_for_a_hybrid_layout():
+def test_verify_passes_for_zbv_with_zero1():
+    """The zero-bubble V at dp=2 x pp=2 with ZeRO-1, next to one process in float64 (plait verify)."""
     proc = plait(["verify", "--dp", "2", "--pp", "2", "--microbatches", "2", "--global-batch", "8",
-                  "--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--n-layer", "4"])
+                  "--schedule", "zbv", "--virtual-stages", "2", "--n-layer", "2", "--zero", "1", "--bucket-mb",
+                  "0.004", "--weight-decay", "0.1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "plait verify: dp=2 x pp=2, interleaved-1f1b, 2 micro-batches, 3 steps" in proc.stdout
-    assert proc.stdout.rstrip().endswith("verdict: PASS (tolerance 1e-09)")
-
-
-def test_verify_passes_with_zero1():
-    proc = plait(["verify", "--dp", "2", "--pp", "1", "--zero", "1", "--microbatches", "2", "--global-batch", "8",
-                  "--n-layer", "2", "--bucket-mb", "0.004", "--weight-decay", "0.1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plait verify: dp=2 x pp=2, zbv, 2 micro-batches, 3 steps" in proc.stdout
     assert proc.stdout.rstrip().endswith("verdict: PASS (tolerance 1e-09)")
