@@ -8,10 +8,10 @@
    the last step done, the checkpoint written, steps lost (done - checkpointed: 0 when the stop
    works; before plait's stop, the launcher died at once and everything since the last
    --checkpoint-every was lost), seconds from the signal to the launcher's exit, its exit code.
-2. The agreement: every rank learns of a stop from two more numbers in the loss's all-reduce,
+2. The agreement: every rank learns of a stop from one more number in the loss's all-reduce,
    which the step makes anyway ([Note: stop agreement] in plait/engine.py). A dp=2 Engine on the
    GPT of the other benchmarks steps with it on and off, interleaved round by round: median
-   step times and the paired ratio; and the all-reduce alone, 2 against 4 numbers.
+   step times and the paired ratio; and the all-reduce alone, 2 against 3 numbers.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def agreement_cost(rounds: int, steps: int) -> dict:
                 if r:  # round 0 warms up
                     times[mode].append(time.perf_counter() - t0)
     bare = {}
-    for n in (2, 4):
+    for n in (2, 3):
         t = torch.zeros(n, dtype=torch.float64)
         samples = []
         for _ in range(200):
@@ -128,8 +128,8 @@ def main() -> None:
     print(f"\nstop agreement, dp=2, GPT of benchmarks/data_parallel.py, global batch 8 x 128, {rounds} rounds x {k} steps:")
     print(f"  step time off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms; paired on/off {statistics.median(paired):.3f} "
           f"({q[0]:.3f}-{q[2]:.3f})")
-    print(f"  the loss's all-reduce alone: 2 numbers {res['bare'][2] * 1e6:.0f} us, 4 numbers "
-          f"{res['bare'][4] * 1e6:.0f} us (median of 200)")
+    print(f"  the loss's all-reduce alone: 2 numbers {res['bare'][2] * 1e6:.0f} us, 3 numbers "
+          f"{res['bare'][3] * 1e6:.0f} us (median of 200)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ after its last W of the step (ZeRO 0 and 1) or after each of its W (ZeRO 2).
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -41,6 +42,7 @@ from plait.parallel.pipeline import PipelineExecutor
 from plait.parallel.schedule import Action, make_schedule, rank_stages, schedule_layout, stage_rank
 from plait.parallel.tied import TiedGradients, find_tied
 from plait.parallel.weight_grad import defer_linears
+from plait.stop import STOP_SIGNALS
 from plait.watchdog import wait
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -171,10 +173,12 @@ class Engine:
         self._before_access: list[Callable[[], None]] = []
         self._grad_norm = None  # (norm, its device tensor) of the last train_step
         # [Note: stop agreement] `stop_signal()` says whether this rank was asked to stop (the
-        # signal's number, or 0; plait/stop.py; None: no agreement). Each train_step adds it to the loss's all-reduce,
-        # which every rank of the job joins: after it, every rank holds the same `stop_agreed`,
-        # the number of the signal that asked (0: none; -1: ranks were asked by different signals),
-        # at no cost beyond two more numbers in a collective the step makes anyway.
+        # signal's number, or 0; plait/stop.py; None: no agreement). Each train_step adds it to the
+        # loss's all-reduce, which every rank of the job joins: one more number in a collective the
+        # step makes anyway. After it every rank holds the same sum, so all stop after the same
+        # step; `stop_agreed` is the signal to name: this rank's own, else the sum when it is a stop
+        # signal's number (one rank was asked), else -1 (several were, and this one not). Only the
+        # decision (non-zero) must agree across ranks; the name is for rank 0's line.
         self.stop_signal: Callable[[], int] | None = None
         self.stop_agreed = 0
         self.tied = None
@@ -266,7 +270,7 @@ class Engine:
         stop = self.stop_signal is not None
         values = self._reduce_and_read(total, self._grad_norm_sq(), flags, stop=stop)
         if sync is not None:
-            sync.apply_flags(values[4 if stop else 2:], keep=self.tied.params if self.tied is not None else frozenset())
+            sync.apply_flags(values[3 if stop else 2:], keep=self.tied.params if self.tied is not None else frozenset())
         self._grad_norm = (values[1] ** 0.5, self._norm_tensor)
         return values[0]
 
@@ -339,14 +343,14 @@ class Engine:
         """Sum the micro-batch losses and the norm's shares over all ranks; read them and `flags`.
 
         Returns [global mean loss, squared gradient norm, *flags], and with `stop` [loss, norm,
-        ranks asking to stop, sum of their signals' numbers, *flags] ([Note: stop agreement]),
-        setting `stop_agreed`. Only last-stage ranks hold a loss: summing over every rank and
+        sum of the asking ranks' signal numbers, *flags] ([Note: stop agreement]), setting
+        `stop_agreed`. Only last-stage ranks hold a loss: summing over every rank and
         dividing by dp gives every rank the same global mean.
         """
         parts = [loss_sum / self.num_microbatches, norm_sq]
         if stop:
             signum = self.stop_signal()
-            parts += [norm_sq.new_tensor(float(signum > 0)), norm_sq.new_tensor(float(signum))]
+            parts.append(norm_sq.new_tensor(float(signum)))
         both = torch.stack(parts)
         if self.mesh is not None and dist.get_world_size() > 1:
             work = dist.all_reduce(both, async_op=True)
@@ -357,9 +361,9 @@ class Engine:
         self._norm_tensor = both[1].sqrt()
         values = torch.cat([both, *(f.double() for f in flags)]).tolist()
         if stop:
-            asking, total = values[2], values[3]
-            # Ranks asked by different signals agree to stop all the same; -1 says the signals differ.
-            self.stop_agreed = 0 if asking == 0 else int(total // asking) if total % asking == 0 else -1
+            total = int(values[2])
+            known = {int(signal.Signals[name]) for name in STOP_SIGNALS}
+            self.stop_agreed = 0 if total == 0 else signum if signum else total if total in known else -1
         return values
 
     def clip_grad_norm_(self, max_norm: float) -> float:
