@@ -51,7 +51,7 @@ def test_a_second_signal_after_the_window_exits_at_once_with_128_plus_its_number
     assert proc.stderr == "plait: stopped at once on a second SIGUSR1; no checkpoint written for this stop\n"
 
 
-def test_the_lines_and_a_finished_run(tmp_path):
+def test_the_lines_and_a_run_stopped_short_of_its_end(tmp_path):
     assert stopped_line(78, "SIGTERM", "RUN/checkpoints/step-000078", "RUN") == (
         "stopped at step 78 on SIGTERM; checkpoint RUN/checkpoints/step-000078; resume with: plait train --resume RUN")
     assert before_first_step_line("SIGINT") == "stopped before the first step on SIGINT; nothing was written"
