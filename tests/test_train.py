@@ -374,3 +374,17 @@ def test_the_meta_build_trains_as_the_real_build(tmp_path, data_dir):
         runs[method] = train(cfg, log=quiet)
     assert runs["profile"].losses == runs["uniform"].losses
     assert runs["profile"].sample == runs["uniform"].sample
+
+
+def test_a_restarted_round_that_finds_the_last_checkpoint_only_finishes_the_run(tmp_path, monkeypatch, capsys):
+    """No step left to train: the round still measures memory and writes the summary (it reads
+    the measured peak that the last step would have gathered)."""
+    out = tmp_path / "run"
+    args = ["train", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--global-batch", "8",
+            "--steps", "3", "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", "--dp", "1", "--pp", "1",
+            "--microbatches", "1", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    assert main(args) == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(args) == 0
+    assert "resumed from " + str(out / "checkpoints" / "step-000003") + " at step 3" in capsys.readouterr().out
+    assert set(json.loads((out / "summary.json").read_text())["measured_memory_mib"]) == {"0"}

@@ -46,6 +46,7 @@ from plait.stop import STOP_SIGNALS
 from plait.watchdog import wait
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_STOP_NUMBERS = frozenset(int(signal.Signals[name]) for name in STOP_SIGNALS)  # [Note: stop agreement]
 
 
 class Engine:
@@ -350,7 +351,7 @@ class Engine:
         parts = [loss_sum / self.num_microbatches, norm_sq]
         if stop:
             signum = self.stop_signal()
-            parts.append(norm_sq.new_tensor(float(signum)))
+            parts.append(norm_sq.new_full((), float(signum)))  # a fill on the device: no host copy to wait on
         both = torch.stack(parts)
         if self.mesh is not None and dist.get_world_size() > 1:
             work = dist.all_reduce(both, async_op=True)
@@ -362,8 +363,7 @@ class Engine:
         values = torch.cat([both, *(f.double() for f in flags)]).tolist()
         if stop:
             total = int(values[2])
-            known = {int(signal.Signals[name]) for name in STOP_SIGNALS}
-            self.stop_agreed = 0 if total == 0 else signum if signum else total if total in known else -1
+            self.stop_agreed = 0 if total == 0 else signum if signum else total if total in _STOP_NUMBERS else -1
         return values
 
     def clip_grad_norm_(self, max_norm: float) -> float:

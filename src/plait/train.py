@@ -337,6 +337,8 @@ def run_steps(run: Run, result: TrainResult) -> None:
                 break
         bar.close()
         run.wait_for_checkpoint()  # the last checkpoint, or the stop's, is in place before the run says so
+        if result.stopped is None and run.measured_memory is None:  # a restarted round with no step left
+            run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
     except BaseException:
         # Failing already (a NaN loss, a lost peer): a write in flight is let finish, so that the
         # checkpoint before it stays the newest, and its own failure is not the one reported.
