@@ -46,9 +46,9 @@ Columns:
   keeps the graph between I and W, which the hooks count.
 
 Below, each of issue 18's targets with PASS or MISS, and for zb1p at m=4 the
-shortest pipeline span any order could reach with the action times measured
-(`span_bound`), as a share of torch's 1F1B step: how much a better order
-could still win.
+shortest pipeline span any order within ZB-H1's memory could reach with the
+action times measured (`span_bound`), plus the time outside the pipeline, as
+a share of torch's 1F1B step: how much a better order could still win.
 """
 
 from __future__ import annotations
@@ -236,21 +236,23 @@ def pipeline_spans(res: list[dict], key: str) -> list[float]:
             for step in range(len(res[0]["window"][key]))]
 
 
-def span_bound(name: str, m: int, costs: dict[tuple[str, int], float]) -> float:
-    """The shortest span any order of `name`'s layout could reach with these action times, memory aside.
+def span_bound(m: int, costs: dict[tuple[str, int], float]) -> float:
+    """The shortest span any order with one stage per rank (F, I, W) could reach with these action
+    times, holding at most pp micro-batches on a rank (ZB-H1's and 1F1B's peak).
 
-    A rank cannot start before the first micro-batch's forwards on the stages before its first
-    one, and then has all of its own work to do: at least that long, whatever the order.
+    Rank r cannot start before the first micro-batch's forwards on the stages before it, nor run
+    its first I before that micro-batch's gradient is back (its forwards on every stage, then the
+    I's of the stages after r); until then it can only run forwards, at most pp of them. After
+    that, all of its own work remains: at least that long, whatever the order.
     """
-    virtual = virtual_of(name)
-    split = any(kind == "I" for kind, _ in costs)
-    work = {s: costs.get(("F", s), 0.0) + (costs.get(("I", s), 0.0) + costs.get(("W", s), 0.0) if split
-                                            else costs.get(("B", s), 0.0)) for s in range(PP * virtual)}
+    f = [costs[("F", s)] for s in range(PP)]
+    work = [f[s] + costs[("I", s)] + costs[("W", s)] for s in range(PP)]
     bound = 0.0
     for r in range(PP):
-        ids = rank_stages(r, PP, virtual, schedule_layout(name))
-        head = sum(costs.get(("F", s), 0.0) for s in range(min(ids)))
-        bound = max(bound, head + m * sum(work[s] for s in ids))
+        head = sum(f[:r])
+        ahead = min(m, PP) * f[r]  # forwards r can run before its first I
+        back = sum(f) + sum(costs[("I", s)] for s in range(r + 1, PP))
+        bound = max(bound, max(back, head + ahead) + m * work[r] - ahead)
     return bound
 
 
@@ -354,10 +356,10 @@ def main() -> None:
         costs = {k: v for r in res for k, v in r["costs"][key].items()}
         span = statistics.median(pipeline_spans(res, key))
         outside = med[key] - span  # optimizer step, loss all-reduce: every schedule pays them
-        bound = span_bound("zb1p", 4, costs)
+        bound = span_bound(4, costs)
         print(f"\nzb1p m=4: pipeline span {span * 1e3:.1f} ms, {outside * 1e3:.1f} ms outside it; no order of one "
-              f"stage per rank can span less than {bound * 1e3:.1f} ms with these action times (a rank waits for "
-              f"the forwards before its stage, then does its m x (F+I+W)): at best "
+              f"stage per rank holding at most pp micro-batches can span less than {bound * 1e3:.1f} ms with "
+              f"these action times (span_bound): at best "
               f"{(bound + outside) / med['torch 1f1b m=4']:.3f} x torch Schedule1F1B's step")
 
 
