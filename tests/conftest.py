@@ -1,5 +1,17 @@
+import gc
+
 import pytest
 import torch
+
+
+def pytest_collection_finish(session):
+    # What collection imported (torch, plait, every test module) lives for the whole session, yet
+    # each full GC pass walked it again: a quarter of a second a pass, dozens of passes a run.
+    # torch._dynamo too, which the first optimizer would import anyway.
+    import torch._dynamo  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -184,14 +184,20 @@ def test_each_rank_reads_only_its_parts_and_writers_hash_their_own(tmp_path):
 def late_rank(run_dir):
     group = checkpoint_group(2.0)  # the job's own collectives wait 60 s (spawn's collective_timeout_s)
     engine, opt = _trained(plait.make_mesh(dp=2, pp=1), seed=1)
-    if dist.get_rank() == 1:
-        time.sleep(8)  # a rank still busy elsewhere
+    gave_up = Path(run_dir) / "rank-0-gave-up"
+    if dist.get_rank() == 1:  # a rank still busy elsewhere, until rank 0 has stopped waiting for it
+        deadline = time.monotonic() + 60
+        while not gave_up.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     start = time.monotonic()
     try:
         save_training_state(run_dir, 1, engine, opt, group=group)
         return "saved", time.monotonic() - start
     except TrainingError as e:
         return str(e), time.monotonic() - start
+    finally:
+        if dist.get_rank() == 0:
+            gave_up.touch()
 
 
 def test_checkpoint_waits_time_out_on_their_own_limit(tmp_path):
