@@ -246,7 +246,9 @@ def span_bound(m: int, costs: dict[tuple[str, int], float]) -> float:
     that, all of its own work remains: at least that long, whatever the order.
     """
     f = [costs[("F", s)] for s in range(PP)]
-    work = [f[s] + costs[("I", s)] + costs[("W", s)] for s in range(PP)]
+    # Stage 0 runs B's (zero_bubble.whole_first_stage); no I of it is waited for.
+    work = [f[s] + (costs[("B", s)] if ("B", s) in costs else costs[("I", s)] + costs[("W", s)])
+            for s in range(PP)]
     bound = 0.0
     for r in range(PP):
         head = sum(f[:r])
@@ -262,7 +264,8 @@ def simulated_bubble(name: str, m: int, costs: dict[tuple[str, int], float]) -> 
     total = PP * virtual
     split = any(kind == "I" for kind, _ in costs)
     per = {kind: [costs.get((kind, s), 0.0) for s in range(total)] for kind in "FBIW"}
-    backward = [per["I"][s] + per["W"][s] for s in range(total)] if split else per["B"]
+    # Under I and W, stage 0 runs B's (zero_bubble.whole_first_stage): each stage what it ran.
+    backward = [per["B"][s] or per["I"][s] + per["W"][s] for s in range(total)]
     return simulate(make_schedule(name, PP, m, virtual), PP, m, virtual, forward_cost=per["F"],
                     backward_cost=backward, input_cost=per["I"] if split else None,
                     weight_cost=per["W"] if split else None, layout=schedule_layout(name)).bubble
