@@ -39,7 +39,9 @@ Columns:
   (schedule.theoretical_bubble: (p-1)/(m+p-1) for 1F1B, (p-1)/(3m+p-1) for
   zb1p).
 - act MiB r0/r1: peak bytes of activations held for backward on each rank,
-  counted with autograd's saved-tensor hooks (parameters excluded), plus for
+  counted with autograd's saved-tensor hooks by storage (each storage once,
+  however many views of it are saved; the weights', views included, not at
+  all: F.linear saves its weight's transpose), plus for
   plait's I/W schedules the output gradients that wait for W (the inputs W
   needs are saved tensors already), in one untimed step of each run: the
   hooks cost time, so timed steps run without. torch's zero-bubble split
@@ -85,26 +87,38 @@ def batch(step: int):
 
 
 class SavedActivations:
-    """Peak bytes held by autograd for backward (parameters excluded) while active, plus
-    `extra()` (what a plait engine's W actions hold beyond saved tensors), read at each save."""
+    """Peak bytes held by autograd for backward while active, plus `extra()` (what a plait engine's W
+    actions hold beyond saved tensors), read at each save.
 
-    def __init__(self, extra=lambda: 0):
+    Counted by storage, not by tensor: a view saved for backward (a linear layer's transposed
+    weight, the q, k and v slices of one projection) holds its whole storage, once however many
+    views are saved. A storage of `params` is a weight, not an activation: not counted, whether
+    saved as the parameter itself or as a view of it (F.linear saves the weight's transpose).
+    """
+
+    def __init__(self, params=(), extra=lambda: 0):
         self.now = self.peak = 0
         self.extra = extra
-        self._live: set[int] = set()
+        self._params = {p.untyped_storage().data_ptr() for p in params}
+        self._live: dict[int, int] = {}  # storage address -> saved tensors on it, still alive
 
     def _pack(self, t: torch.Tensor):
-        if not isinstance(t, nn.Parameter) and id(t) not in self._live:
-            size = t.untyped_storage().nbytes()
-            self._live.add(id(t))
-            self.now += size
-            weakref.finalize(t, self._free, id(t), size)
+        storage = t.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if size and ptr not in self._params:
+            if ptr not in self._live:
+                self._live[ptr] = 0
+                self.now += size
+            self._live[ptr] += 1
+            weakref.finalize(t, self._free, ptr, size)
         self.peak = max(self.peak, self.now + self.extra())
         return t
 
-    def _free(self, ident: int, size: int):
-        self._live.discard(ident)
-        self.now -= size
+    def _free(self, ptr: int, size: int):
+        self._live[ptr] -= 1
+        if not self._live[ptr]:
+            del self._live[ptr]
+            self.now -= size
 
     def __call__(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -145,7 +159,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
                                   virtual_stages=virtual, split=cut[1:-1])
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-4, fused=True)
             store = engine.executor.weight_grads
-            counter = SavedActivations(lambda store=store: store.held_bytes)
+            counter = SavedActivations(engine.parameters(), lambda store=store: store.held_bytes)
 
             def run_plait(i, counting, engine=engine, opt=opt, counter=counter):
                 with counter() if counting else contextlib.nullcontext():
@@ -165,7 +179,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
             schedule = cls(stages[0] if name in ("gpipe", "1f1b") else stages, m, loss_fn=gpt_loss)
             params = list(dict.fromkeys(p for mod in modules for p in mod.parameters()))  # the tied weight once
             topt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-            tcounter = SavedActivations()
+            tcounter = SavedActivations(params)
             first, last = 0 in ids, PP * virtual - 1 in ids
             # Under the loop layout the tied embedding / LM head is on both ranks: each holds a copy.
             # Under zbv's V both stages are on rank 0, one Parameter, whose gradient autograd sums.
@@ -246,7 +260,9 @@ def span_bound(m: int, costs: dict[tuple[str, int], float]) -> float:
     that, all of its own work remains: at least that long, whatever the order.
     """
     f = [costs[("F", s)] for s in range(PP)]
-    work = [f[s] + costs[("I", s)] + costs[("W", s)] for s in range(PP)]
+    # Stage 0 runs B's (zero_bubble.whole_first_stage); no I of it is waited for.
+    work = [f[s] + (costs[("B", s)] if ("B", s) in costs else costs[("I", s)] + costs[("W", s)])
+            for s in range(PP)]
     bound = 0.0
     for r in range(PP):
         head = sum(f[:r])
@@ -262,7 +278,8 @@ def simulated_bubble(name: str, m: int, costs: dict[tuple[str, int], float]) -> 
     total = PP * virtual
     split = any(kind == "I" for kind, _ in costs)
     per = {kind: [costs.get((kind, s), 0.0) for s in range(total)] for kind in "FBIW"}
-    backward = [per["I"][s] + per["W"][s] for s in range(total)] if split else per["B"]
+    # Under I and W, stage 0 runs B's (zero_bubble.whole_first_stage): each stage what it ran.
+    backward = [per["B"][s] or per["I"][s] + per["W"][s] for s in range(total)]
     return simulate(make_schedule(name, PP, m, virtual), PP, m, virtual, forward_cost=per["F"],
                     backward_cost=backward, input_cost=per["I"] if split else None,
                     weight_cost=per["W"] if split else None, layout=schedule_layout(name)).bubble

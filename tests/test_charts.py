@@ -86,7 +86,7 @@ def test_plait_schedule_zb1p_prints_i_and_w_and_draws_them(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:9] == [
         "zb1p: 4 stages, 8 micro-batches (per rank: forward 1, input 1, weight 1; comm 0)",
-        "rank 0 | 0F0 0F1 0F2 0F3 0I0 0W0 0F4 0I1 0W1 0F5 0I2 0W2 0F6 0I3 0W3 0F7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7",
+        "rank 0 | 0F0 0F1 0F2 0F3 0B0 0F4 0B1 0F5 0B2 0F6 0B3 0F7 0B4 0B5 0B6 0B7",  # nobody waits for stage 0's I
         "rank 1 | 1F0 1F1 1F2 1I0 1F3 1I1 1W0 1F4 1I2 1W1 1F5 1I3 1W2 1F6 1I4 1W3 1F7 1I5 1W4 1I6 1W5 1I7 1W6 1W7",
         "rank 2 | 2F0 2F1 2I0 2F2 2I1 2F3 2I2 2W0 2F4 2I3 2W1 2F5 2I4 2W2 2F6 2I5 2W3 2F7 2I6 2W4 2I7 2W5 2W6 2W7",
         "rank 3 | 3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3W0 3F4 3I4 3W1 3F5 3I5 3W2 3F6 3I6 3W3 3F7 3I7 3W4 3W5 3W6 3W7",
@@ -103,8 +103,12 @@ def test_plait_schedule_zb1p_prints_i_and_w_and_draws_them(tmp_path, capsys):
 
         return bool((abs(image - to_rgb(colour)).max(axis=-1) < 0.02).any())
 
-    # I in orange and W in yellow, besides the forwards' blue; no B (vermillion) in a zb1p chart.
-    assert [has(c) for c in ("#0072B2", "#E69F00", "#F0E442", "#D55E00")] == [True, True, True, False]
+    # I in orange and W in yellow, besides the forwards' blue, and stage 0's whole B in vermillion.
+    assert [has(c) for c in ("#0072B2", "#E69F00", "#F0E442", "#D55E00")] == [True, True, True, True]
+    out.unlink()
+    assert main(["schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--out", str(out)]) == 0
+    image = read_png(out)[..., :3]
+    assert [has(c) for c in ("#0072B2", "#E69F00", "#F0E442", "#D55E00")] == [True, False, False, True]
 
 
 def test_plait_schedule_zbv_defaults_to_two_virtual_stages_and_takes_i_and_w_costs(capsys):
@@ -124,8 +128,8 @@ def test_plait_schedule_zbv_defaults_to_two_virtual_stages_and_takes_i_and_w_cos
 def test_zero_bubble_boxes_carry_i_and_w():
     sim = simulate(make_schedule("zbv", 2, 4, 2), 2, 4, 2, layout="v")
     boxes = boxes_from_simulation(sim, 2)
-    assert Counter(b.kind for b in boxes) == {"F": 16, "I": 16, "W": 16}
-    assert {(b.rank, b.label, b.chunk) for b in boxes if b.kind == "W" and b.label.endswith(":0")} == {
+    assert Counter(b.kind for b in boxes) == {"F": 16, "B": 4, "I": 12, "W": 12}  # stage 0: whole B's
+    assert {(b.rank, b.label, b.chunk) for b in boxes if b.kind in "BW" and b.label.endswith(":0")} == {
         (0, "0:0", 0), (0, "3:0", 1), (1, "1:0", 0), (1, "2:0", 1)}
 
 

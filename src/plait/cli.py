@@ -319,14 +319,16 @@ def _schedule(args: argparse.Namespace) -> int:
         # Costs are per rank, so a chart of an interleaved layout has the same
         # work as its plain 1f1b one and the makespans compare directly.
         v = args.virtual
-        sim = simulate(plan, args.stages, args.microbatches, v, args.forward_cost / v, args.backward_cost / v,
+        split = any(a.kind == "I" for acts in plan.values() for a in acts)
+        # A split schedule's B (stage 0's: zero_bubble.whole_first_stage) costs its I and W.
+        backward = input_cost + weight_cost if split else args.backward_cost
+        sim = simulate(plan, args.stages, args.microbatches, v, args.forward_cost / v, backward / v,
                        args.comm_cost, input_cost=input_cost / v, weight_cost=weight_cost / v, layout=layout)
         theory = theoretical_bubble(args.name, args.stages, args.microbatches, args.virtual)
     except ScheduleError as e:
         # Only the summary: a grid, if any, would bury the fix-it line. The library names
         # its arguments; the message names this command's options.
         raise ConfigError(_schedule_flags(str(e).splitlines()[0])) from None
-    split = any(a.kind == "I" for acts in plan.values() for a in acts)
     shape = (f"{args.stages} stages" + (f" x {args.virtual} virtual" if args.virtual > 1 else "")
              + (" in a V" if layout == "v" else ""))
     costs = (f"input {input_cost:g}, weight {weight_cost:g}" if split else f"backward {args.backward_cost:g}")

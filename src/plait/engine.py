@@ -161,8 +161,8 @@ class Engine:
         # I and W: this rank's linear layers defer their weight gradients to W (parallel/weight_grad.py),
         # and each stage's last backward action of the step (W or B) is where its gradients are complete.
         self.split_backward = any(a.kind in ("I", "W") for a in self.train_actions)
-        if self.split_backward:
-            defer_linears(stages.values())
+        if self.split_backward:  # only stages that run an I: a stage whose backwards are all B needs no split
+            defer_linears(stages[s] for s in stages if any(a.kind == "I" and a.stage == s for a in self.train_actions))
         # Each stage's weights whose gradients W adds (a weight tied to a module of I too, included).
         self._deferred = {s: {p for mod in stage.modules() if mod.__dict__.get("_plait_deferred")
                               for p in (mod.weight, mod.bias) if p is not None and p.requires_grad and p.is_leaf}

@@ -167,19 +167,19 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     num_stages = pp * virtual
     cost = stats["cost"]
     fwd = [cost.get(("F", s), 0.0) for s in range(num_stages)]
-    # A split schedule runs I and W instead of B: the simulation takes their measured costs.
-    split = any(kind == "I" for kind, _ in cost)
-    inp = [cost.get(("I", s), 0.0) for s in range(num_stages)] if split else None
-    wgt = [cost.get(("W", s), 0.0) for s in range(num_stages)] if split else None
-    bwd = [inp[s] + wgt[s] for s in range(num_stages)] if split else [cost.get(("B", s), 0.0)
-                                                                     for s in range(num_stages)]
+    # A split schedule runs I and W instead of B (but on stage 0: zero_bubble.whole_first_stage):
+    # the simulation takes the measured costs of what each stage ran.
+    split = [("I", s) in cost for s in range(num_stages)]
+    inp = [cost.get(("I", s), 0.0) for s in range(num_stages)] if any(split) else None
+    wgt = [cost.get(("W", s), 0.0) for s in range(num_stages)] if any(split) else None
+    bwd = [inp[s] + wgt[s] if split[s] else cost.get(("B", s), 0.0) for s in range(num_stages)]
     # Rows carry the rank numbers of the job (as the `ranks:` line and trace.json do), not row numbers.
     row_labels = [f"rank {r} (dp={r % dp}, pp={r // dp})" for r in rows]
     which = ("" if dp == 1 else f", all {dp} replicas" if pp == 1
              else f", replica 0 (ranks {', '.join(map(str, rows))})")
     panels = [(f"measured: step {step + 1}{which}", measured, "s")]
     sim_bubble = None
-    if pp > 1 and all(fwd) and all(bwd) and (not split or (all(inp) and all(wgt))):
+    if pp > 1 and all(fwd) and all(bwd) and all(inp[s] and wgt[s] for s in range(num_stages) if split[s]):
         sim = simulate(make_schedule(schedule, pp, microbatches, virtual), pp, microbatches, virtual,
                        forward_cost=fwd, backward_cost=bwd, input_cost=inp, weight_cost=wgt,
                        layout=schedule_layout(schedule))

@@ -126,6 +126,10 @@ def train_hybrid_split(dp, pp, schedule, virtual):
             engine.grad_sync.native_scatter = native
         else:
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
+        if isinstance(schedule, str):  # zb1p, zbv: stage 0 runs whole B's, so only later stages defer
+            for stage, module in engine.executor.stages.items():
+                deferred = any(m.__dict__.get("_plait_deferred") for m in module.modules())
+                assert deferred == (stage != 0), (schedule, stage)
         log = LaunchLog(engine)
         norms = []
         for step in range(test_hybrid.STEPS):

@@ -20,7 +20,13 @@ from plait.parallel.schedule import (
     theoretical_bubble,
     validate,
 )
+from plait.parallel.zero_bubble import whole_first_stage, zb1p, zbv
 from tests.parallel.test_schedule import error, parse, show
+
+
+def paper(name: str, pp: int, m: int) -> dict[int, str]:
+    """The published order, stage 0's I and W still apart (make_schedule joins them: below)."""
+    return show({r: (zb1p if name == "zb1p" else zbv)(r, pp, m) for r in range(pp)})
 
 
 # --- the V layout ----------------------------------------------------------------
@@ -50,11 +56,11 @@ def test_zb1p_order_pp2():
     # ZB-H1 (the paper's handcrafted schedule): rank r runs 1F1B's warm-up less one forward, then per
     # micro-batch a forward (while any remain), its I, and the oldest W, except that rank r holds its
     # first r W's back to the end. pp=2: rank 0 is 1F1B with each B as I then W; rank 1 holds one W.
-    assert show(make_schedule("zb1p", 2, 2)) == {
+    assert paper("zb1p", 2, 2) == {
         0: "0F0 0F1 0I0 0W0 0I1 0W1",
         1: "1F0 1I0 1F1 1I1 1W0 1W1",
     }
-    assert show(make_schedule("zb1p", 2, 4)) == {
+    assert paper("zb1p", 2, 4) == {
         0: "0F0 0F1 0I0 0W0 0F2 0I1 0W1 0F3 0I2 0W2 0I3 0W3",
         1: "1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1F3 1I3 1W2 1W3",
     }
@@ -65,7 +71,7 @@ def test_zb1p_order_pp4_m4():
     # (or once the forwards are done); then the W's still held. The last rank holds all of its W's
     # until 3I3, so its F/I pairs run back to back and the gradient of micro-batch 3 leaves it early:
     # the held W's fill the drain that 1F1B leaves idle on every rank.
-    assert show(make_schedule("zb1p", 4, 4)) == {
+    assert paper("zb1p", 4, 4) == {
         0: "0F0 0F1 0F2 0F3 0I0 0W0 0I1 0W1 0I2 0W2 0I3 0W3",
         1: "1F0 1F1 1F2 1I0 1F3 1I1 1W0 1I2 1W1 1I3 1W2 1W3",
         2: "2F0 2F1 2I0 2F2 2I1 2F3 2I2 2W0 2I3 2W1 2W2 2W3",
@@ -79,7 +85,7 @@ def test_zbv_order_pp2_m4():
     # stage (the gradient comes straight back: for rank 1 the loss is one stage away); then F down (while any
     # remain), I and W down, F, I and W up, until both stages have run every forward; then r pairs
     # I down, I up; pp-r pairs I down, W down; then the W's still pending, the second stage's first.
-    assert show(make_schedule("zbv", 2, 4, 2)) == {
+    assert paper("zbv", 2, 4) == {
         0: "0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 0I2 0W2 0I3 0W3",
         1: "1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 2W3 1W3",
     }
@@ -93,7 +99,7 @@ def test_zbv_matches_torch_s_zbv_order():
     kinds = {"FORWARD": "F", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
     for pp in range(1, 9):
         for m in range(1, 25):
-            ours = show(make_schedule("zbv", pp, m, 2))
+            ours = paper("zbv", pp, m)
             for rank in range(pp):
                 this = SimpleNamespace(pp_group_size=pp, _n_microbatches=m, num_stages=2 * pp)
                 ops = schedules.ScheduleZBVZeroBubble._calculate_single_rank_operations(this, rank)
@@ -104,13 +110,46 @@ def test_zbv_matches_torch_s_zbv_order():
 
 def test_zbv_with_fewer_micro_batches_than_its_phases_is_the_longer_order_cut():
     # The phases need 2pp-1 = 3 micro-batches; m=2 is the m=3 order without micro-batch 2.
-    three = make_schedule("zbv", 2, 3, 2)
-    assert show(make_schedule("zbv", 2, 2, 2)) == {r: " ".join(str(a) for a in acts if a.microbatch < 2)
-                                                    for r, acts in three.items()}
-    assert show(make_schedule("zbv", 2, 2, 2)) == {
+    three = {r: zbv(r, 2, 3) for r in range(2)}
+    assert paper("zbv", 2, 2) == {r: " ".join(str(a) for a in acts if a.microbatch < 2)
+                                  for r, acts in three.items()}
+    assert paper("zbv", 2, 2) == {
         0: "0F0 0F1 3F0 3I0 3W0 3F1 3I1 3W1 0I0 0W0 0I1 0W1",
         1: "1F0 2F0 1F1 2F1 2I0 2W0 1I0 1W0 2I1 2W1 1I1 1W1",
     }
+
+
+def test_stage_0_runs_whole_backwards_where_its_i_and_w_are_back_to_back():
+    # Nobody waits for stage 0's input gradient, and both orders run its I and W back to back:
+    # make_schedule runs them as one B. Every other stage keeps the published split.
+    assert show(make_schedule("zb1p", 2, 4)) == {
+        0: "0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3",
+        1: "1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1F3 1I3 1W2 1W3",
+    }
+    assert show(make_schedule("zbv", 2, 4, 2)) == {
+        0: "0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0B0 3F2 3I2 3W2 0B1 3F3 3I3 3W3 0B2 0B3",
+        1: "1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 2W3 1W3",
+    }
+    for name, v in (("zb1p", 1), ("zbv", 2)):
+        for pp in range(1, 7):
+            for m in range(1, 14):
+                whole = show(make_schedule(name, pp, m, v))
+                published = paper(name, pp, m)
+                for r in range(pp):
+                    out = []
+                    for a in published[r].split():  # 0I k then 0W k becomes 0B k; nothing else changes
+                        if a.startswith("0W") and out and out[-1] == "0I" + a[2:]:
+                            out[-1] = "0B" + a[2:]
+                        else:
+                            out.append(a)
+                    assert whole[r] == " ".join(out), (name, pp, m, r)
+                    assert not any(a.startswith(("0I", "0W")) for a in whole[r].split()), (name, pp, m, r)
+    # The same work in the same slots at equal costs (B = I + W): the same makespan and bubble.
+    for pp, m in ((2, 4), (4, 8), (3, 2)):
+        joined = simulate(make_schedule("zb1p", pp, m), pp, m)
+        split = simulate({r: zb1p(r, pp, m) for r in range(pp)}, pp, m)
+        assert (joined.makespan, joined.bubble) == (split.makespan, split.bubble)
+    assert whole_first_stage(parse("0F0 0I0 1F0 0W0")) == parse("0F0 0I0 1F0 0W0")  # not back to back: kept
 
 
 # --- simulated bubbles ----------------------------------------------------------------
@@ -119,9 +158,10 @@ def test_zb1p_timeline_pp2_m2_by_hand():
     # F = I = W = 1. Rank 1 runs 1I0 as soon as 1F0 is done, then 1F1 (0F1 ended at 2) and 1I1; its
     # held 1W0 runs while rank 0 does 0I1. Both ranks end at 7 = 3m + pp - 1: one unit idle each,
     # against 1F1B's 9 and three.
+    # Rank 0 runs each I and W of stage 0 as one B of cost 2 (whole_first_stage): the same slots.
     sim = simulate(make_schedule("zb1p", 2, 2), 2, 2)
     assert {r: [(s, e, str(a)) for s, e, a in t] for r, t in sim.timeline.items()} == {
-        0: [(0, 1, "0F0"), (1, 2, "0F1"), (3, 4, "0I0"), (4, 5, "0W0"), (5, 6, "0I1"), (6, 7, "0W1")],
+        0: [(0, 1, "0F0"), (1, 2, "0F1"), (3, 5, "0B0"), (5, 7, "0B1")],
         1: [(1, 2, "1F0"), (2, 3, "1I0"), (3, 4, "1F1"), (4, 5, "1I1"), (5, 6, "1W0"), (6, 7, "1W1")],
     }
     assert (sim.makespan, sim.idle, sim.bubble) == (7, 2, 1 - 12 / 14)
@@ -167,11 +207,12 @@ def test_theoretical_bubbles_with_few_micro_batches():
 
 def test_simulated_costs_per_kind_and_stage():
     # pp=2, m=1: rank 0 runs 0F0 0I0 0W0, rank 1 1F0 1I0 1W0 (its one W held, then flushed).
-    sim = simulate(make_schedule("zb1p", 2, 1), 2, 1, forward_cost=1, input_cost=[1, 3], weight_cost=[2, 4])
+    order = {r: zb1p(r, 2, 1) for r in range(2)}  # stage 0 split too
+    sim = simulate(order, 2, 1, forward_cost=1, input_cost=[1, 3], weight_cost=[2, 4])
     assert {r: [(s, e) for s, e, _ in t] for r, t in sim.timeline.items()} == {
         0: [(0, 1), (5, 6), (6, 8)], 1: [(1, 2), (2, 5), (5, 9)]}
     # Left out, I and W each cost half of the stage's B.
-    sim = simulate(make_schedule("zb1p", 2, 1), 2, 1, backward_cost=[4, 6])
+    sim = simulate(order, 2, 1, backward_cost=[4, 6])
     assert [(s, e) for s, e, _ in sim.timeline[1]] == [(1, 2), (2, 5), (5, 8)]
     with pytest.raises(ScheduleError, match=r"^weight_cost has 1 entries; expected one per stage \(2\)$"):
         simulate(make_schedule("zb1p", 2, 1), 2, 1, weight_cost=[1])

@@ -194,9 +194,9 @@ def make_schedule(name: str, pp: int, num_microbatches: int, virtual: int = 1,
         return {r: _interleaved(r, pp, m, virtual) for r in range(pp)}
     if name in ("zb1p", "zbv"):
         # Imported here: zero_bubble builds on this module's Action.
-        from plait.parallel.zero_bubble import zb1p, zbv
+        from plait.parallel.zero_bubble import whole_first_stage, zb1p, zbv
 
-        return {r: (zb1p if name == "zb1p" else zbv)(r, pp, m) for r in range(pp)}
+        return {r: whole_first_stage((zb1p if name == "zb1p" else zbv)(r, pp, m)) for r in range(pp)}
     # Forward-only (evaluation) works on any layout: each rank goes through its
     # stages in order, all micro-batches each. Every action then depends only on
     # lower (stage, micro-batch) pairs, so no order of ranks can deadlock.
@@ -370,7 +370,7 @@ def simulate(
     num_microbatches: int,
     virtual: int = 1,
     forward_cost: Cost = 1.0,
-    backward_cost: Cost = 2.0,
+    backward_cost: Cost | None = None,
     comm_cost: float = 0.0,
     *,
     input_cost: Cost | None = None,
@@ -381,18 +381,26 @@ def simulate(
 
     Costs are per action, a float for every stage or a sequence indexed by
     stage: `backward_cost` for a B, `input_cost` for an I and `weight_cost` for
-    a W, each half of the stage's B cost where not given. `comm_cost` is added
+    a W. Left out, a B costs I + W where both are given (the zero-bubble orders
+    run stage 0's backward whole), else 2; and an I or a W half of the stage's
+    B. `comm_cost` is added
     to every dependency that crosses ranks (under `layout`). A schedule with no
     backward at all is checked as forward-only.
     """
     forward_only = not any(a.kind != "F" for acts in schedule.values() for a in acts)
     validate(schedule, pp, num_microbatches, virtual, forward_only=forward_only, layout=layout)
     total_stages = num_stages(pp, virtual)
-    backward = _per_stage(backward_cost, total_stages, "backward_cost")
+    inp = None if input_cost is None else _per_stage(input_cost, total_stages, "input_cost")
+    wgt = None if weight_cost is None else _per_stage(weight_cost, total_stages, "weight_cost")
+    if backward_cost is not None:
+        backward = _per_stage(backward_cost, total_stages, "backward_cost")
+    elif inp is not None and wgt is not None:
+        backward = [i + w for i, w in zip(inp, wgt)]
+    else:
+        backward = [2.0] * total_stages
     half = [b / 2 for b in backward]
     cost = {"F": _per_stage(forward_cost, total_stages, "forward_cost"), "B": backward,
-            "I": half if input_cost is None else _per_stage(input_cost, total_stages, "input_cost"),
-            "W": half if weight_cost is None else _per_stage(weight_cost, total_stages, "weight_cost")}
+            "I": half if inp is None else inp, "W": half if wgt is None else wgt}
     split = {(a.stage, a.microbatch) for acts in schedule.values() for a in acts if a.kind == "I"}
     end: dict[Action, float] = {}
     free = [0.0] * pp

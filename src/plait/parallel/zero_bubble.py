@@ -14,6 +14,9 @@ costs change is only how well it fits, which `simulate` shows.
 - `zbv` (ZB-V): two stages per rank in a V, rank r holding stages r and 2p-1-r;
   the same order as torch's ScheduleZBVZeroBubble (tests compare the two).
 
+`make_schedule` then runs each through `whole_first_stage`: stage 0's I and W,
+back to back in both orders, become one B (its docstring says why).
+
 The peak memory both promise is 1F1B's peak over the pipeline, p micro-batches
 live (from F to W) on a rank, which 1F1B reaches on rank 0 only: later ranks
 hold more than under 1F1B, up to that same p. No schedule can hold each rank to
@@ -136,3 +139,23 @@ def zbv(rank: int, pp: int, m: int) -> list[Action]:
         while b.pending(stage):
             b.run(stage, "W")
     return [a for a in b.order if a.microbatch < m]
+
+
+def whole_first_stage(order: list[Action]) -> list[Action]:
+    """`order` with each I of stage 0 that its W follows at once replaced by one B.
+
+    Splitting a backward helps only the stage before, which waits for the I: stage 0 has
+    none (its input is the token ids), and where its W runs right after its I the split
+    moves nothing into a bubble. A B then does the same work in the same slot without
+    the split's own cost: the deferred linears' Python path in F and I, and their
+    (input, output gradient) pairs, freshly allocated in I and read cold in W. torch's
+    pipelining likewise runs its first stage's whole backward in W. Both zero-bubble
+    orders run stage 0's I and W back to back, so on stage 0 they are 1F1B-like.
+    """
+    out: list[Action] = []
+    for a in order:
+        if a.stage == 0 and a.kind == "W" and out and out[-1] == Action(0, a.microbatch, "I"):
+            out[-1] = Action(0, a.microbatch, "B")
+        else:
+            out.append(a)
+    return out
