@@ -18,8 +18,11 @@ r and 3-r, for both engines. Like the data-parallel benchmark, everything is
 measured in the same two processes, interleaved in rounds, medians reported;
 below the table, plait/torch paired round by round, which cancels the drift.
 Both engines do the same work per step: torch's runner also sums the tied
-embedding / LM-head gradient over the two stages and all-reduces the loss,
-as plait's train_step does (without the first, the two copies drift apart).
+embedding / LM-head gradient over the two stages, computes the global
+gradient norm (float64 per tensor, the tied copy once) and all-reduces it
+with the loss in one collective, as plait's train_step does (without the
+first, the two copies drift apart; the norm is what clipping and the log
+take).
 
 Columns:
 - step (ms): median step time (forward, backward, a fused AdamW step as `plait train` takes).
@@ -186,7 +189,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
             tied = layers[0].wte.weight if virtual == 1 else None
 
             def run_torch(i, counting, schedule=schedule, opt=topt, counter=tcounter, tied=tied, first=first,
-                          last=last):
+                          last=last, params=params):
                 x, y = batch(i)
                 kwargs = {"target": y, "losses": []} if last else {}
                 with counter() if counting else contextlib.nullcontext():
@@ -195,11 +198,16 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
                         else torch.zeros((), dtype=torch.float64))
                 # What plait's train_step also does, and a torch user must add: sum the tied
                 # embedding's gradient over the two stages (or the copies drift apart), and
-                # give every rank the step's loss.
+                # give every rank the step's loss and the global gradient norm, in one collective.
                 if tied is not None:
                     dist.all_reduce(tied.grad)
-                dist.all_reduce(loss)
-                loss.item()
+                norm_sq = torch.zeros((), dtype=torch.float64)
+                for p in params:
+                    if p.grad is not None and (first or p is not tied):  # the tied copy once
+                        norm_sq += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+                both = torch.stack([loss, norm_sq])
+                dist.all_reduce(both)
+                both.tolist()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
