@@ -45,8 +45,10 @@ Columns:
   counted with autograd's saved-tensor hooks by storage (each storage once,
   however many views of it are saved; the weights', views included, not at
   all: F.linear saves its weight's transpose), plus for
-  plait's I/W schedules the output gradients that wait for W (the inputs W
-  needs are saved tensors already), in one untimed step of each run: the
+  plait's I/W schedules the output gradients that wait for W and the layer
+  inputs W needs (held outside autograd's saved tensors by plait's native
+  deferred forward: weight_grad.held_inputs; each storage once, with the
+  saved ones), in one untimed step of each run: the
   hooks cost time, so timed steps run without. torch's zero-bubble split
   keeps the graph between I and W, which the hooks count.
 
@@ -77,6 +79,7 @@ from tests.distributed.harness import spawn  # noqa: E402
 import plait  # noqa: E402
 from plait.model import build_gpt, count_params, gpt_loss  # noqa: E402
 from plait.parallel.partition import partition  # noqa: E402
+from plait.parallel.weight_grad import held_inputs  # noqa: E402
 from plait.parallel.schedule import (make_schedule, rank_stages, schedule_layout, simulate,  # noqa: E402
                                      theoretical_bubble)
 
@@ -99,9 +102,10 @@ class SavedActivations:
     saved as the parameter itself or as a view of it (F.linear saves the weight's transpose).
     """
 
-    def __init__(self, params=(), extra=lambda: 0):
+    def __init__(self, params=(), extra=lambda: 0, held=lambda: ()):
         self.now = self.peak = 0
         self.extra = extra
+        self.held = held
         self._params = {p.untyped_storage().data_ptr() for p in params}
         self._live: dict[int, int] = {}  # storage address -> saved tensors on it, still alive
 
@@ -114,8 +118,14 @@ class SavedActivations:
                 self.now += size
             self._live[ptr] += 1
             weakref.finalize(t, self._free, ptr, size)
-        self.peak = max(self.peak, self.now + self.extra())
+        self.peak = max(self.peak, self.now + self.extra() + self._held_bytes())
         return t
+
+    def _held_bytes(self) -> int:
+        # Tensors kept for backward outside autograd's saved tensors (the layer inputs that
+        # plait's native deferred forward holds for W), by storage, those counted already aside.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.held()}
+        return sum(n for ptr, n in storages.items() if ptr not in self._live and ptr not in self._params)
 
     def _free(self, ptr: int, size: int):
         self._live[ptr] -= 1
@@ -162,7 +172,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
                                   virtual_stages=virtual, split=cut[1:-1])
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-4, fused=True)
             store = engine.executor.weight_grads
-            counter = SavedActivations(engine.parameters(), lambda store=store: store.held_bytes)
+            counter = SavedActivations(engine.parameters(), lambda store=store: store.held_bytes, held_inputs)
 
             def run_plait(i, counting, engine=engine, opt=opt, counter=counter):
                 with counter() if counting else contextlib.nullcontext():

@@ -20,6 +20,7 @@ for the recomputation, so dropout masks are the same as in the forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterable
 
@@ -59,11 +60,28 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
 def _checkpointed_forward(plain_forward, mode: str, *args, **kwargs):
     if not torch.is_grad_enabled():  # evaluation, the pipeline's shape probe: nothing to keep
         return plain_forward(*args, **kwargs)
-    extra = {"context_fn": _selective_contexts} if mode == "selective" else {}
-    return checkpoint(plain_forward, *args, use_reentrant=False, **extra, **kwargs)
+    from plait.parallel import weight_grad
+
+    # A deferred linear layer inside the layer builds its output one way inside deferred_forward()
+    # and another outside (weight_grad.py); the recomputation, which runs in the backward, must
+    # take the way the forward took, or its saved tensors differ from the forward's.
+    native = weight_grad.native_forward()
+
+    def contexts():
+        forward, recompute = _selective_contexts() if mode == "selective" else (
+            contextlib.nullcontext(), contextlib.nullcontext())
+        return forward, _both(recompute, weight_grad.deferred_forward(native))
+
+    return checkpoint(plain_forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def checkpoint_layer(layer: nn.Module, mode: str) -> nn.Module:

@@ -2,9 +2,12 @@
 
 Each test runs the same model twice from the same values: once with `loss.backward()`, once
 with its nn.Linear modules deferred, the backward run inside `store.deferring(key)` (I) and
-then `store.run(key)` (W). Gradients are compared exactly (torch.equal) wherever autograd and W
+then `store.run(key)` (W). The deferred forward takes either way (`path`): the custom autograd
+function, or native F.linear with a hook inside `deferred_forward()`, as the executor runs it. Gradients are compared exactly (torch.equal) wherever autograd and W
 add the same terms in the same order; where they cannot, the tolerance is stated and why.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -16,9 +19,17 @@ from plait.model import GPTConfig, build_gpt, gpt_loss
 from plait.model.gpt import Block
 from plait.parallel.p2p import check_plan, p2p_plan
 from plait.parallel.schedule import Action, ScheduleError, simulate, validate
-from plait.parallel.weight_grad import WeightGradStore, defer_linears
+from plait.parallel.weight_grad import WeightGradStore, defer_linears, deferred_forward, held_inputs
 
 CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=True)
+
+
+PATHS = ["function", "native"]
+
+
+def forward(path):
+    """Where a deferred model's forward runs: as it is (the function), or in deferred_forward()."""
+    return deferred_forward() if path == "native" else contextlib.nullcontext()
 
 
 def tokens(seed=1, rows=4):
@@ -53,8 +64,9 @@ def assert_equal(ours, theirs):
     assert not different, different
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_block_defers_its_linear_weights_to_w_and_ends_bit_equal(dtype):
+def test_a_block_defers_its_linear_weights_to_w_and_ends_bit_equal(dtype, path):
     torch.manual_seed(0)
     ref, ours = Block(CFG).to(dtype), Block(CFG).to(dtype)
     ours.load_state_dict(ref.state_dict())
@@ -63,8 +75,10 @@ def test_a_block_defers_its_linear_weights_to_w_and_ends_bit_equal(dtype):
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     (ref(xr) ** 2).sum().backward()
     store = WeightGradStore()
+    with forward(path):
+        out = ours(xo)
     with store.deferring((0, 0)):
-        (ours(xo) ** 2).sum().backward()
+        (out ** 2).sum().backward()
     # After I: the input gradient and the LayerNorms' are in, no linear weight's or bias's is.
     assert torch.equal(xo.grad, xr.grad)
     after_i = {name for name, p in ours.named_parameters() if p.grad is not None}
@@ -75,15 +89,18 @@ def test_a_block_defers_its_linear_weights_to_w_and_ends_bit_equal(dtype):
     assert_equal(grads(ours), grads(ref))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_whole_gpt_with_its_tied_embedding_on_one_rank_is_bit_equal(dtype):
+def test_the_whole_gpt_with_its_tied_embedding_on_one_rank_is_bit_equal(dtype, path):
     x, y = tokens()
     ref, ours = gpt(dtype, defer=False), gpt(dtype, defer=True)
     assert ours[-1].lm_head.weight is ours[0].wte.weight  # still one Parameter
     gpt_loss(ref(x), y).backward()
     store = WeightGradStore()
+    with forward(path):
+        loss = gpt_loss(ours(x), y)
     with store.deferring(0):
-        gpt_loss(ours(x), y).backward()
+        loss.backward()
     # The tied weight's embedding share arrived in I; its LM-head share waits for W.
     wte = ours[0].wte.weight
     assert wte.grad is not None and not torch.equal(wte.grad, ref[0].wte.weight.grad)
@@ -92,7 +109,8 @@ def test_the_whole_gpt_with_its_tied_embedding_on_one_rank_is_bit_equal(dtype):
     assert_equal(grads(ours), grads(ref))
 
 
-def test_the_tied_weight_accumulated_over_micro_batches_differs_only_by_rounding():
+@pytest.mark.parametrize("path", PATHS)
+def test_the_tied_weight_accumulated_over_micro_batches_differs_only_by_rounding(path):
     """Over two micro-batches autograd adds g1 + (head2 + emb2) and I/W add (g1 + emb2) + head2:
     other roundings, within 1e-15 here in float64; every untied parameter stays bit-equal."""
     ref, ours = gpt(torch.float64, defer=False), gpt(torch.float64, defer=True)
@@ -100,8 +118,10 @@ def test_the_tied_weight_accumulated_over_micro_batches_differs_only_by_rounding
     for seed in (1, 2):
         x, y = tokens(seed)
         gpt_loss(ref(x), y).backward()
+        with forward(path):
+            loss = gpt_loss(ours(x), y)
         with store.deferring(seed):
-            gpt_loss(ours(x), y).backward()
+            loss.backward()
     store.run(1)  # W of the first micro-batch after the second's I, as a zero-bubble schedule runs it
     store.run(2)
     mine, theirs = grads(ours), grads(ref)
@@ -122,24 +142,30 @@ class Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(self.norm(x))))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_linear_used_twice_gets_both_uses_summed_as_autograd_sums_them(dtype):
+def test_a_linear_used_twice_gets_both_uses_summed_as_autograd_sums_them(dtype, path):
     torch.manual_seed(0)
     ref, ours = Twice().to(dtype), Twice().to(dtype)
     ours.load_state_dict(ref.state_dict())
     defer_linears([ours])
     x = torch.randn(4, 5, 8, dtype=dtype)
     ref(x).square().sum().backward()
-    split_backward(ours(x).square().sum())
+    with forward(path):
+        loss = ours(x).square().sum()
+    split_backward(loss)
     assert_equal(grads(ours), grads(ref))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_checkpointed_blocks_recompute_in_i_and_w_keeps_what_it_needs(mode):
+def test_checkpointed_blocks_recompute_in_i_and_w_keeps_what_it_needs(mode, path):
     x, y = tokens()
     ref, ours = gpt(torch.float64, defer=False), gpt(torch.float64, defer=True, mode=mode)
     gpt_loss(ref(x), y).backward()
-    split_backward(gpt_loss(ours(x), y))
+    with forward(path):
+        loss = gpt_loss(ours(x), y)
+    split_backward(loss)
     assert_equal(grads(ours), grads(ref))
 
 
@@ -174,14 +200,15 @@ def test_under_engine_checkpointing_only_the_layers_outside_it_defer(mode):
     assert deferred == [f"{len(layers) - 1}.lm_head"]
 
 
-def test_under_bf16_autocast_the_gpt_is_bit_equal_to_autocasts_own_backward():
+@pytest.mark.parametrize("path", PATHS)
+def test_under_bf16_autocast_the_gpt_is_bit_equal_to_autocasts_own_backward(path):
     """The products run in bfloat16 as autocast's F.linear runs them and the weight gradients
     are cast back to float32 as autocast's cast backward does: the same numbers."""
     x, y = tokens()
     ref, ours = gpt(torch.float32, defer=False), gpt(torch.float32, defer=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_ref = gpt_loss(ref(x), y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), forward(path):
         loss = gpt_loss(ours(x), y)
     assert torch.equal(loss, loss_ref)
     loss_ref.backward()
@@ -190,7 +217,8 @@ def test_under_bf16_autocast_the_gpt_is_bit_equal_to_autocasts_own_backward():
     assert_equal(grads(ours), grads(ref))
 
 
-def test_under_bf16_autocast_a_linear_used_twice_sums_its_uses_in_float32():
+@pytest.mark.parametrize("path", PATHS)
+def test_under_bf16_autocast_a_linear_used_twice_sums_its_uses_in_float32(path):
     """autocast casts a weight once per region, so autograd sums its two uses' gradients in
     bfloat16 before casting; W casts each use's gradient to float32 and sums there. The results
     differ by bfloat16 rounding (8 bits of mantissa): within 2^-7 of the largest gradient."""
@@ -201,7 +229,8 @@ def test_under_bf16_autocast_a_linear_used_twice_sums_its_uses_in_float32():
     x = torch.randn(4, 5, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_ref = ref(x).float().square().sum()
-        loss = ours(x).float().square().sum()
+        with forward(path):
+            loss = ours(x).float().square().sum()
     loss_ref.backward()
     split_backward(loss)
     for name, p in ours.named_parameters():
@@ -220,6 +249,45 @@ def test_without_a_store_deferring_the_deferred_forward_is_a_plain_backward():
         assert torch.equal(ours(x), ref(x))
 
 
+def test_a_native_deferred_forward_whose_backward_is_not_an_i_raises_instead_of_losing_gradients():
+    x, y = tokens()
+    ours = gpt(torch.float32, defer=True)
+    with deferred_forward():
+        loss = gpt_loss(ours(x), y)
+    with pytest.raises(RuntimeError, match=r"^a linear layer's forward ran inside deferred_forward\(\) but its "
+                                           r"backward runs outside a WeightGradStore's deferring\(\): its weight "
+                                           r"gradient would be lost$"):
+        loss.backward()
+
+
+def test_the_native_forward_saves_no_layer_input_and_holds_each_for_w_until_w():
+    """Autograd saves for a detached weight's product only what the input gradient needs (the
+    weight), so the inputs W needs are held by the hooks, then by the queue, and counted by
+    `held_inputs` until W has run: the same tensors the function saves for backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    defer_linears([model])
+    x = torch.randn(4, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with deferred_forward():
+            loss = model(x).sum()
+    # Saved: the two weights (for the input gradients) and tanh's output (for its own); not x.
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    weights = {model[0].weight.data_ptr(), model[2].weight.data_ptr()}
+    assert weights <= storages and len(storages) == 3 and x.data_ptr() not in storages
+    inputs = {t.data_ptr() for t in held_inputs()}
+    hidden = model[1](model[0](x)).detach()  # the second layer's input, recomputed to compare
+    assert x.data_ptr() in inputs and len(inputs) == 2
+    assert any(torch.equal(t, hidden) for t in held_inputs())
+    store = WeightGradStore()
+    with store.deferring(0):
+        loss.backward()
+    del loss, saved
+    assert len(held_inputs()) == 2  # the queue holds them for W
+    store.run(0)
+    assert [t for t in held_inputs() if t.data_ptr() != x.data_ptr()] == []  # only x, ours, lives on
+
 def test_deferring_changes_no_name_key_or_tied_weight_and_is_idempotent():
     layers = build_gpt(CFG, seed=0)
     keys = list(nn.Sequential(*layers).state_dict())
@@ -231,13 +299,16 @@ def test_deferring_changes_no_name_key_or_tied_weight_and_is_idempotent():
     assert layers[-1].lm_head.weight is layers[0].wte.weight
 
 
-def test_w_gradients_go_where_the_store_says():
+@pytest.mark.parametrize("path", PATHS)
+def test_w_gradients_go_where_the_store_says(path):
     x, y = tokens()
     model = gpt(torch.float64, defer=True)
     got = []
     store = WeightGradStore(accumulate=lambda p, g: got.append((p, g)))
+    with forward(path):
+        loss = gpt_loss(model(x), y)
     with store.deferring(0):
-        gpt_loss(model(x), y).backward()
+        loss.backward()
     store.run(0)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     expected = [p for m in linears for p in (m.weight, m.bias) if p is not None]

@@ -41,7 +41,7 @@ from torch import nn
 
 from plait.parallel.p2p import Message, messages, shape_plan
 from plait.parallel.schedule import Action, stage_rank
-from plait.parallel.weight_grad import WeightGradStore
+from plait.parallel.weight_grad import WeightGradStore, deferred_forward
 from plait.timing import Clock
 from plait.watchdog import wait
 
@@ -94,6 +94,7 @@ class PipelineExecutor:
         self.recorder = None  # a trace.Recorder while tracing
         # What I actions queue for W, per (stage, micro-batch); the Engine sets where W's gradients go.
         self.weight_grads = WeightGradStore()
+        self._split_keys: set[tuple[int, int]] = set()
 
     def _peer(self, stage: int) -> int:
         return self.pp_ranks[stage_rank(stage, self.pp_size, self.layout)]
@@ -259,6 +260,8 @@ class PipelineExecutor:
         if shapes is None:
             shapes = self._probe_shapes(key, inputs[0]) if self.pp_size > 1 else {}
         training = any(a.kind in ("B", "I") for a in actions)
+        # The forwards whose backward is an I build no weight-gradient graph (weight_grad.py).
+        self._split_keys = {(a.stage, a.microbatch) for a in actions if a.kind == "I"}
         # A step that failed part-way may have left W work queued, or a hand-over untaken: they
         # belong to no step now.
         self.weight_grads.clear()
@@ -320,7 +323,8 @@ class PipelineExecutor:
             x = inputs[i]
         else:
             x = received.requires_grad_(training)
-        with self.autocast():
+        split = training and (s, i) in self._split_keys
+        with self.autocast(), deferred_forward() if split else contextlib.nullcontext():
             out = self.stages[s](x)
         if s == self.num_stages - 1:
             with self.autocast():

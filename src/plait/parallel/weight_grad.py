@@ -6,13 +6,25 @@ gradients with respect to the weights (what nobody waits for), which fill the bu
 
 How: the `nn.Linear` modules of a stage run `linear` below (`defer_linears` replaces their
 `forward` on the instance; the module objects, their parameters and `state_dict` keys are
-unchanged, and so is a weight tied to another module). Its backward computes the input
-gradient at once; while a `WeightGradStore` is deferring for a (stage, micro-batch) -- the
-executor's I action -- it returns no weight or bias gradient and queues what they need
-(the layer's input and its output gradient) instead. W (`WeightGradStore.run`) computes the
-queued gradients and hands them to the store's `accumulate`: into `.grad`, as AccumulateGrad
-would, or into the data-parallel buckets (GradientSync.add_grad). With no store deferring (a
-B action, evaluation, one process) the backward returns every gradient as F.linear's would.
+unchanged, and so is a weight tied to another module). Two ways, one result:
+- Inside `deferred_forward()` -- the executor's F of a (stage, micro-batch) whose backward is
+  an I -- it is F.linear itself on the detached weight and bias, so autograd's own C++ backward
+  computes the input gradient and no weight gradient; a hook on the output queues the layer's
+  input and its output gradient when the backward reaches it, which must be inside a store's
+  `deferring`. No Python runs per layer in the backward but that hook.
+- Otherwise, a custom autograd function whose backward computes the input gradient at once and,
+  while a `WeightGradStore` is deferring (an I), queues the same pair instead of returning the
+  weight and bias gradients; with no store deferring (a B action, evaluation, one process) it
+  returns every gradient as F.linear's backward would.
+W (`WeightGradStore.run`) computes the queued gradients and hands them to the store's
+`accumulate`: into `.grad`, as AccumulateGrad would, or into the data-parallel buckets
+(GradientSync.add_grad).
+
+Why the first way where it can: measured on the benchmark GPT's last stage (two blocks and the
+LM head, 2 x 128 tokens a micro-batch, one thread), F + I + W took 1.02-1.04 of a plain F + B
+with it against 1.04-1.06 with the custom function, whose Python forward and backward run per
+layer and per micro-batch. It needs to know at forward time that the backward will be an I:
+the executor does (the schedule says so), a user's own backward may not, so the function stays.
 
 Why this way and not two `autograd.grad` walks (torch's split): measured on plait's GPT blocks
 (/work/shared/notes/backward-split-measured.md), the second walk costs I + W = 1.48 x B, and
@@ -42,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Hashable
 
@@ -53,6 +66,11 @@ from torch import nn
 # module global, not a thread-local: on a GPU autograd runs backward functions on its own device
 # threads, while the executor's thread waits in backward.
 _queue: list | None = None
+# True inside `deferred_forward()`: linear() takes the native way (see the module's doc).
+_native = False
+# The inputs the native way holds for W, by id: autograd does not save them (the detached weight
+# needs no input to its gradient), so they are counted here (`held_inputs`) and not as saved tensors.
+_inputs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 Accumulate = Callable[[nn.Parameter, torch.Tensor], None]
 
@@ -123,6 +141,51 @@ class _Linear(torch.autograd.Function):
                 gb.to(bias.dtype) if gb is not None else None, None)
 
 
+@contextlib.contextmanager
+def deferred_forward(on: bool = True):
+    """Inside, deferred linear layers build outputs whose backward queues their weight gradients:
+    that backward must run inside a `WeightGradStore.deferring` (an I), or it raises. (`on=False`:
+    inside, they take the function's way; plait.checkpointing recomputes with the forward's way.)"""
+    global _native
+    outer, _native = _native, on
+    try:
+        yield
+    finally:
+        _native = outer
+
+
+def native_forward() -> bool:
+    """Whether a forward now runs inside `deferred_forward()`."""
+    return _native
+
+
+def held_inputs() -> list[torch.Tensor]:
+    """The layer inputs that forwards inside `deferred_forward()` hold for W, still alive."""
+    return list(_inputs.values())
+
+
+def _queue_pair(weight, bias, x, grad_out):
+    # A tensor hook on the layer's output: autograd calls it with the output's whole gradient,
+    # just before the layer's own backward node runs, where the function's backward would be.
+    if _queue is None:
+        raise RuntimeError("a linear layer's forward ran inside deferred_forward() but its backward "
+                           "runs outside a WeightGradStore's deferring(): its weight gradient would be lost")
+    _queue.append((weight, bias, x, grad_out))
+
+
+def _native_linear(x, weight, bias, dtype):
+    # The function's forward, with the weight and bias detached: autograd records the input's
+    # path alone, and autocast's casts as the function makes them (so the same products run).
+    xc = _cast(x, dtype)
+    wc, bc = _cast(weight.detach(), dtype), _cast(bias.detach(), dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        out = F.linear(xc, wc, bc)
+    want_b = bias is not None and bias.requires_grad
+    out.register_hook(functools.partial(_queue_pair, weight, bias if want_b else None, xc))
+    _inputs[id(xc)] = xc
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` whose weight and bias gradients W can take (see the module's doc).
 
@@ -132,6 +195,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     leaf = weight.is_leaf and weight.requires_grad and (bias is None or bias.is_leaf)
     if not (torch.is_grad_enabled() and leaf):
         return F.linear(x, weight, bias)
+    if _native and x.requires_grad:  # (an input without a gradient leaves no node to hook: the function)
+        return _native_linear(x, weight, bias, _autocast_dtype(x.device.type))
     return _Linear.apply(x, weight, bias, _autocast_dtype(x.device.type))
 
 
