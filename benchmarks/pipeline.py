@@ -45,10 +45,10 @@ Columns:
   counted with autograd's saved-tensor hooks by storage (each storage once,
   however many views of it are saved; the weights', views included, not at
   all: F.linear saves its weight's transpose), plus for
-  plait's I/W schedules the output gradients that wait for W and the layer
-  inputs W needs (held outside autograd's saved tensors by plait's native
-  deferred forward: weight_grad.held_inputs; each storage once, with the
-  saved ones), in one untimed step of each run: the
+  plait's I/W schedules what waits for W outside autograd's saved tensors:
+  each deferred layer's output gradient and input (WeightGradStore.held,
+  weight_grad.held_inputs; each storage once, with the saved ones), in one
+  untimed step of each run: the
   hooks cost time, so timed steps run without. torch's zero-bubble split
   keeps the graph between I and W, which the hooks count.
 
@@ -93,8 +93,8 @@ def batch(step: int):
 
 
 class SavedActivations:
-    """Peak bytes held by autograd for backward while active, plus `extra()` (what a plait engine's W
-    actions hold beyond saved tensors), read at each save.
+    """Peak bytes held by autograd for backward while active, plus what `held()` lists (the
+    tensors a plait engine keeps for its W actions), read at each save.
 
     Counted by storage, not by tensor: a view saved for backward (a linear layer's transposed
     weight, the q, k and v slices of one projection) holds its whole storage, once however many
@@ -102,9 +102,8 @@ class SavedActivations:
     saved as the parameter itself or as a view of it (F.linear saves the weight's transpose).
     """
 
-    def __init__(self, params=(), extra=lambda: 0, held=lambda: ()):
+    def __init__(self, params=(), held=lambda: ()):
         self.now = self.peak = 0
-        self.extra = extra
         self.held = held
         self._params = {p.untyped_storage().data_ptr() for p in params}
         self._live: dict[int, int] = {}  # storage address -> saved tensors on it, still alive
@@ -118,12 +117,12 @@ class SavedActivations:
                 self.now += size
             self._live[ptr] += 1
             weakref.finalize(t, self._free, ptr, size)
-        self.peak = max(self.peak, self.now + self.extra() + self._held_bytes())
+        self.peak = max(self.peak, self.now + self.held_bytes())
         return t
 
-    def _held_bytes(self) -> int:
-        # Tensors kept for backward outside autograd's saved tensors (the layer inputs that
-        # plait's native deferred forward holds for W), by storage, those counted already aside.
+    def held_bytes(self) -> int:
+        """Bytes of the tensors `held()` keeps for W outside autograd's saved tensors: each
+        storage once, those counted as saved or as weights aside."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.held()}
         return sum(n for ptr, n in storages.items() if ptr not in self._live and ptr not in self._params)
 
@@ -172,7 +171,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
                                   virtual_stages=virtual, split=cut[1:-1])
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-4, fused=True)
             store = engine.executor.weight_grads
-            counter = SavedActivations(engine.parameters(), lambda store=store: store.held_bytes, held_inputs)
+            counter = SavedActivations(engine.parameters(), lambda store=store: [*store.held(), *held_inputs()])
 
             def run_plait(i, counting, engine=engine, opt=opt, counter=counter):
                 with counter() if counting else contextlib.nullcontext():

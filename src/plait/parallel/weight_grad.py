@@ -25,6 +25,8 @@ LM head, 2 x 128 tokens a micro-batch, one thread), F + I + W took 1.02-1.04 of 
 with it against 1.04-1.06 with the custom function, whose Python forward and backward run per
 layer and per micro-batch. It needs to know at forward time that the backward will be an I:
 the executor does (the schedule says so), a user's own backward may not, so the function stays.
+Autograd saves no layer input for a detached weight's product: the hook, then the queue, holds it
+until W, and `held_inputs()` lists those held, for a count of activation memory.
 
 Why this way and not two `autograd.grad` walks (torch's split): measured on plait's GPT blocks
 (/work/shared/notes/backward-split-measured.md), the second walk costs I + W = 1.48 x B, and
@@ -242,10 +244,6 @@ def defer_linears(modules: Iterable[nn.Module]) -> int:
     return changed
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class WeightGradStore:
     """Deferred weight-gradient work, queued per key (the executor's (stage, micro-batch)).
 
@@ -258,31 +256,29 @@ class WeightGradStore:
     def __init__(self, accumulate: Accumulate | None = None):
         self.accumulate = accumulate or accumulate_grad
         self._queues: dict[Hashable, list] = {}
-        # Bytes of the output gradients queued and not yet run: what W holds beyond the forward's
-        # saved inputs (those are autograd's saved tensors, kept alive by the queue until W).
-        self.held_bytes = 0
 
     @contextlib.contextmanager
     def deferring(self, key: Hashable):
         """Inside, the backward of `linear` queues its weight gradients under `key` (the I action)."""
         global _queue
-        queue = self._queues.setdefault(key, [])
-        before = len(queue)
-        outer, _queue = _queue, queue
+        outer, _queue = _queue, self._queues.setdefault(key, [])
         try:
             yield
         finally:
             _queue = outer
-            self.held_bytes += sum(_nbytes(item[3]) for item in queue[before:])
 
     def pending(self) -> list[Hashable]:
         """Keys whose weight gradients are queued and not yet run (holding their activations)."""
         return [k for k, q in self._queues.items() if q]
 
+    def held(self) -> list[torch.Tensor]:
+        """What the queues hold for W: each deferred use's layer input and output gradient (for a
+        count of activation memory; an input may also be a tensor autograd saves)."""
+        return [t for queue in self._queues.values() for item in queue for t in item[2:]]
+
     def clear(self) -> None:
         """Drop every queued piece of work (and the activations it holds), run or not."""
         self._queues.clear()
-        self.held_bytes = 0
 
     def run(self, key: Hashable) -> None:
         """The W action: compute `key`'s queued weight gradients and accumulate them, freeing each
@@ -303,7 +299,6 @@ class WeightGradStore:
         with torch.no_grad():
             while queue:
                 weight, bias, x, grad_out = queue.pop()
-                self.held_bytes -= _nbytes(grad_out)
                 gw, gb = _weight_grads(x, grad_out, weight is not None, bias is not None)
                 del x, grad_out
                 for p, g in ((weight, gw), (bias, gb)):
