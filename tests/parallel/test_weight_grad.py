@@ -157,6 +157,36 @@ def test_a_linear_used_twice_gets_both_uses_summed_as_autograd_sums_them(dtype, 
     assert_equal(grads(ours), grads(ref))
 
 
+class InPlace(nn.Module):
+    """A user's layer that modifies a Linear's output in place before the next op."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(3.0)
+        h.add_(1.0)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_output_modified_in_place_defers_the_gradient_of_the_layers_own_output(path):
+    """The W of `a` needs the gradient with respect to a's output as a made it, not as mul_ left
+    it (3 times smaller): the hook, registered before the in-place ops, gets that one."""
+    torch.manual_seed(0)
+    ref, ours = InPlace().double(), InPlace().double()
+    ours.load_state_dict(ref.state_dict())
+    defer_linears([ours])
+    x = torch.randn(4, 8, dtype=torch.float64)
+    ref(x.clone().requires_grad_()).square().sum().backward()
+    with forward(path):
+        loss = ours(x.clone().requires_grad_()).square().sum()
+    split_backward(loss)
+    assert_equal(grads(ours), grads(ref))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointed_blocks_recompute_in_i_and_w_keeps_what_it_needs(mode, path):
