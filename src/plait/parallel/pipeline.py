@@ -323,8 +323,7 @@ class PipelineExecutor:
             x = inputs[i]
         else:
             x = received.requires_grad_(training)
-        split = training and (s, i) in self._split_keys
-        with self.autocast(), deferred_forward() if split else contextlib.nullcontext():
+        with self.autocast(), deferred_forward() if (s, i) in self._split_keys else contextlib.nullcontext():
             out = self.stages[s](x)
         if s == self.num_stages - 1:
             with self.autocast():

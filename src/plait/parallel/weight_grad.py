@@ -112,12 +112,18 @@ def _weight_grads(x: torch.Tensor, grad_out: torch.Tensor, want_weight: bool, wa
     return gw, gb
 
 
+def _cast_linear(x, weight, bias, dtype):
+    """(input, weight, output) of F.linear as autocast to `dtype` runs it (None: no autocast): the
+    operands cast as autocast casts them, the product run with autocast off."""
+    xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        return xc, wc, F.linear(xc, wc, bc)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-            out = F.linear(xc, wc, bc)
+        xc, wc, out = _cast_linear(x, weight, bias, dtype)
         ctx.save_for_backward(xc, wc)
         ctx.x_dtype = x.dtype
         # The leaf parameters themselves, where W adds the gradients (not their autocast copies).
@@ -177,11 +183,8 @@ def _queue_pair(weight, bias, x, grad_out):
 
 def _native_linear(x, weight, bias, dtype):
     # The function's forward, with the weight and bias detached: autograd records the input's
-    # path alone, and autocast's casts as the function makes them (so the same products run).
-    xc = _cast(x, dtype)
-    wc, bc = _cast(weight.detach(), dtype), _cast(bias.detach(), dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        out = F.linear(xc, wc, bc)
+    # path alone, and the same products run.
+    xc, _, out = _cast_linear(x, weight.detach(), bias.detach() if bias is not None else None, dtype)
     want_b = bias is not None and bias.requires_grad
     out.register_hook(functools.partial(_queue_pair, weight, bias if want_b else None, xc))
     _inputs[id(xc)] = xc
