@@ -52,7 +52,10 @@ Columns:
   hooks cost time, so timed steps run without. torch's zero-bubble split
   keeps the graph between I and W, which the hooks count.
 
-Below, each of issue 18's targets with PASS or MISS, and for zb1p at m=4 the
+Below the table: each (kind, stage)'s median action time; where plait's
+bubble comes from (benchmarks/pipeline_idle.py: each step's own action times
+replayed through its order, and whether an action runs slower while the other
+rank computes); each of issue 18's targets with PASS or MISS, and for zb1p at m=4 the
 shortest pipeline span any order within ZB-H1's memory could reach with the
 action times measured (`span_bound`), plus the time outside the pipeline, as
 a share of torch's 1F1B step: how much a better order could still win.
@@ -74,6 +77,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.data_parallel import CFG  # noqa: E402
+from benchmarks.pipeline_idle import format_report, idle_report  # noqa: E402
 from tests.distributed.harness import spawn  # noqa: E402
 
 import plait  # noqa: E402
@@ -228,9 +232,8 @@ def measure(rounds: int, steps: int, microbatches: list[int], schedules: list[st
     runners = make_runners(microbatches, schedules, bounds)
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
-    busy: dict[str, list[float]] = {n: [] for n in names}
-    window: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    costs: dict[str, dict[tuple[str, int], list[float]]] = {n: {} for n in names}
+    # Per timed step of a plait run, this rank's (action, start, end) from the executor's clock.
+    actions: dict[str, list] = {n: [] for n in names}
     for n in names:  # warm-up (and torch's shape inference), then one step counting activations:
         runners[n][0](0, False)  # the counting hooks cost time, so timed steps run without them
         runners[n][0](0, True)
@@ -243,28 +246,30 @@ def measure(rounds: int, steps: int, microbatches: list[int], schedules: list[st
                 fn(1 + r * steps + i, False)
                 times[n].append(time.perf_counter() - t0)
                 if engine is not None:
-                    busy[n].append(engine.executor.compute_s)
-                    window[n].append(engine.executor.compute_window())
-                    for action, seconds in engine.executor.action_seconds():
-                        costs[n].setdefault((action.kind, action.stage), []).append(seconds)
-    return {"times": times, "busy": busy, "window": window, "peak": {n: runners[n][1].peak for n in names},
-            "costs": {n: {k: statistics.median(v) for k, v in c.items()} for n, c in costs.items()}}
+                    actions[n].append(engine.executor.action_windows())
+    return {"times": times, "actions": actions, "peak": {n: runners[n][1].peak for n in names}}
 
 
 def pipeline_bubbles(res: list[dict], key: str) -> list[float]:
     """Each timed step's bubble: 1 - compute of both ranks / (2 x span from the first start to the last end)."""
-    out = []
-    for step in range(len(res[0]["busy"][key])):
-        start = min(r["window"][key][step][0] for r in res)
-        end = max(r["window"][key][step][1] for r in res)
-        out.append(1 - sum(r["busy"][key][step] for r in res) / (PP * (end - start)))
-    return out
+    return [1 - sum(end - start for r in res for _, start, end in r["actions"][key][step]) / (PP * span)
+            for step, span in enumerate(pipeline_spans(res, key))]
 
 
 def pipeline_spans(res: list[dict], key: str) -> list[float]:
     """Each timed step's pipeline span in seconds: the first rank's first action to the last rank's last."""
-    return [max(r["window"][key][step][1] for r in res) - min(r["window"][key][step][0] for r in res)
-            for step in range(len(res[0]["window"][key]))]
+    return [max(r["actions"][key][step][-1][2] for r in res) - min(r["actions"][key][step][0][1] for r in res)
+            for step in range(len(res[0]["actions"][key]))]
+
+
+def action_costs(res: list[dict], key: str) -> dict[tuple[str, int], float]:
+    """The median time of each (kind, stage) over the run's timed steps, as the simulator takes them."""
+    seconds: dict[tuple[str, int], list[float]] = {}
+    for r in res:
+        for step in r["actions"][key]:
+            for action, start, end in step:
+                seconds.setdefault((action.kind, action.stage), []).append(end - start)
+    return {k: statistics.median(v) for k, v in seconds.items()}
 
 
 def span_bound(m: int, costs: dict[tuple[str, int], float]) -> float:
@@ -343,7 +348,7 @@ def main() -> None:
                 bubble = sim = f"{'-':>7}"
                 if engine == "plait":
                     measured[(name, m)] = statistics.median(pipeline_bubbles(res, key))
-                    costs = {k: v for r in res for k, v in r["costs"][key].items()}
+                    costs = action_costs(res, key)
                     simulated[(name, m)] = simulated_bubble(name, m, costs)
                     bubble, sim = f"{measured[(name, m)]:>7.3f}", f"{simulated[(name, m)]:>6.3f}"
                 theory = theoretical_bubble(name, PP, m, virtual_of(name))
@@ -353,9 +358,18 @@ def main() -> None:
     print("\nplait's measured action times, median ms per (kind, stage), as the simulator takes them:")
     for m in ms:
         for name in schedules:
-            costs = {k: v for r in res for k, v in r["costs"][f"plait {name} m={m}"].items()}
+            costs = action_costs(res, f"plait {name} m={m}")
             print(f"  {name} m={m}: " + "  ".join(f"{kind}{stage} {costs[(kind, stage)] * 1e3:.1f}"
                                                 for kind, stage in sorted(costs, key=lambda k: (k[1], "FBIW".index(k[0])))))
+
+    print("\nwhere plait's bubble comes from (benchmarks/pipeline_idle.py): each step's own action times replayed "
+          "through its order; the share of each rank's compute the other rank computed through; each action's "
+          "median time with the other rank computing through < 30 % / > 90 % of it; the spread of action times")
+    for m in ms:
+        for name in schedules:
+            key = f"plait {name} m={m}"
+            report = idle_report([r["actions"][key] for r in res], PP, m, virtual_of(name), schedule_layout(name))
+            print(format_report(f"{name} m={m}", report, measured[(name, m)], simulated[(name, m)]))
 
     # The machine drifts between rounds more than the engines differ: the verdict pairs each
     # round's plait steps with the same round's torch steps (see benchmarks/data_parallel.py).
@@ -387,7 +401,7 @@ def main() -> None:
     if {"zb1p", "1f1b"} <= set(schedules) and 4 in ms:
         # How close the order is to any order's best, with the times measured in this run.
         key = "plait zb1p m=4"
-        costs = {k: v for r in res for k, v in r["costs"][key].items()}
+        costs = action_costs(res, key)
         span = statistics.median(pipeline_spans(res, key))
         outside = med[key] - span  # optimizer step, loss all-reduce: every schedule pays them
         bound = span_bound(4, costs)

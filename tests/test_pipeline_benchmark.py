@@ -40,3 +40,27 @@ def test_a_micro_batch_waiting_for_w_counts_its_inputs_and_output_gradients(path
                 with store.deferring(0):
                     losses.pop(0).backward()
     assert counter.peak == 2048
+
+
+def test_idle_report_of_a_hand_made_step():
+    """1F1B at pp=2, m=2, one step as two ranks' clocks might give it: the same times as
+    test_schedule's replay (makespan 14, busy 19), except that the gradient for 0B0 arrives 0.5 s
+    late. The replay gives each action its own time and no message a cost, so 9/28; each share
+    and median below is worked out by hand from the windows."""
+    from benchmarks.pipeline_idle import format_report, idle_report
+    from plait.parallel.schedule import Action
+
+    def acts(rank, *spans):
+        order = ["F0", "F1", "B0", "B1"] if rank == 0 else ["F0", "B0", "F1", "B1"]
+        return [(Action(rank, int(a[1]), a[0]), s, e) for a, (s, e) in zip(order, spans)]
+
+    step = [acts(0, (0, 1), (1, 3), (8.5, 13.5), (13.5, 14.5)), acts(1, (1, 4), (4, 8), (8, 9), (9, 11))]
+    report = idle_report([[step[0]], [step[1]]], pp=2, m=2, virtual=1, layout="loop")
+    assert report["replayed"] == pytest.approx(9 / 28)
+    # rank 0: 0F1 all overlapped (2 s), 0B0 half (2.5 of 5 s), of 9 s; rank 1: 1F0 2 of 3 s, 1F1 0.5, 1B1 2, of 10 s
+    assert report["overlapped"] == pytest.approx([0.5, 0.45])
+    assert report["kinds"] == {("F", 0): (1, 2), ("B", 0): (1, None), ("F", 1): (None, None), ("B", 1): (4, 2)}
+    assert report["spread"] == pytest.approx(5 / 12)  # the median of 1/3, 1/3, 2/3, 2/3, 1/2, 1/2, 1/3, 1/3
+    assert format_report("1f1b m=2", report, measured=0.35, simulated=0.3) == (
+        "  1f1b m=2: bubble measured 0.350, replayed 0.321, simulated 0.300; overlapped 0.50 / 0.45; spread 41.7 %\n"
+        "      alone/overlapped ms: F0 1000.0/2000.0  B0 1000.0/-  F1 -/-  B1 4000.0/2000.0")

@@ -93,7 +93,9 @@ def train_pp(lead=None, compare_with_torch=True):
         theirs = (torch_pipelining_grads(schedule, m, virtual, engine.partition.bounds)
                   if compare_with_torch and torch_accepts(schedule, m, pp) else None)
         out.append({"state": {k: v.clone() for k, v in engine.state_dict().items()}, "losses": losses,
-                    "grads": first_grads, "torch_grads": theirs})
+                    "grads": first_grads, "torch_grads": theirs, "actions": [str(a) for a in engine.train_actions],
+                    "windows": [(str(a), start, end) for a, start, end in engine.executor.action_windows()],
+                    "seconds": [seconds for _, seconds in engine.executor.action_seconds()]})
     return out
 
 
@@ -116,6 +118,12 @@ def assert_each_layout_equals_one_process(ranks, pp):
 def test_every_schedule_equals_one_process_and_torch_pipelining(pp):
     ranks = spawn(train_pp, pp, timeout=300)
     assert_each_layout_equals_one_process(ranks, pp)
+    for r in ranks:
+        for layout in r:  # the last step's compute actions as they ran: the rank's order, one after another
+            assert [a for a, _, _ in layout["windows"]] == layout["actions"]
+            ends = [t for _, start, end in layout["windows"] for t in (start, end)]
+            assert ends == sorted(ends)
+            assert [end - start for _, start, end in layout["windows"]] == layout["seconds"]
     for n, (schedule, m, _) in enumerate(layouts(pp)):
         for r in ranks:
             if not torch_accepts(schedule, m, pp):

@@ -225,6 +225,21 @@ def test_simulate_comm_cost_and_per_stage_costs():
         simulate(make_schedule("gpipe", 2, 2), 2, 2, forward_cost=[1, 1, 1])
 
 
+
+def test_simulate_replays_each_actions_own_time():
+    # A measured step replayed: every action its own time, the order and dependencies the schedule's.
+    sched = make_schedule("1f1b", 2, 2)
+    times = {"0F0": 1, "0F1": 2, "0B0": 5, "0B1": 1, "1F0": 3, "1B0": 4, "1F1": 1, "1B1": 2}
+    sim = simulate(sched, 2, 2, action_cost={a: times[str(a)] for acts in sched.values() for a in acts})
+    assert [(str(a), s, e) for s, e, a in sim.timeline[0]] == [("0F0", 0, 1), ("0F1", 1, 3), ("0B0", 8, 13),
+                                                              ("0B1", 13, 14)]
+    assert [(str(a), s, e) for s, e, a in sim.timeline[1]] == [("1F0", 1, 4), ("1B0", 4, 8), ("1F1", 8, 9),
+                                                              ("1B1", 9, 11)]
+    assert sim.makespan == 14
+    assert sim.bubble == pytest.approx(1 - 19 / 28)
+    with pytest.raises(ScheduleError, match=r"^action_cost has no time for 1B0, 1B1$"):
+        simulate(sched, 2, 2, action_cost={a: 1.0 for a in sched[0] + sched[1] if str(a)[1:2] != "B" or a.stage == 0})
+
 def test_peak_in_flight():
     for pp in range(1, 9):
         for m in range(1, 17):

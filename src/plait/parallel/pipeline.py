@@ -112,6 +112,10 @@ class PipelineExecutor:
         seconds, which processes on one machine share: on the CPU only (a GPU's marks are events)."""
         return self._compute[0][0], self._compute[-1][1]
 
+    def action_windows(self) -> list[tuple[Action, float, float]]:
+        """Each compute action of the last run with its start and end, as `compute_window` (CPU only)."""
+        return [(action, a, b) for a, b, action in self._compute]
+
     def action_seconds(self) -> list[tuple[Action, float]]:
         """Each compute action of the last run with its time (what `simulate` takes as costs)."""
         return [(action, self.clock.seconds(a, b)) for a, b, action in self._compute]

@@ -26,7 +26,7 @@ This module imports no torch: schedules can be built and checked anywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "forward-only")
 LAYOUTS = ("loop", "v")
@@ -376,6 +376,7 @@ def simulate(
     input_cost: Cost | None = None,
     weight_cost: Cost | None = None,
     layout: str = "loop",
+    action_cost: Mapping[Action, float] | None = None,
 ) -> Simulation:
     """Run `schedule` on an idealised machine: async sends, a rank waits only for inputs.
 
@@ -385,7 +386,9 @@ def simulate(
     run stage 0's backward whole), else 2; and an I or a W half of the stage's
     B. `comm_cost` is added
     to every dependency that crosses ranks (under `layout`). A schedule with no
-    backward at all is checked as forward-only.
+    backward at all is checked as forward-only. `action_cost` gives each action
+    its own time instead (a replay of a measured step: every action of
+    `schedule`, as the executor timed it).
     """
     forward_only = not any(a.kind != "F" for acts in schedule.values() for a in acts)
     validate(schedule, pp, num_microbatches, virtual, forward_only=forward_only, layout=layout)
@@ -402,6 +405,10 @@ def simulate(
     cost = {"F": _per_stage(forward_cost, total_stages, "forward_cost"), "B": backward,
             "I": half if inp is None else inp, "W": half if wgt is None else wgt}
     split = {(a.stage, a.microbatch) for acts in schedule.values() for a in acts if a.kind == "I"}
+    if action_cost is not None:
+        missing = [str(a) for acts in schedule.values() for a in acts if a not in action_cost]
+        if missing:
+            raise ScheduleError(f"action_cost has no time for {', '.join(missing)}")
     end: dict[Action, float] = {}
     free = [0.0] * pp
     pos = [0] * pp
@@ -421,7 +428,7 @@ def simulate(
                 start = max([free[rank]] + [
                     end[d] + (comm_cost if stage_rank(d.stage, pp, layout) != rank else 0.0) for d in deps
                 ])
-                end[a] = free[rank] = start + cost[a.kind][a.stage]
+                end[a] = free[rank] = start + (cost[a.kind][a.stage] if action_cost is None else action_cost[a])
                 timeline[rank].append((start, end[a], a))
                 pos[rank] += 1
                 moved = True
