@@ -13,8 +13,9 @@ heavier than the other.) For each number of micro-batches m: plait
 GPipe, 1F1B, zb1p and zbv against torch's ScheduleGPipe, Schedule1F1B,
 ScheduleInterleavedZeroBubble (given one stage per rank: ZB-H1's place in
 torch) and ScheduleZBVZeroBubble, and one process on the whole batch. zbv
-cuts the layers into 4 stages (by the same profile), rank r holding stages
-r and 3-r, for both engines. Like the data-parallel benchmark, everything is
+cuts the layers into 4 stages (by the same profile, as the Engine cuts a V:
+the busiest rank balanced first), rank r holding stages r and 3-r, for both
+engines. Like the data-parallel benchmark, everything is
 measured in the same two processes, interleaved in rounds, medians reported;
 below the table, plait/torch paired round by round, which cancels the drift.
 Both engines do the same work per step: torch's runner also sums the tied
@@ -85,7 +86,7 @@ from plait.model import build_gpt, count_params, gpt_loss  # noqa: E402
 from plait.parallel.partition import partition  # noqa: E402
 from plait.parallel.weight_grad import held_inputs  # noqa: E402
 from plait.parallel.schedule import (make_schedule, rank_stages, schedule_layout, simulate,  # noqa: E402
-                                     theoretical_bubble)
+                                     stage_rank, theoretical_bubble)
 
 GLOBAL_BATCH, PP = 16, 2
 
@@ -320,7 +321,9 @@ def main() -> None:
     layers = build_gpt(CFG, seed=0)
     sample = batch(0)[0][: GLOBAL_BATCH // max(ms)]
     # Balanced by measured cost: 2 stages for one per rank, 4 for zbv's two per rank.
-    bounds = {v: list(partition(layers, PP * v, "profile", sample_input=sample).bounds) for v in (1, 2)}
+    bounds = {v: list(partition(layers, PP * v, "profile", sample_input=sample,
+                                ranks=[stage_rank(s, PP, "v" if v == 2 else "loop") for s in range(PP * v)]).bounds)
+              for v in (1, 2)}
     print(f"GPT {CFG.n_layer} layers x {CFG.n_embd}, vocab {CFG.vocab_size}: "
           f"{count_params(layers) / 1e6:.2f} M parameters, float32; global batch {GLOBAL_BATCH} x {CFG.block_size}; "
           f"2 stages cut at {bounds[1]}, zbv's 4 at {bounds[2]}; {args.rounds} rounds x {args.steps} steps; "

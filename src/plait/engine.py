@@ -114,7 +114,8 @@ class Engine:
             layout = schedule_layout(schedule)
         self.layout = layout
         num_stages = self.pp_size * virtual_stages
-        self.partition: Partition = partition(layers, num_stages, partition_method, split, sample_input)
+        self.partition: Partition = partition(layers, num_stages, partition_method, split, sample_input,
+                                              [stage_rank(st, self.pp_size, layout) for st in range(num_stages)])
         if mesh is not None and partition_method == "profile" and split is None:
             box = [self.partition]  # timings differ between ranks; every rank must cut the same way
             dist.broadcast_object_list(box, src=0)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from plait.errors import ConfigError
 from plait.parallel.buckets import STAGING_BUFFERS
-from plait.parallel.schedule import Action, ScheduleError, make_schedule, rank_stages, schedule_layout
+from plait.parallel.schedule import (Action, ScheduleError, make_schedule, rank_stages, schedule_layout,
+                                     stage_rank)
 
 MIB, GIB = 2**20, 2**30
 PARTS = ("weights", "gradients", "optimizer", "activations")
@@ -215,7 +216,9 @@ def _stage_layers(gpt, layout: Layout) -> tuple[list[list[int]], list[str], list
     pp = layout.pp
     virtual = layout.virtual_stages if pp > 1 else 1
     method = "params" if layout.partition == "profile" else layout.partition
-    cut = partition(layers, pp * virtual, method, list(layout.cuts) if layout.cuts else None)
+    placement = schedule_layout(layout.schedule) if pp > 1 else "loop"
+    cut = partition(layers, pp * virtual, method, list(layout.cuts) if layout.cuts else None,
+                    ranks=[stage_rank(s, pp, placement) for s in range(pp * virtual)])  # as the Engine cuts
     kinds = ["embedding", *["block"] * gpt.n_layer, "head"]
     return [list(cut.stage_layers(st)) for st in range(cut.num_stages)], kinds, layers
 

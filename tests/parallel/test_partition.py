@@ -7,7 +7,8 @@ import torch
 
 from plait.errors import ConfigError
 from plait.model import GPTConfig, build_gpt
-from plait.parallel.partition import METHODS, Partition, balanced_cuts, layer_costs, partition
+from plait.parallel.partition import METHODS, STAGE_SLACK, Partition, balanced_cuts, layer_costs, partition
+from plait.parallel.schedule import stage_rank
 
 CFG = GPTConfig(vocab_size=97, block_size=16, n_layer=3, n_head=2, n_embd=16)
 NAMES = ["embedding", "block 0", "block 1", "block 2", "head"]
@@ -69,6 +70,57 @@ def test_balanced_cuts_matches_brute_force():
             assert got == want
             cases += 1
     assert cases > 300
+
+
+def brute_force_ranks(costs, k, ranks):
+    """The rank-balanced split by exhaustion, with _rank_balanced's rule spelled out: among the
+    splits whose largest stage is within STAGE_SLACK of the smallest possible, the least largest
+    rank load, then the least largest stage, the lighter stages first, the earlier cuts."""
+    n, limit = len(costs), brute_force(costs, k)[1] * (1 + STAGE_SLACK)
+    best = None
+    for inner in itertools.combinations(range(1, n), k - 1):
+        bounds = (0, *inner, n)
+        stage = tuple(math.fsum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        if max(stage) > limit:
+            continue
+        load = max(math.fsum(c for c, r in zip(stage, ranks) if r == q) for q in set(ranks))
+        key = (load, max(stage), stage, bounds)
+        best = key if best is None or key < best else best
+    return list(best[3])
+
+
+def test_a_rank_holding_two_stages_gets_its_share():
+    """The benchmark GPT's shape (embedding, 5 blocks, head, the head a little under a block) in
+    zbv's V on 2 ranks (stages 0 and 3 on rank 0): stage by stage the best cut is
+    embedding | 2 blocks | 2 blocks | block + head, which leaves rank 0 a block and a bit against
+    rank 1's 4 blocks; by rank, 3 against 3 with the same largest stage (2 blocks)."""
+    costs = [0.125, 1, 1, 1, 1, 1, 0.875]
+    v = [stage_rank(s, 2, "v") for s in range(4)]
+    assert v == [0, 1, 1, 0]
+    assert balanced_cuts(costs, 4) == [0, 1, 3, 5, 7]
+    assert balanced_cuts(costs, 4, v) == [0, 2, 3, 5, 7]
+    assert stage_max(costs, [0, 2, 3, 5, 7]) == stage_max(costs, [0, 1, 3, 5, 7]) == 2
+    # One stage per rank, or no ranks given: the stage-by-stage cut.
+    assert balanced_cuts(costs, 4, [0, 1, 2, 3]) == balanced_cuts(costs, 4)
+    with pytest.raises(ValueError, match=r"^3 ranks for 4 stages$"):
+        balanced_cuts(costs, 4, [0, 1, 1])
+
+
+def test_rank_balanced_cuts_match_brute_force():
+    rng = random.Random(4321)
+    cases = 0
+    for trial in range(120):
+        n = rng.randint(2, 9)
+        costs = ([rng.randint(0, 3) for _ in range(n)] if trial % 2 else [rng.uniform(0.0, 10.0) for _ in range(n)])
+        for pp in (2, 3):
+            for layout in ("loop", "v"):
+                k = 2 * pp
+                if k > n:
+                    continue
+                ranks = [stage_rank(s, pp, layout) for s in range(k)]
+                assert balanced_cuts(costs, k, ranks) == brute_force_ranks(costs, k, ranks), (costs, pp, layout)
+                cases += 1
+    assert cases > 200
 
 
 def test_balanced_cuts_errors():
