@@ -7,6 +7,11 @@ Per plait run, over its timed steps:
   anything). Equal to the measured bubble when nothing but waiting for inputs keeps a rank idle:
   then what the measured bubble adds to the simulated one (the per-stage medians) comes from how
   the action times vary within and between steps, not from the executor.
+- steady: the same replay with each rank's action times in a step scaled so that the rank's compute
+  in that step is its median over the steps: each rank at its usual pace, each step's own shape.
+  What it takes off the replayed bubble is what whole-step changes of one rank's pace cost (on a
+  shared machine a process's step can run tens of per cent slower or faster than its usual), and
+  `pace` is the median size of those changes, relative.
 - overlapped: the share of each rank's compute time through which the other rank computed too.
 - alone / overlapped: each (kind, stage)'s median action time when the other rank computed
   through less than 30 % of it, and through more than 90 %. If the two ranks slowed each other
@@ -35,6 +40,15 @@ def replayed_bubble(windows: list[list[tuple[Action, float, float]]], pp: int, m
     return simulate(schedule, pp, m, virtual, layout=layout, action_cost=cost).bubble
 
 
+def paced(windows: list[list[tuple[Action, float, float]]], usual: list[float]) -> dict[Action, float]:
+    """Each action's time in one step, scaled so that its rank's compute adds up to `usual[rank]`."""
+    cost = {}
+    for acts, target in zip(windows, usual):
+        busy = sum(end - start for _, start, end in acts)
+        cost.update({a: (end - start) * target / busy for a, start, end in acts})
+    return cost
+
+
 def overlaps(windows: list[list[tuple[Action, float, float]]]) -> list[tuple[int, Action, float, float]]:
     """(rank, action, its seconds, the share of them during which another rank computed) for each
     action of one step."""
@@ -51,6 +65,12 @@ def idle_report(steps: Steps, pp: int, m: int, virtual: int, layout: str) -> dic
     """The figures of the module's doc over every timed step of one run."""
     per_step = [[rank[i] for rank in steps] for i in range(len(steps[0]))]
     replayed = statistics.median(replayed_bubble(w, pp, m, virtual, layout) for w in per_step)
+    busy_per_step = [[sum(end - start for _, start, end in acts) for acts in w] for w in per_step]
+    usual = [statistics.median(b[r] for b in busy_per_step) for r in range(pp)]
+    steady = statistics.median(
+        simulate({r: [a for a, _, _ in acts] for r, acts in enumerate(w)}, pp, m, virtual, layout=layout,
+                 action_cost=paced(w, usual)).bubble for w in per_step)
+    pace = statistics.median(abs(b[r] / usual[r] - 1) for b in busy_per_step for r in range(pp))
     busy, shared = [0.0] * pp, [0.0] * pp
     times: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for windows in per_step:
@@ -67,7 +87,7 @@ def idle_report(steps: Steps, pp: int, m: int, virtual: int, layout: str) -> dic
                       statistics.median(overlapped) if overlapped else None)
         mid = statistics.median(t for t, _ in ts)
         deviations += [abs(t - mid) / mid for t, _ in ts]
-    return {"replayed": replayed, "overlapped": [s / b for s, b in zip(shared, busy)], "kinds": kinds,
+    return {"replayed": replayed, "steady": steady, "pace": pace, "overlapped": [s / b for s, b in zip(shared, busy)], "kinds": kinds,
             "spread": statistics.median(deviations)}
 
 
@@ -78,6 +98,7 @@ def format_report(name: str, report: dict, measured: float, simulated: float) ->
 
     kinds = "  ".join(f"{kind}{stage} {ms(a)}/{ms(o)}" for (kind, stage), (a, o) in report["kinds"].items())
     shares = " / ".join(f"{s:.2f}" for s in report["overlapped"])
-    return (f"  {name}: bubble measured {measured:.3f}, replayed {report['replayed']:.3f}, simulated {simulated:.3f}; "
+    return (f"  {name}: bubble measured {measured:.3f}, replayed {report['replayed']:.3f}, "
+            f"steady {report['steady']:.3f}, simulated {simulated:.3f}; pace {report['pace'] * 100:.1f} %; "
             f"overlapped {shares}; spread {report['spread'] * 100:.1f} %\n"
             f"      alone/overlapped ms: {kinds}")

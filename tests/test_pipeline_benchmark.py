@@ -61,6 +61,35 @@ def test_idle_report_of_a_hand_made_step():
     assert report["overlapped"] == pytest.approx([0.5, 0.45])
     assert report["kinds"] == {("F", 0): (1, 2), ("B", 0): (1, None), ("F", 1): (None, None), ("B", 1): (4, 2)}
     assert report["spread"] == pytest.approx(5 / 12)  # the median of 1/3, 1/3, 2/3, 2/3, 1/2, 1/2, 1/3, 1/3
+    assert (report["steady"], report["pace"]) == (pytest.approx(9 / 28), 0)  # one step: each rank at its usual pace
     assert format_report("1f1b m=2", report, measured=0.35, simulated=0.3) == (
-        "  1f1b m=2: bubble measured 0.350, replayed 0.321, simulated 0.300; overlapped 0.50 / 0.45; spread 41.7 %\n"
+        "  1f1b m=2: bubble measured 0.350, replayed 0.321, steady 0.321, simulated 0.300; pace 0.0 %; "
+        "overlapped 0.50 / 0.45; spread 41.7 %\n"
         "      alone/overlapped ms: F0 1000.0/2000.0  B0 1000.0/-  F1 -/-  B1 4000.0/2000.0")
+
+
+def test_steady_replay_takes_out_whole_step_changes_of_a_ranks_pace():
+    """1F1B at pp=2, m=2 over two steps: F 1 s and B 2 s on both ranks, then a step in which rank 1
+    runs at half speed. Worked by hand: the first replays to a span of 9 s (bubble 1 - 12/18), the
+    second to 15 s (1 - 18/30). Rank 1's usual compute is the median of 6 and 12 s, 9 s: at that
+    pace (F 1.5, B 3) both steps replay to a span of 12 s, 1 - 15/24 = 0.375. Pace: rank 0 never
+    changes, rank 1 is 1/3 above and 1/3 below its usual, so the median of 0, 0, 1/3, 1/3 is 1/6."""
+    from benchmarks.pipeline_idle import idle_report
+    from plait.parallel.schedule import Action
+
+    def step(f, b):  # each rank's actions back to back from 0: only their durations are read
+        out = []
+        for rank, order, (fr, br) in ((0, ["F0", "F1", "B0", "B1"], (1, 2)), (1, ["F0", "B0", "F1", "B1"], (f, b))):
+            t, acts = 0.0, []
+            for a in order:
+                d = fr if a[0] == "F" else br
+                acts.append((Action(rank, int(a[1]), a[0]), t, t + d))
+                t += d
+            out.append(acts)
+        return out
+
+    steps = [step(1, 2), step(2, 4)]
+    report = idle_report([[s[0] for s in steps], [s[1] for s in steps]], pp=2, m=2, virtual=1, layout="loop")
+    assert report["replayed"] == pytest.approx((1 / 3 + 0.4) / 2)
+    assert report["steady"] == pytest.approx(0.375)
+    assert report["pace"] == pytest.approx(1 / 6)

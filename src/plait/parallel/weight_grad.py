@@ -79,11 +79,10 @@ Accumulate = Callable[[nn.Parameter, torch.Tensor], None]
 
 def accumulate_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
     """Add `grad` into `p.grad` as AccumulateGrad does: the first gradient is kept, later ones added."""
-    with torch.no_grad():
-        if p.grad is None:
-            p.grad = grad
-        else:
-            p.grad += grad
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)  # in place, as AccumulateGrad adds (no .grad setter: W runs per layer)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -115,8 +114,10 @@ def _weight_grads(x: torch.Tensor, grad_out: torch.Tensor, want_weight: bool, wa
 def _cast_linear(x, weight, bias, dtype):
     """(input, weight, output) of F.linear as autocast to `dtype` runs it (None: no autocast): the
     operands cast as autocast casts them, the product run with autocast off."""
+    if dtype is None:  # the usual case, kept short: this runs per layer and per micro-batch
+        return x, weight, F.linear(x, weight, bias)
     xc, wc, bc = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
-    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+    with torch.autocast(x.device.type, enabled=False):
         return xc, wc, F.linear(xc, wc, bc)
 
 
@@ -307,7 +308,8 @@ class WeightGradStore:
                 for p, g in ((weight, gw), (bias, gb)):
                     if p is None:
                         continue
-                    g = g.to(p.dtype)
+                    if g.dtype != p.dtype:
+                        g = g.to(p.dtype)
                     sums[p] = g if p not in sums else sums[p].add_(g)
                     left[p] -= 1
                     if left[p] == 0:
