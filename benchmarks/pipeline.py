@@ -365,10 +365,11 @@ def main() -> None:
             print(f"  {name} m={m}: " + "  ".join(f"{kind}{stage} {costs[(kind, stage)] * 1e3:.1f}"
                                                 for kind, stage in sorted(costs, key=lambda k: (k[1], "FBIW".index(k[0])))))
 
-    print("\nwhere plait's bubble comes from (benchmarks/pipeline_idle.py): each step's own action times replayed "
-          "through its order, and with each rank at its usual pace (steady; pace: how far a rank's step strays from it); "
-          "the share of each rank's compute the other rank computed through; each action's "
-          "median time with the other rank computing through < 30 % / > 90 % of it; the spread of action times")
+    print("\nwhere plait's bubble comes from (benchmarks/pipeline_idle.py): each step's own action times "
+          "replayed through its order, and with each rank at its usual pace (steady; pace: how far a rank's "
+          "step strays from it); the share of each rank's compute the other rank computed through; each "
+          "action's median time with the other rank computing through < 30 % / > 90 % of it; the spread of "
+          "action times")
     for m in ms:
         for name in schedules:
             key = f"plait {name} m={m}"

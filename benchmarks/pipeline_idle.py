@@ -87,7 +87,8 @@ def idle_report(steps: Steps, pp: int, m: int, virtual: int, layout: str) -> dic
                       statistics.median(overlapped) if overlapped else None)
         mid = statistics.median(t for t, _ in ts)
         deviations += [abs(t - mid) / mid for t, _ in ts]
-    return {"replayed": replayed, "steady": steady, "pace": pace, "overlapped": [s / b for s, b in zip(shared, busy)], "kinds": kinds,
+    return {"replayed": replayed, "steady": steady, "pace": pace,
+            "overlapped": [s / b for s, b in zip(shared, busy)], "kinds": kinds,
             "spread": statistics.median(deviations)}
 
 
