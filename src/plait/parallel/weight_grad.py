@@ -78,7 +78,10 @@ Accumulate = Callable[[nn.Parameter, torch.Tensor], None]
 
 
 def accumulate_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
-    """Add `grad` into `p.grad` as AccumulateGrad does: the first gradient is kept, later ones added."""
+    """Add `grad` into `p.grad` as AccumulateGrad does: the first gradient is kept, later ones added.
+
+    For gradients that record no graph, as W's (`WeightGradStore.run` computes them under no_grad).
+    """
     if p.grad is None:
         p.grad = grad
     else:
