@@ -59,7 +59,7 @@ def test_keeps_the_newest_and_ignores_incomplete_folders(tmp_path):
 def test_manifest_lists_layout_sizes_checksums_and_keys(tmp_path):
     _, _, path = _save(tmp_path, 7)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == 3 and manifest["step"] == 7
+    assert manifest["format"] == 4 and manifest["step"] == 7
     assert manifest["layout"] == {"dp": 1, "pp": 1, "bounds": [0, 3], "schedule": "1f1b"}
     assert list(manifest["files"]) == ["model-pp00.safetensors", "optim-pp00.pt", "rng-pp00.pt", "trainer.pt"]
     for name, info in manifest["files"].items():
@@ -200,6 +200,38 @@ def test_a_tied_key_is_read_from_the_weight_it_is_tied_to_and_format_2_reads_eve
     assert plan_reads({**PP2, "format": 2}, "model-", ["1.ln_1.weight"]) == {
         "model-pp00.safetensors": None, "model-pp01.safetensors": None}
     assert plan_reads(PP2, "optim-", None) == {"optim-pp00.pt": None, "optim-pp01.pt": None}
+
+
+# A dp=2 x pp=2 ZeRO checkpoint's optimizer files: each dp rank's slice of each stage's state.
+# The boundary between the slices of stage 0 cuts 1.ln_1.weight; stage 1's falls between its keys.
+ZERO = {"format": 4, "files": {
+    "optim-pp00-dp00.pt": {"keys": ["0.wte.weight", "1.ln_1.weight"]},
+    "optim-pp00-dp01.pt": {"keys": ["1.ln_1.weight", "1.ln_1.bias"]},
+    "optim-pp01-dp00.pt": {"keys": ["2.ln_f.weight"]},
+    "optim-pp01-dp01.pt": {"keys": ["2.ln_f.bias"]},
+    "rng-pp00.pt": {}, "rng-pp01.pt": {}, "trainer.pt": {}}}
+
+
+def test_a_key_is_read_from_every_slice_zero_saved_of_it():
+    assert plan_reads(ZERO, "optim-", ["1.ln_1.weight"]) == {"optim-pp00-dp00.pt": {"1.ln_1.weight"},
+                                                              "optim-pp00-dp01.pt": {"1.ln_1.weight"}}
+    assert plan_reads(ZERO, "optim-", ["0.wte.weight", "2.ln_f.bias"]) == {"optim-pp00-dp00.pt": {"0.wte.weight"},
+                                                                           "optim-pp01-dp01.pt": {"2.ln_f.bias"}}
+    stage0 = ["0.wte.weight", "1.ln_1.weight", "1.ln_1.bias"]
+    assert plan_reads(ZERO, "optim-", stage0) == {"optim-pp00-dp00.pt": {"0.wte.weight", "1.ln_1.weight"},
+                                                  "optim-pp00-dp01.pt": {"1.ln_1.weight", "1.ln_1.bias"}}
+    assert plan_reads(ZERO, "optim-", ["3.lm_head.weight"], TIED) == {"optim-pp00-dp00.pt": {"0.wte.weight"}}
+
+
+def test_a_checkpoint_newer_than_this_plait_is_refused(tmp_path):
+    _, _, path = _save(tmp_path, 1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": checkpoint.FORMAT + 1}))
+    fresh, fresh_opt = _engine(2)
+    with pytest.raises(ConfigError) as e:
+        restore_training_state(path, fresh, fresh_opt)
+    assert str(e.value) == (f"checkpoint {path} is format {checkpoint.FORMAT + 1}, newer than this plait reads "
+                            f"({checkpoint.FORMAT}); load it with the plait version that wrote it, or a newer one")
 
 
 def test_checkpoint_timeout_option():

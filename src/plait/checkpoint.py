@@ -3,7 +3,8 @@
 A checkpoint is a folder `checkpoints/step-000200/` holding
 
     model-pp00.safetensors  each pipeline rank's layers, keyed as nn.Sequential(*layers) keys them
-    optim-pp00.pt           its optimizer state, keyed by those same parameter names
+    optim-pp00.pt           its optimizer state, keyed by those same parameter names; under ZeRO,
+    optim-pp00-dp01.pt      one file per data-parallel rank instead, each holding that rank's slice
     rng-pp00.pt             its RNG states: the CPU generator's, and its GPU's when it trains on one
     trainer.pt              step, the layout that wrote it, and the learning-rate plan (plait.lr)
     manifest.json           step, layout, tied keys, each file's size, SHA-256 and the keys it holds;
@@ -16,7 +17,9 @@ the files that the manifest says hold them. A tied weight is stored once,
 under its first key, whatever the layout ([Note: a tied weight is stored
 once]); the manifest's "tied" maps its other keys to that one. The first
 data-parallel replica writes (replicas are identical), each pipeline rank
-its own files, into `.step-000200.tmp`; each writer fsyncs and hashes its
+its own files (under ZeRO every replica writes its slice of the optimizer
+state: [Note: ZeRO's state is saved where it is]), into
+`.step-000200.tmp`; each writer fsyncs and hashes its
 own files and hands their sizes and hashes to rank 0, which writes the
 manifest and renames the folder into place. The waits between these phases
 run on a gloo group with a timeout of their own (`checkpoint_group`,
@@ -24,8 +27,7 @@ run on a gloo group with a timeout of their own (`checkpoint_group`,
 files do not match their checksums, is skipped in favour of an older one.
 
 Saving is two halves: `stage_training_state` takes, on the training thread,
-what needs the live tensors or the job's collectives (ZeRO gathers its
-optimizer state there); `write_staged` writes, fsyncs, hashes, gathers the
+what needs the live tensors or the job's collectives; `write_staged` writes, fsyncs, hashes, gathers the
 entries on rank 0, writes the manifest and renames, using only the checkpoint
 group. `save_training_state` runs both in turn; plait.checkpoint_async runs
 the second in a background thread, on host copies.
@@ -50,25 +52,18 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 # Reading lives in its own module; its public names are this module's too, as callers import them.
-from plait.checkpoint_read import (_device, _sha256, checkpoint_step, latest_checkpoint, list_checkpoints,
+from plait.checkpoint_read import (FORMAT, _device, _sha256, checkpoint_step, latest_checkpoint, list_checkpoints,
                                    load_checkpoint, load_model, newest_intact, plan_reads, restore_training_state,
                                    trainer_state, verify_checkpoint)
 from plait.errors import TrainingError, peer_failure
 from plait.faults import maybe_die
 from plait.fsync import follow_umask, fsync
-from plait.optimizer_names import load_optimizer_state_by_name, optimizer_state_by_name
+from plait.optimizer_names import load_optimizer_state_by_name, optimizer_shard_by_name, optimizer_state_by_name
 
 __all__ = ["FORMAT", "checkpoint_group", "checkpoint_step", "latest_checkpoint", "list_checkpoints",
            "load_checkpoint", "load_model", "load_optimizer_state_by_name", "newest_intact",
            "optimizer_state_by_name", "plan_reads", "restore_training_state", "save_training_state", "Staged",
            "stage_training_state", "trainer_state", "unique_tensors", "verify_checkpoint", "write_staged"]
-
-# 3: the manifest lists the keys each file holds, RNG states are in rng-ppXX.pt.
-# 2 (still read): no keys, so every part is read; the CPU RNG state inside optim-ppXX.pt.
-# Format 3 checkpoints of pp > 1 written before a tied weight was stored once also hold the
-# last stage's copy of the head and its optimizer state; they still load (see plan_reads).
-FORMAT = 3
-
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Split a state dict into distinct tensors and aliases (a tied weight) -> the key they alias.
@@ -147,8 +142,8 @@ class Staged:
     """One rank's share of a checkpoint, as `stage_training_state` took it: all the writes need.
 
     `model` and `optim` are the live tensors, or host copies of them (plait.checkpoint_async),
-    in which case training may go on while they are written. A rank that writes no files (a
-    replica other than the first) holds no tensors.
+    in which case training may go on while they are written. A replica other than the first
+    writes nothing but its slice of a ZeRO optimizer's state, and holds nothing else.
     """
 
     run_dir: Path
@@ -156,13 +151,14 @@ class Staged:
     keep: int
     rank0: bool  # writes trainer.pt and the manifest, renames the folder and prunes
     pp_rank: int
-    writes: bool  # the first data-parallel replica: writes this pipeline rank's files
+    writes: bool  # the first data-parallel replica: writes this pipeline rank's model and RNG files
     model: dict[str, torch.Tensor]  # the distinct tensors to store, a tied copy left out
-    optim: dict[str, Any] | None  # name-keyed optimizer state (plait.optimizer_names)
+    optim: dict[str, Any] | None  # name-keyed optimizer state (plait.optimizer_names); None: written by another
     rng: dict[str, Any] | None  # [Note: RNG states]
     layout: dict[str, Any]
     tied: dict[str, str]
     trainer: dict[str, Any]
+    shard: int | None = None  # the dp rank whose slice of ZeRO's optimizer state `optim` is
 
 
 def stage_training_state(run_dir: str | Path, step: int, engine, optimizer: torch.optim.Optimizer, keep: int = 2,
@@ -170,51 +166,66 @@ def stage_training_state(run_dir: str | Path, step: int, engine, optimizer: torc
                          copy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Staged:
     """Take what checkpoint `step` holds of this rank; every rank calls it, on the training thread.
 
-    Every dp rank takes part: a ZeRO optimizer gathers its shards here (plait.parallel.zero).
     `copy`, if given, maps {"model": ..., "optim": ...} to copies that the next steps leave
     alone (plait.checkpoint_async.HostCopy); without it the live tensors are staged, and
     must be written before the next optimizer step.
     """
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    writes = engine.mesh is None or engine.mesh["dp"].get_local_rank() == 0
+    dp_rank = 0 if engine.mesh is None else engine.mesh["dp"].get_local_rank()
+    writes = dp_rank == 0
     layout = {"dp": engine.dp_size, "pp": engine.pp_size, "bounds": list(engine.partition.bounds),
               "schedule": engine.schedule}
-    optim_state = optimizer_state_by_name(engine, optimizer)  # a collective under ZeRO: before `writes` counts
+    # [Note: ZeRO's state is saved where it is] A ZeRO optimizer's state is 1/dp on each dp
+    # rank: each writes its own slice (optim-ppXX-dpYY.pt), which takes no collective and no
+    # memory beyond the state itself. Gathering it whole first, to write one file, would hold a
+    # stage's whole state on a rank at every checkpoint: the memory ZeRO exists to save.
+    sharded = hasattr(optimizer, "state_shard")
+    optim_state = None
+    if sharded:
+        optim_state = optimizer_shard_by_name(engine, optimizer)
+    elif writes:
+        optim_state = optimizer_state_by_name(engine, optimizer)
     model, rng = {}, None
-    if writes:
+    if optim_state is not None:
         # [Note: a tied weight is stored once] Whatever the layout, a tied weight is one tensor under
         # its first key, written by the rank holding that key's layer; its other keys are only the
         # manifest's "tied". A rank holding its own copy under another key (the last pipeline stage's
         # head) writes neither the copy nor its optimizer state: both copies take identical steps
         # (parallel/tied.py), so the first holder's weight and state are the copy's too.
         tied = engine.tied_keys
-        model = _distinct({k: v for k, v in engine.state_dict().items() if k not in tied})[0]
         names = [n for n, _ in engine.named_parameters()]
         copies = {tied[n] for n in names if n in tied} - set(names)  # state saved under a first key held elsewhere
-        optim_state = {**optim_state, "state": {k: v for k, v in optim_state["state"].items() if k not in copies}}
-        if copy is not None:
-            copied = copy({"model": model, "optim": optim_state})
-            model, optim_state = copied["model"], copied["optim"]
+        optim_state = {**optim_state, **{part: {k: v for k, v in optim_state[part].items() if k not in copies}
+                                         for part in ("state", "slices") if part in optim_state}}
+    if writes:
+        model = _distinct({k: v for k, v in engine.state_dict().items() if k not in engine.tied_keys})[0]
         # [Note: RNG states] Dropout draws from the generator of the device it runs on: the
         # CPU's, or this rank's GPU's. Both are CPU byte tensors, new ones at each call.
         device = _device(engine)
         rng = {"torch_rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    return Staged(Path(run_dir), step, keep, rank0, engine.pp_rank, writes, model, optim_state if writes else None,
-                  rng, layout, dict(engine.tied_keys), dict(trainer or {}))
+    if copy is not None and (model or optim_state is not None):
+        copied = copy({"model": model, "optim": optim_state})
+        model, optim_state = copied["model"], copied["optim"]
+    return Staged(Path(run_dir), step, keep, rank0, engine.pp_rank, writes, model, optim_state,
+                  rng, layout, dict(engine.tied_keys), dict(trainer or {}), dp_rank if sharded else None)
 
 
 def _write_part(tmp: Path, staged: Staged) -> dict[str, dict[str, Any]]:
-    """Write, fsync and hash this pipeline rank's files; returns their manifest entries."""
-    r = staged.pp_rank
-    model, optim, rng = f"model-pp{r:02d}.safetensors", f"optim-pp{r:02d}.pt", f"rng-pp{r:02d}.pt"
-    tensors = {k: t.contiguous().cpu() for k, t in staged.model.items()}  # host copies already are
-    save_file(tensors, tmp / model)
-    follow_umask(tmp / model)
-    torch.save({"optimizer": staged.optim}, tmp / optim)
-    torch.save(staged.rng, tmp / rng)
-    return {model: _describe(tmp / model, sorted(tensors)), optim: _describe(tmp / optim, sorted(staged.optim["state"])),
-            rng: _describe(tmp / rng)}
+    """Write, fsync and hash this rank's files, if it has any; returns their manifest entries."""
+    r, entries = staged.pp_rank, {}
+    if staged.writes:
+        model, rng = f"model-pp{r:02d}.safetensors", f"rng-pp{r:02d}.pt"
+        tensors = {k: t.contiguous().cpu() for k, t in staged.model.items()}  # host copies already are
+        save_file(tensors, tmp / model)
+        follow_umask(tmp / model)
+        torch.save(staged.rng, tmp / rng)
+        entries.update({model: _describe(tmp / model, sorted(tensors)), rng: _describe(tmp / rng)})
+    if staged.optim is not None:
+        optim = f"optim-pp{r:02d}.pt" if staged.shard is None else f"optim-pp{r:02d}-dp{staged.shard:02d}.pt"
+        torch.save({"optimizer": staged.optim}, tmp / optim)
+        entries[optim] = _describe(tmp / optim, sorted(staged.optim["state"]))
+    return entries
 
 
 def write_staged(staged: Staged, group: dist.ProcessGroup | None = None) -> Path:
@@ -231,7 +242,7 @@ def write_staged(staged: Staged, group: dist.ProcessGroup | None = None) -> Path
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
         tmp.mkdir()
     _barrier(group, step)
-    written = _write_part(tmp, staged) if staged.writes else {}
+    written = _write_part(tmp, staged)
     maybe_die("in-checkpoint", step)
     parts = _gather(written, group, step)  # on rank 0 once every writer's files are on disk
     if staged.rank0:

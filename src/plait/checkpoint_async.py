@@ -7,7 +7,7 @@
 
 `save` first waits for the write in flight, if any (one at a time), then stages on the
 caller's thread everything that needs the live tensors or the job's collectives: the
-optimizer state by name (ZeRO gathers its shards: a collective over the dp group), a host
+optimizer state by name (under ZeRO each dp rank's own slice, no collective), a host
 copy of this rank's model and optimizer state, and the RNG states
 (plait.checkpoint.stage_training_state). On a GPU the copy goes into pinned host buffers
 with non_blocking copies and one event waited on, so the device's queue is not drained

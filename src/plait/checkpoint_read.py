@@ -20,9 +20,17 @@ import torch
 from safetensors import safe_open
 
 from plait.errors import ConfigError, say
-from plait.optimizer_names import load_optimizer_state_by_name
+from plait.optimizer_names import SlicedState, load_optimizer_state_by_name
+
+# 4: under ZeRO each dp rank's slice of the optimizer state in optim-ppXX-dpYY.pt.
+# 3 (still read): the manifest lists the keys each file holds, RNG states are in rng-ppXX.pt.
+# 2 (still read): no keys, so every part is read; the CPU RNG state inside optim-ppXX.pt.
+# Format 3 checkpoints of pp > 1 written before a tied weight was stored once also hold the
+# last stage's copy of the head and its optimizer state; they still load (see plan_reads).
+FORMAT = 4
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_SLICE = re.compile(r"-dp\d+(?=\.pt$)")  # optim-pp00-dp01.pt: one dp rank's slice of optim-pp00's state
 
 
 def _sha256(path: Path) -> str:
@@ -107,9 +115,13 @@ def _check(path: Path, names: Iterable[str] | None = None) -> dict[str, Any]:
 
 def _manifest(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {path}: unreadable manifest ({e}); resume from an older checkpoint") from None
+    if manifest.get("format", 2) > FORMAT:
+        raise ConfigError(f"checkpoint {path} is format {manifest['format']}, newer than this plait reads "
+                          f"({FORMAT}); load it with the plait version that wrote it, or a newer one")
+    return manifest
 
 
 def plan_reads(manifest: dict[str, Any], prefix: str, wanted: Iterable[str] | None,
@@ -121,23 +133,34 @@ def plan_reads(manifest: dict[str, Any], prefix: str, wanted: Iterable[str] | No
     stage reads its copy from the first stage's file. A key several files
     hold (the head's copy and its optimizer state, which older pp > 1
     checkpoints also stored on the last stage) comes from a file opened
-    anyway, if there is one. `wanted=None`, or a format-2 manifest, which
-    lists no keys: every file, whole (None).
+    anyway, if there is one. ZeRO's slices of one pipeline rank's optimizer
+    state (optim-pp00-dp00.pt, -dp01.pt, ...) count as one file: a key is
+    read from every slice that holds part of it. `wanted=None`, or a format-2
+    manifest, which lists no keys: every file, whole (None).
     """
     names = sorted(n for n in manifest["files"] if n.startswith(prefix))
     if wanted is None or manifest.get("format", 2) < 3:
         return {n: None for n in names}
-    holders: dict[str, list[str]] = {}
+    holders: dict[str, list[str]] = {}  # key -> the files (a pipeline rank's slices as one) holding it
+    slices: dict[tuple[str, str], list[str]] = {}  # (file, key) -> the slices of it holding the key
     for n in names:
+        whole = _SLICE.sub("", n)
         for key in manifest["files"][n]["keys"]:
-            holders.setdefault(key, []).append(n)
+            if whole not in holders.setdefault(key, []):
+                holders[key].append(whole)
+            slices.setdefault((whole, key), []).append(n)
     tied = tied or {}
     sources = {key if key in holders else tied.get(key) for key in wanted} & holders.keys()
-    plan: dict[str, set[str] | None] = {}
+    chosen: dict[str, set[str]] = {}
     for key in sorted(sources, key=lambda k: (len(holders[k]), k)):  # keys held once first
-        name = next((n for n in holders[key] if n in plan), holders[key][0])
-        plan.setdefault(name, set()).add(key)
-    return plan
+        whole = next((n for n in holders[key] if n in chosen), holders[key][0])
+        chosen.setdefault(whole, set()).add(key)
+    plan: dict[str, set[str] | None] = {}
+    for whole, keys in chosen.items():
+        for key in keys:
+            for n in slices[(whole, key)]:
+                plan.setdefault(n, set()).add(key)
+    return dict(sorted(plan.items()))
 
 
 def _read_model(path: Path, plan: dict[str, set[str] | None], tied: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -156,19 +179,30 @@ def _read_model(path: Path, plan: dict[str, set[str] | None], tied: dict[str, st
 
 
 def _read_optimizer(path: Path, plan: dict[str, set[str] | None]) -> dict[str, Any]:
-    """The planned optimizer states, name-keyed, with the saved param_groups."""
+    """The planned optimizer states, name-keyed, with the saved param_groups; a state ZeRO saved
+    in slices is a `SlicedState` of them (`_whole` makes it tensors)."""
     optim: dict[str, Any] = {"state": {}, "param_groups": None}
     for name, keys in plan.items():
-        # A few entries of another rank's file (a tied weight's state) are read from a mapping of
-        # it and copied out: the rest of that rank's optimizer state is never loaded.
-        saved = _load(path / name, mmap=keys is not None)["optimizer"]
-        if keys is None:
-            optim["state"].update(saved["state"])
-        else:
-            optim["state"].update({k: {n: v.clone() if torch.is_tensor(v) else v for n, v in saved["state"][k].items()}
-                                   for k in keys})
+        # A few entries of another rank's file (a tied weight's state), or one slice of each of a
+        # parameter's states, are read from a mapping of the file: only those elements are read.
+        sliced = _SLICE.search(name) is not None
+        saved = _load(path / name, mmap=keys is not None or sliced)["optimizer"]
+        for key in saved["state"] if keys is None else sorted(keys):
+            state = saved["state"][key]
+            if sliced:
+                begin, end, *shape = saved["slices"][key]
+                optim["state"].setdefault(key, SlicedState(tuple(shape))).parts.append((begin, end, state))
+            elif keys is None:
+                optim["state"][key] = state
+            else:
+                optim["state"][key] = {n: v.clone() if torch.is_tensor(v) else v for n, v in state.items()}
         optim["param_groups"] = saved["param_groups"]
     return optim
+
+
+def _whole(optim: dict[str, Any]) -> dict[str, Any]:
+    """`optim` with every `SlicedState` put together into the whole parameter's state."""
+    return {**optim, "state": {k: s.whole() if isinstance(s, SlicedState) else s for k, s in optim["state"].items()}}
 
 
 def _rng_file(manifest: dict[str, Any], pp_rank: int) -> str:
@@ -205,7 +239,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     path = Path(path)
     manifest = _check(path) if verify else _manifest(path)
     return {"model": _read_model(path, plan_reads(manifest, "model-", None), manifest.get("tied", {})),
-            "optimizer": _read_optimizer(path, plan_reads(manifest, "optim-", None)),
+            "optimizer": _whole(_read_optimizer(path, plan_reads(manifest, "optim-", None))),
             "rng": {pp: _read_rng(path, _rng_file(manifest, pp)) for pp in range(manifest["layout"]["pp"])},
             "manifest": manifest, "trainer": _load(path / "trainer.pt")}
 

@@ -315,8 +315,8 @@ def run_steps(run: Run, result: TrainResult) -> None:
             saved = done < cfg.train.steps and cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0
             stopping = engine.stop_agreed and done < cfg.train.steps  # every rank read the same ([Note: stop agreement])
             if done == cfg.train.steps:
-                # Measured here, before the final checkpoint: the plan is of training, and saving (ZeRO's
-                # gathers the whole optimizer state) is not part of it. A collective: every rank is here.
+                # Measured here, before the final checkpoint: the plan is of training, and saving
+                # (its host copy, the writer's buffers) is not part of it. A collective: every rank is here.
                 run.wait_for_checkpoint()
                 run.measured_memory = memory.gather_mib(memory.peak_mib(device) - run.memory_baseline)
             if saved or stopping or done == cfg.train.steps:

@@ -1,13 +1,16 @@
 """ZeRO-1 and ZeRO-2 (optimizer state, and gradients, sharded over dp) are exact: they end where one process on
 the whole batch ends."""
 
+import json
+
 import pytest
 import torch
 
 import plait
 from plait import distributed
-from plait.checkpoint import checkpoint_group, restore_training_state, save_training_state
+from plait.checkpoint import checkpoint_group, load_checkpoint, restore_training_state, save_training_state
 from plait.model import build_gpt, gpt_loss
+from plait.parallel import zero as zero_module
 from plait.parallel.zero import ShardedOptimizer
 from tests.distributed.harness import spawn
 from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKETS_MB, global_batch, reference
@@ -144,8 +147,16 @@ def zero_checkpoint(run_dir, level):
         return engine, opt
 
     engine, opt = trained(0, level, 2)
-    path = save_training_state(run_dir, 2, engine, opt, group=group)
-    out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()}}
+    gathers = []  # [Note: ZeRO's state is saved where it is]: saving gathers nothing
+    real = zero_module._all_gather
+    zero_module._all_gather = lambda *args, **kwargs: gathers.append(args[1].numel()) or real(*args, **kwargs)
+    try:
+        path = save_training_state(run_dir, 2, engine, opt, group=group)
+    finally:
+        zero_module._all_gather = real
+    out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()},
+           "gathers": gathers, "state_numel": opt.state_numel(), "dp_rank": dp_rank,
+           "names": [engine.tied_keys.get(n, n) for n, _ in engine.named_parameters()]}
     for zero in (0, 1, 2):
         other = trained(7, zero, 1)
         restore_training_state(path, *other)
@@ -155,7 +166,24 @@ def zero_checkpoint(run_dir, level):
 
 @pytest.mark.parametrize("level", [1, 2])
 def test_zero_checkpoint_resumes_with_and_without_zero(tmp_path, level):
-    for r in spawn(zero_checkpoint, 2, str(tmp_path), level, timeout=180):
+    results = spawn(zero_checkpoint, 2, str(tmp_path), level, timeout=180)
+    # Each dp rank wrote its own slice of the state, no more, and gathered nothing to do it.
+    path = tmp_path / "checkpoints" / "step-000002"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert [n for n in manifest["files"] if n.startswith("optim-")] == ["optim-pp00-dp00.pt", "optim-pp00-dp01.pt"]
+    for r in results:
+        assert r["gathers"] == []
+        saved = torch.load(path / f"optim-pp00-dp{r['dp_rank']:02d}.pt", weights_only=True)["optimizer"]
+        assert sum(v.numel() for s in saved["state"].values() for v in s.values() if v.dim() > 0) == r["state_numel"]
+        assert sorted(saved["state"]) == manifest["files"][f"optim-pp00-dp{r['dp_rank']:02d}.pt"]["keys"]
+    # Put together, the slices are the whole optimizer's state.
+    whole = load_checkpoint(path)["optimizer"]["state"]
+    want, names = results[0]["want"], results[0]["names"]
+    assert sorted(whole) == sorted(names[i] for i in want["state"])
+    for i, s in want["state"].items():
+        for k, v in s.items():
+            assert torch.equal(whole[names[i]][k], v.cpu()), (names[i], k)
+    for r in results:
         for zero in (0, 1, 2):
             assert all(torch.equal(r[zero]["params"][k], v) for k, v in r["params"].items())
             got, want = r[zero]["opt"], r["want"]

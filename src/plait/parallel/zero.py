@@ -34,8 +34,12 @@ How (and why):
   update depends on the whole tensor (LBFGS, Adafactor-style factored
   state) do not: they are not supported here.
 
-Not done: checkpoints of the sharded state are gathered whole to every dp
-rank (`state_dict`), simple and correct but not memory-lean.
+Checkpoints: `state_shard` hands over this rank's slices as they are, with no
+collective, and each dp rank writes its own file (plait.checkpoint), so saving
+holds no more state than training does. `load_state_dict` takes whole tensors
+(a plain optimizer's state, or `state_dict`'s) or the slices any dp saved
+(plait.optimizer_names.SlicedState), copying out only this rank's elements.
+`state_dict` gathers the whole state to every dp rank, as torch.optim gives it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 
+from plait.optimizer_names import SlicedState
 from plait.watchdog import wait
 
 
@@ -253,9 +258,17 @@ class ShardedOptimizer:
             start += len(full_group)
         return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
 
+    def state_shard(self) -> dict:
+        """This rank's slice of the state, with no collective: {parameter: (begin, end, state)}, the
+        state of elements [begin, end) of the flattened parameter, the torch optimizer's own tensors."""
+        return {pc.param: (pc.start - self._offset[pc.param], pc.stop - self._offset[pc.param],
+                           dict(self.optimizer.state[pc.leaf]))
+                for pc in self._pieces if self.optimizer.state.get(pc.leaf)}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full-parameter state (as `state_dict` gives, or a plain torch optimizer's over the
-        same parameters in the same groups): each rank keeps its pieces' slices."""
+        same parameters in the same groups), each entry a dict of whole tensors or a `SlicedState`
+        (a sharded checkpoint's): each rank keeps its pieces' slices."""
         full = dict(zip(range(len(self.full_params)), self.full_params))
         by_param = {full[i]: s for i, s in state_dict["state"].items()}
         leaves = [leaf for g in self.optimizer.param_groups for leaf in g["params"]]
@@ -267,6 +280,9 @@ class ShardedOptimizer:
             if saved is None:
                 continue
             begin = pc.start - self._offset[pc.param]
+            if isinstance(saved, SlicedState):
+                state[n] = saved.slice(begin, begin + pc.stop - pc.start)
+                continue
             state[n] = {k: (v.reshape(-1)[begin:begin + pc.stop - pc.start].clone() if torch.is_tensor(v) and v.dim() > 0
                             else v) for k, v in saved.items()}
         groups, start = [], 0
