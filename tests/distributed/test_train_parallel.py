@@ -48,6 +48,27 @@ def test_torchrun_resume_is_exact(hybrid_run, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_zero_run_saves_each_ranks_slice_and_one_process_resumes_from_them(single_run, tmp_path, data_dir,
+                                                                             capsys):
+    """`--zero 1` at dp=2 x pp=2 ends where one process ends, each dp rank writing its own slice of
+    its stage's optimizer state (in the background, the default). Resumed from the slices of step 4
+    by one process, whose plain AdamW puts each parameter's state together, it ends there too."""
+    from plait.cli import main
+    from tests.distributed.runs import ONE_PROCESS
+
+    out = tmp_path / "zero"
+    proc = plait(["train", *ARGS, *HYBRID, "--zero", "1", "--data-dir", data_dir, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000004").glob("optim-*")) == [
+        "optim-pp00-dp00.pt", "optim-pp00-dp01.pt", "optim-pp01-dp00.pt", "optim-pp01-dp01.pt"]
+    assert_same_model(model_at(single_run), model_at(out))
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), *ONE_PROCESS, "--no-progress"]) == 0
+    assert f"resumed from {out}/checkpoints/step-000004 at step 4" in capsys.readouterr().out
+    assert_same_model(model_at(single_run), model_at(out))
+
+
 def test_zbv_through_plait_train_matches_one_process_and_a_stop_resumes_exactly(single_run, tmp_path, data_dir):
     """The zero-bubble V as a user starts it: float64 parameters and sample as one process's. Then
     the same run stopped by SIGTERM to its launcher checkpoints the step every rank agreed on and,

@@ -280,11 +280,12 @@ class ShardedOptimizer:
             if saved is None:
                 continue
             begin = pc.start - self._offset[pc.param]
+            end = begin + pc.stop - pc.start
             if isinstance(saved, SlicedState):
-                state[n] = saved.slice(begin, begin + pc.stop - pc.start)
-                continue
-            state[n] = {k: (v.reshape(-1)[begin:begin + pc.stop - pc.start].clone() if torch.is_tensor(v) and v.dim() > 0
-                            else v) for k, v in saved.items()}
+                state[n] = saved.slice(begin, end)
+            else:
+                state[n] = {k: v.reshape(-1)[begin:end].clone() if torch.is_tensor(v) and v.dim() > 0 else v
+                            for k, v in saved.items()}
         groups, start = [], 0
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             groups.append({**{k: v for k, v in saved.items() if k != "params"},
