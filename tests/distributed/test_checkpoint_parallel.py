@@ -216,3 +216,44 @@ def test_a_launched_pipelined_run_stores_each_weight_once(hybrid_run, single_run
     for kind, one_file in (("model-", "model-pp00.safetensors"), ("optim-", "optim-pp00.pt")):
         held = [k for name, info in hybrid["files"].items() if name.startswith(kind) for k in info["keys"]]
         assert sorted(held) == single["files"][one_file]["keys"]
+
+
+V_CFG = GPTConfig(vocab_size=61, block_size=8, n_layer=4, n_head=2, n_embd=16, tie_embeddings=True)  # 6 layers
+
+
+def zbv_across_cuts(run_dir):
+    """A zbv checkpoint (4 stages in a V on 2 ranks, cut one way), restored into a V cut another
+    way and into 1F1B's 2 stages: each layout's parameters and optimizer state by name, all ranks'."""
+    group = checkpoint_group(30.0)
+    mesh = plait.make_mesh(dp=1, pp=2)
+
+    def trained(seed, **layout):
+        engine = plait.Engine(build_gpt(V_CFG, seed=seed), gpt_loss, mesh, microbatches=2, **layout)
+        opt = torch.optim.AdamW(engine.parameters(), lr=1e-2)
+        x = torch.randint(0, V_CFG.vocab_size, (4, V_CFG.block_size), generator=torch.Generator().manual_seed(seed))
+        engine.train_step(x, torch.roll(x, -1, dims=1))
+        opt.step()
+        return engine, opt
+
+    def everyones(engine, opt):
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, _snapshot(engine, opt))
+        return {kind: {k: v for part in parts for k, v in part[kind].items()} for kind in ("state", "optim")}
+
+    saved = trained(1, schedule="zbv", virtual_stages=2, split=[1, 3, 4])
+    path = save_training_state(run_dir, 1, *saved, group=group)
+    out = {"saved": everyones(*saved)}
+    for name, layout in (("other V", {"schedule": "zbv", "virtual_stages": 2, "split": [2, 3, 5]}),
+                         ("1f1b", {"schedule": "1f1b", "split": [3]})):
+        other = trained(7, **layout)
+        restore_training_state(path, *other)
+        out[name] = {"bounds": list(other[0].partition.bounds), **everyones(*other)}
+    return out
+
+
+def test_a_zbv_checkpoint_resumes_on_another_cut_and_schedule(tmp_path):
+    for r in spawn(zbv_across_cuts, 2, str(tmp_path), timeout=180):
+        assert "5.lm_head.weight" in r["saved"]["state"]  # V_CFG's tied head, with the embedding on rank 0
+        assert r["other V"]["bounds"] == [0, 2, 3, 5, 6] and r["1f1b"]["bounds"] == [0, 3, 6]
+        for name in ("other V", "1f1b"):
+            _assert_equal(r[name], r["saved"])
