@@ -18,19 +18,19 @@ under its first key, whatever the layout ([Note: a tied weight is stored
 once]); the manifest's "tied" maps its other keys to that one. The first
 data-parallel replica writes (replicas are identical), each pipeline rank
 its own files (under ZeRO every replica writes its slice of the optimizer
-state: [Note: ZeRO's state is saved where it is]), into
-`.step-000200.tmp`; each writer fsyncs and hashes its
-own files and hands their sizes and hashes to rank 0, which writes the
-manifest and renames the folder into place. The waits between these phases
-run on a gloo group with a timeout of their own (`checkpoint_group`,
---checkpoint-timeout), not the step's. A folder without a manifest, or whose
-files do not match their checksums, is skipped in favour of an older one.
+state: [Note: ZeRO's state is saved where it is]), into `.step-000200.tmp`;
+each writer fsyncs and hashes its own files and hands their sizes and hashes
+to rank 0, which writes the manifest and renames the folder into place.
+The waits between these phases run on a gloo group with a timeout of their
+own (`checkpoint_group`, --checkpoint-timeout), not the step's. A folder
+without a manifest, or whose files do not match their checksums, is skipped
+in favour of an older one.
 
 Saving is two halves: `stage_training_state` takes, on the training thread,
-what needs the live tensors or the job's collectives; `write_staged` writes, fsyncs, hashes, gathers the
-entries on rank 0, writes the manifest and renames, using only the checkpoint
-group. `save_training_state` runs both in turn; plait.checkpoint_async runs
-the second in a background thread, on host copies.
+what needs the live tensors; `write_staged` writes, fsyncs, hashes, gathers
+the entries on rank 0, writes the manifest and renames, using only the
+checkpoint group. `save_training_state` runs both in turn;
+plait.checkpoint_async runs the second in a background thread, on host copies.
 
 This module writes; plait.checkpoint_read finds and loads (its public names
 are importable from here too), and plait.optimizer_names keys optimizer
