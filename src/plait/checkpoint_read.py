@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -178,9 +179,15 @@ def _read_model(path: Path, plan: dict[str, set[str] | None], tied: dict[str, st
     return model
 
 
-def _read_optimizer(path: Path, plan: dict[str, set[str] | None]) -> dict[str, Any]:
+def _read_optimizer(path: Path, plan: dict[str, set[str] | None], slices: bool = False) -> dict[str, Any]:
     """The planned optimizer states, name-keyed, with the saved param_groups; a state ZeRO saved
-    in slices is a `SlicedState` of them (`_whole` makes it tensors)."""
+    in slices is a `SlicedState` of them (`_whole` makes it tensors).
+
+    `slices`: for a ZeRO optimizer, which takes only its own elements of each state. A whole
+    state read from a mapped file is then a `SlicedState` of one part, so that each rank copies
+    its slice out of the mapping rather than the whole tensor (its elements line up with the
+    parameter's: ZeRO supports element-wise optimizers only).
+    """
     optim: dict[str, Any] = {"state": {}, "param_groups": None}
     for name, keys in plan.items():
         # A few entries of another rank's file (a tied weight's state), or one slice of each of a
@@ -194,10 +201,23 @@ def _read_optimizer(path: Path, plan: dict[str, set[str] | None]) -> dict[str, A
                 optim["state"].setdefault(key, SlicedState(tuple(shape))).parts.append((begin, end, state))
             elif keys is None:
                 optim["state"][key] = state
+            elif slices and (whole := _one_slice(state)) is not None:
+                optim["state"][key] = whole
             else:
                 optim["state"][key] = {n: v.clone() if torch.is_tensor(v) else v for n, v in state.items()}
         optim["param_groups"] = saved["param_groups"]
     return optim
+
+
+def _one_slice(state: dict[str, Any]) -> SlicedState | None:
+    """A whole parameter's state as a `SlicedState` of one part, viewing the tensors, not copying
+    them; None if its tensors are not all the same size (not an element-wise optimizer's)."""
+    tensors = {n: v for n, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+    if len({v.numel() for v in tensors.values()}) != 1:
+        return None
+    shape = tuple(next(iter(tensors.values())).shape)
+    flat = {n: tensors[n].reshape(-1) if n in tensors else v for n, v in state.items()}
+    return SlicedState(shape, [(0, math.prod(shape), flat)])
 
 
 def _whole(optim: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +291,8 @@ def restore_training_state(path: str | Path, engine, optimizer: torch.optim.Opti
             raise ConfigError(f"checkpoint {path} holds a different model: {key} is {got} there, "
                               f"{list(value.shape)} here; resume with the run's own model options")
     engine.load_state_dict(model)
-    load_optimizer_state_by_name(engine, optimizer, _read_optimizer(path, optim_plan))
+    load_optimizer_state_by_name(engine, optimizer,
+                                 _read_optimizer(path, optim_plan, slices=hasattr(optimizer, "state_shard")))
     rng = _read_rng(path, rng_file)
     torch.set_rng_state(rng["torch_rng"])
     device = _device(engine)

@@ -11,6 +11,7 @@ from plait import distributed
 from plait.checkpoint import checkpoint_group, load_checkpoint, restore_training_state, save_training_state
 from plait.model import build_gpt, gpt_loss
 from plait.parallel import zero as zero_module
+from plait.optimizer_names import SlicedState
 from plait.parallel.zero import ShardedOptimizer
 from tests.distributed.harness import spawn
 from tests.distributed.test_data_parallel import CFG, GLOBAL_BATCH, SMALL_BUCKETS_MB, global_batch, reference
@@ -155,34 +156,32 @@ def zero_checkpoint(run_dir, level):
     finally:
         zero_module._all_gather = real
     out = {"want": opt.state_dict(), "params": {k: v.clone() for k, v in engine.state_dict().items()},
-           "gathers": gathers, "state_numel": opt.state_numel(), "dp_rank": dp_rank,
+           "gathers": gathers, "state_numel": opt.state_numel() if level else None, "dp_rank": dp_rank,
            "names": [engine.tied_keys.get(n, n) for n, _ in engine.named_parameters()]}
-    for zero in (0, 1, 2):
-        other = trained(7, zero, 1)
-        restore_training_state(path, *other)
-        out[zero] = {"opt": other[1].state_dict(), "params": dict(other[0].state_dict())}
+    sliced, real_slice = [], SlicedState.slice  # a ZeRO rank copies out its own elements, whatever saved them
+
+    def counted_slice(self, begin, end):
+        state = real_slice(self, begin, end)
+        sliced.append(sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0))
+        return state
+
+    SlicedState.slice = counted_slice
+    try:
+        for zero in (0, 1, 2):
+            other = trained(7, zero, 1)
+            sliced.clear()
+            restore_training_state(path, *other)
+            out[zero] = {"opt": other[1].state_dict(), "params": dict(other[0].state_dict()),
+                         "sliced": sum(sliced), "state_numel": other[1].state_numel() if zero else None}
+    finally:
+        SlicedState.slice = real_slice
     return out
 
 
-@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("level", [0, 1, 2])
 def test_zero_checkpoint_resumes_with_and_without_zero(tmp_path, level):
+    """Saved without ZeRO (level 0) or with it, restored with and without: the same state."""
     results = spawn(zero_checkpoint, 2, str(tmp_path), level, timeout=180)
-    # Each dp rank wrote its own slice of the state, no more, and gathered nothing to do it.
-    path = tmp_path / "checkpoints" / "step-000002"
-    manifest = json.loads((path / "manifest.json").read_text())
-    assert [n for n in manifest["files"] if n.startswith("optim-")] == ["optim-pp00-dp00.pt", "optim-pp00-dp01.pt"]
-    for r in results:
-        assert r["gathers"] == []
-        saved = torch.load(path / f"optim-pp00-dp{r['dp_rank']:02d}.pt", weights_only=True)["optimizer"]
-        assert sum(v.numel() for s in saved["state"].values() for v in s.values() if v.dim() > 0) == r["state_numel"]
-        assert sorted(saved["state"]) == manifest["files"][f"optim-pp00-dp{r['dp_rank']:02d}.pt"]["keys"]
-    # Put together, the slices are the whole optimizer's state.
-    whole = load_checkpoint(path)["optimizer"]["state"]
-    want, names = results[0]["want"], results[0]["names"]
-    assert sorted(whole) == sorted(names[i] for i in want["state"])
-    for i, s in want["state"].items():
-        for k, v in s.items():
-            assert torch.equal(whole[names[i]][k], v.cpu()), (names[i], k)
     for r in results:
         for zero in (0, 1, 2):
             assert all(torch.equal(r[zero]["params"][k], v) for k, v in r["params"].items())
@@ -191,6 +190,28 @@ def test_zero_checkpoint_resumes_with_and_without_zero(tmp_path, level):
             for i, s in want["state"].items():
                 for k, v in s.items():
                     assert torch.equal(got["state"][i][k].cpu(), v.cpu()), (zero, i, k)
+        # A ZeRO rank copied out its own elements, no more, from the whole state or the slices.
+        assert [r[zero]["sliced"] for zero in (1, 2)] == [r[1]["state_numel"], r[2]["state_numel"]]
+    path = tmp_path / "checkpoints" / "step-000002"
+    manifest = json.loads((path / "manifest.json").read_text())
+    optim_files = [n for n in manifest["files"] if n.startswith("optim-")]
+    if not level:
+        assert optim_files == ["optim-pp00.pt"]
+        return
+    # Each dp rank wrote its own slice of the state, no more, and gathered nothing to do it.
+    assert optim_files == ["optim-pp00-dp00.pt", "optim-pp00-dp01.pt"]
+    for r in results:
+        assert r["gathers"] == []
+        saved = torch.load(path / optim_files[r["dp_rank"]], weights_only=True)["optimizer"]
+        assert sum(v.numel() for s in saved["state"].values() for v in s.values() if v.dim() > 0) == r["state_numel"]
+        assert sorted(saved["state"]) == manifest["files"][optim_files[r["dp_rank"]]]["keys"]
+    # Put together, the slices are the whole optimizer's state.
+    whole = load_checkpoint(path)["optimizer"]["state"]
+    want, names = results[0]["want"], results[0]["names"]
+    assert sorted(whole) == sorted(names[i] for i in want["state"])
+    for i, s in want["state"].items():
+        for k, v in s.items():
+            assert torch.equal(whole[names[i]][k], v.cpu()), (names[i], k)
 
 
 def built_by_train(zero):
