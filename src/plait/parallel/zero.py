@@ -35,8 +35,8 @@ How (and why):
   state) do not: they are not supported here.
 
 Checkpoints: `state_shard` hands over this rank's slices as they are, with no
-collective, and each dp rank writes its own file (plait.checkpoint), so saving
-holds no more state than training does. `load_state_dict` takes whole tensors
+collective, and each dp rank writes its own file (plait.checkpoint): saving
+never holds more of the state than this rank's slice. `load_state_dict` takes whole tensors
 (a plain optimizer's state, or `state_dict`'s) or the slices any dp saved
 (plait.optimizer_names.SlicedState), copying out only this rank's elements.
 `state_dict` gathers the whole state to every dp rank, as torch.optim gives it.
