@@ -1,7 +1,8 @@
 """plait's one-process training step against a plain PyTorch loop of the same GPT, on one GPU.
 
-    .venv/bin/python benchmarks/gpu.py [--model gpt2-124m] [--batch 8] [--seq-len 1024]
+    .venv/bin/python benchmarks/gpu.py [--model gpt2-124m] [--batch 8] [--seq-len 1024] [--vocab 50257]
                                        [--microbatches 1] [--rounds 10] [--warmup 3] [--peak-tflops X]
+                                       [--profile N]
 
 Two contenders train the same GPT (GPT-2's 50,257-token vocabulary, bfloat16
 autocast, fused AdamW, gradients clipped to norm 1) on random token ids that
@@ -134,9 +135,52 @@ def run_rounds(gpt, device, args, x, y) -> tuple[dict[str, list[float]], tuple[f
         recorder.step = n
         traced.append(timed(clock, steps["plait"], x, y))
     engine.executor.recorder = None
+    if args.profile:
+        counts = {name: profile_step(name, step, x, y, device, args.profile) for name, step in steps.items()}
+        print_count_differences(counts, args.profile)
     last = TRACED_STEPS - 1
     fb = sum(e.end - e.start for e in recorder.events if e.step == last and e.kind in ("F", "B"))
     return times, (fb, traced[last])
+
+
+def profile_step(name, step, x, y, device, top: int) -> dict[str, int]:
+    """One more step of a contender under torch.profiler: its kernels' count and summed time
+    against the step's wall time, and the kernels that take most of it. With --profile: where
+    one contender's time goes that the other's does not. Returns how often each aten operator ran."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    clock = Clock(device)
+    with profile(activities=activities) as prof:
+        seconds = timed(clock, step, x, y)
+    kind = DeviceType.CUDA if gpu else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    if gpu:  # kernels (and copies, memsets): the GPU's own time
+        total = sum(e.self_device_time_total for e in events) / 1e3
+        count = sum(e.count for e in events)
+        print(f"\n{name}: step {seconds * 1e3:.1f} ms (profiled), {count} kernels taking {total:.1f} ms of it "
+              f"(GPU busy {total / (seconds * 1e3):.0%})")
+        events.sort(key=lambda e: -e.self_device_time_total)
+        for e in events[:top]:
+            print(f"  {e.self_device_time_total / 1e3:>8.2f} ms {e.count:>5}x  {e.key[:100]}")
+    else:
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        print(f"\n{name}: step {seconds * 1e3:.1f} ms (profiled), operators' self time {total:.1f} ms")
+        events.sort(key=lambda e: -e.self_cpu_time_total)
+        for e in events[:top]:
+            print(f"  {e.self_cpu_time_total / 1e3:>8.2f} ms {e.count:>5}x  {e.key[:100]}")
+    return {e.key: e.count for e in prof.key_averages() if e.device_type == DeviceType.CPU and e.key.startswith("aten::")}
+
+
+def print_count_differences(counts: dict[str, dict[str, int]], top: int) -> None:
+    """The aten operators the two contenders call a different number of times in one step."""
+    (a, ca), (b, cb) = counts.items()
+    diff = sorted(((ca.get(k, 0) - cb.get(k, 0), k) for k in ca.keys() | cb.keys()), key=lambda d: -abs(d[0]))
+    print(f"\noperators per step, {a} minus {b} (the {top} largest differences):")
+    for d, k in [d for d in diff if d[0]][:top]:
+        print(f"  {d:>+6}  {k} ({ca.get(k, 0)} vs {cb.get(k, 0)})")
 
 
 def peak_memory_mib(make, gpt, device, microbatches, x, y) -> tuple[float, float] | None:
@@ -161,12 +205,16 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-124m", choices=tuple(PRESETS), help="size preset")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (50304: GPT-2's padded to a "
+                        "multiple of 64, whose LM-head matmuls take the aligned kernels)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per step (accumulation)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each contender first")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bfloat16 TFLOP/s, for MFU (default: plait's datasheet figure)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the rounds, profile one step of each contender and print its N costliest kernels")
     parser.add_argument("--dry-run-cpu", action="store_true",
                         help="for testing the script: run it on the CPU with a tiny model, at most 2 rounds")
     args = parser.parse_args()
@@ -192,7 +240,7 @@ def main() -> None:
         device, vocab = torch.device("cpu"), 512
         where = "CPU (--dry-run-cpu: a check of the script; these figures measure nothing)"
     else:
-        device, vocab = torch.device("cuda", torch.cuda.current_device()), VOCAB
+        device, vocab = torch.device("cuda", torch.cuda.current_device()), args.vocab
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     use_tf32(device)  # as `plait train` does; with bfloat16 autocast only float32 leftovers use it
     gpt = ModelConfig(preset=args.model).gpt(vocab)

@@ -36,6 +36,7 @@ from plait import checkpointing
 from plait.model.gpt import sample_next
 from plait.model.materialize import Init, is_meta, materialize
 from plait.parallel.data_parallel import GradientSync
+from plait.parallel.grad_norm import scale_, squared_norm
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
@@ -332,13 +333,10 @@ class Engine:
         elsewhere = self.tied.owned_elsewhere if self.tied is not None else set()
         if self.grad_sync is not None and self.grad_sync.zero > 0:
             return self.grad_sync.shard_norm_sq(skip=elsewhere)
-        sq = torch.zeros((), dtype=torch.float64, device=device)
         if self.dp_rank != 0:
-            return sq
-        for p in self.parameters():
-            if p.grad is not None and p not in elsewhere:
-                sq += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
-        return sq
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return squared_norm((p.grad for p in self.parameters() if p.grad is not None and p not in elsewhere),
+                            device)  # [Note: grouped norm]
 
     def _reduce_and_read(self, loss_sum: torch.Tensor, norm_sq: torch.Tensor, flags: list[torch.Tensor],
                          stop: bool = False) -> list:
@@ -381,9 +379,7 @@ class Engine:
             if self.grad_sync is not None and self.grad_sync.zero > 0:
                 self.grad_sync.scale_shards_(scale)
                 return norm
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
+            scale_([p.grad for p in self.parameters() if p.grad is not None], scale)
         return norm
 
     def parameters(self) -> Iterator[nn.Parameter]:

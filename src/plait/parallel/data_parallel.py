@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.parallel.buckets import STAGING_BUFFERS, Bucket, broadcast_parameters, make_buckets, views_of
+from plait.parallel.grad_norm import scale_, squared_norm
 from plait.timing import Clock
 from plait.watchdog import wait
 
@@ -491,16 +492,12 @@ class GradientSync:
 
     def shard_norm_sq(self, skip: set[nn.Parameter] = frozenset()) -> torch.Tensor:
         """Under ZeRO: the squared norm of this rank's gradient shards (buckets of `skip` left out)."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.buckets[0].shard.device)
-        for bucket in self.buckets:
-            if not skip.intersection(bucket.params):
-                sq += torch.linalg.vector_norm(bucket.shard, dtype=torch.float64) ** 2
-        return sq
+        return squared_norm((b.shard for b in self.buckets if not skip.intersection(b.params)),
+                            self.buckets[0].shard.device)
 
     def scale_shards_(self, scale: torch.Tensor) -> None:
         """Under ZeRO: multiply the reduced gradient shards by `scale` (clipping)."""
-        for bucket in self.buckets:
-            bucket.shard.mul_(scale.to(bucket.shard.dtype))
+        scale_([bucket.shard for bucket in self.buckets], scale)
 
     @property
     def stats(self) -> SyncStats:
