@@ -72,6 +72,30 @@ def test_data_parallel_adds_a_quarter_of_the_weights_to_the_cpu_overhead():
     assert [p.overhead for p in memory.plan_layout(GPT, layout(dp=2, device="cuda"))] == [cuda.overhead] * 2
 
 
+@pytest.mark.parametrize("config, lt, capability, expected_kib", [
+    (None, None, (9, 0), 4096 * 8 + 1024),  # Hopper: 32 MiB, and cuBLASLt's 1 MiB (measured on an H200)
+    (None, None, (8, 0), 4096 * 2 + 16 * 8 + 1024),  # before Hopper: PyTorch's ":4096:2:16:8"
+    (":4096:8", "2048", (8, 0), 4096 * 8 + 2048),
+    (":16:8", None, (9, 0), 16 * 8 + 1024),  # the setting deterministic cuBLAS asks for
+])
+def test_the_cuda_plan_holds_cublas_workspaces(monkeypatch, config, lt, capability, expected_kib):
+    # [Note: cuBLAS workspace]
+    for name, value in (("CUBLAS_WORKSPACE_CONFIG", config), ("CUBLASLT_WORKSPACE_SIZE", lt)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert memory.cublas_workspace_bytes() == expected_kib * 1024
+    cfg = load_config(None, {"train.dtype": "float32"})
+    assert memory.Layout.of(cfg, "cuda").workspace == expected_kib * 1024
+    assert memory.Layout.of(cfg, "cpu").workspace == 0
+    (cpu,) = memory.plan_layout(GPT, layout())
+    (cuda,) = memory.plan_layout(GPT, layout(device="cuda", workspace=expected_kib * 1024))
+    assert cuda.overhead == 8 * 2**20 + expected_kib * 1024 and cpu.overhead != cuda.overhead
+
+
 def test_peak_in_flight_follows_the_schedule():
     assert [memory.peak_in_flight(a) for a in make_schedule("1f1b", 4, 8).values()] == [4, 3, 2, 1]
     assert [memory.peak_in_flight(a) for a in make_schedule("gpipe", 4, 8).values()] == [8] * 4

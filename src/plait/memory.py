@@ -19,7 +19,8 @@ runs, which autocast over float32 parameters; 8 for float64):
   micro-batches this rank's schedule holds at once (`peak_in_flight`), plus what exists once:
   one block's backward working set, one block recomputed (checkpointing), the loss's softmax
   gradients on the last stage.
-- overhead: what the measured figure holds beyond these, calibrated ([Note: overhead]).
+- overhead: what the measured figure holds beyond these, calibrated ([Note: overhead]); on CUDA
+  also cuBLAS's workspace ([Note: cuBLAS workspace]).
 """
 
 from __future__ import annotations
@@ -61,6 +62,30 @@ PARTS = ("weights", "gradients", "optimizer", "activations")
 OVERHEAD = {"cpu": (0.55, 14.0, 0.25), "cuda": (0.0, 8.0, 0.0)}  # device -> (share of the activations,
 # MiB, share of the weights with dp > 1)
 
+# [Note: cuBLAS workspace] On CUDA the first matmul takes cuBLAS's workspace from PyTorch's
+# caching allocator, so max_memory_allocated counts it: 32 MiB on Hopper and later, 8.125 MiB
+# before (":4096:2:16:8", in KiB), or what CUBLAS_WORKSPACE_CONFIG says; and cuBLASLt's, 1 MiB
+# unless CUBLASLT_WORKSPACE_SIZE (KiB) says otherwise. Measured on an H200 (torch 2.11): +32.0 MiB
+# at the first float32 matmul, +1.0 MiB at the first addmm. Without it the plan of `tiny` under
+# `plait train --device cuda` was 31% under the allocator's peak (114 MiB against 165).
+
+
+def cublas_workspace_bytes() -> int:
+    """The cuBLAS and cuBLASLt workspaces one process's matmuls allocate ([Note: cuBLAS workspace])."""
+    import os
+
+    import torch
+
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")
+    pairs = [int(v) for v in config.split(":")[1:] if v.isdigit()]
+    if config and len(pairs) >= 2:  # ":SIZE:COUNT[:SIZE:COUNT...]", KiB
+        kib = sum(size * count for size, count in zip(pairs[::2], pairs[1::2]))
+    else:  # a GPU not visible here plans as the current ones do
+        major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+        kib = 4096 * 8 if major >= 9 else 4096 * 2 + 16 * 8
+    lt = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "")
+    return (kib + (int(lt) if lt.isdigit() else 1024)) * 1024
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -80,6 +105,7 @@ class Layout:
     seq_len: int
     dtype: str
     device: str  # "cpu" or "cuda"
+    workspace: int = 0  # bytes the device's libraries allocate once: cuBLAS's on CUDA
 
     @classmethod
     def of(cls, cfg, device: str = "cpu") -> "Layout":
@@ -90,7 +116,8 @@ class Layout:
                    cuts=tuple(p.cuts) if p.cuts is not None else None, bucket_mb=p.bucket_mb, zero=p.zero,
                    checkpointing=cfg.train.activation_checkpointing,
                    micro_rows=cfg.train.global_batch // (p.dp * p.num_microbatches), seq_len=cfg.seq_len,
-                   dtype=cfg.train.dtype, device=device)
+                   dtype=cfg.train.dtype, device=device,
+                   workspace=cublas_workspace_bytes() if device == "cuda" else 0)
 
 
 @dataclass(frozen=True)
@@ -260,7 +287,7 @@ def plan_layout(gpt, layout: Layout) -> list[RankPlan]:
         overlap = min(int(per_mb * min(in_flight, 1.0)), gradients) if dp == 1 else 0
         share, fixed, churn = OVERHEAD.get(layout.device, OVERHEAD["cpu"])  # [Note: overhead]
         overhead = int(share * activations_of(dataclasses.replace(layout, checkpointing="none")) + fixed * MIB
-                       + (churn * weights if dp > 1 else 0))
+                       + (churn * weights if dp > 1 else 0) + layout.workspace)
         for dp_rank in range(dp):
             plans.append(RankPlan(pp_rank * dp + dp_rank, dp_rank, pp_rank, weights, gradients, optimizer,
                                   activations, overhead, overlap))
