@@ -6,7 +6,7 @@ import pytest
 from plait.cli import main
 import dataclasses
 
-from plait.config import SECTIONS, Config, field_type, flag_of, key_of
+from plait.config import SECTIONS, Config, ModelConfig, field_type, flag_of, key_of
 from plait.config_file import load_config, to_dict, to_toml
 from plait.errors import ConfigError
 
@@ -109,6 +109,7 @@ BAD = [
     # Issue 16 item 2: ZeRO levels (2 is not written yet).
     (["--zero", "3"], "invalid parallel.zero = 3: must be one of 0, 1, 2 (--zero)"),
     (["--zero=-1"], "invalid parallel.zero = -1: must be one of 0, 1, 2 (--zero)"),
+    (["--vocab-multiple", "0"], "invalid model.vocab_multiple = 0: must be >= 1 (--vocab-multiple)"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no config.toml there; "
                                        "give the directory of a plait run"),
 ]
@@ -280,3 +281,10 @@ def test_command_line_error_has_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == "plait: error: invalid train.steps = 0: must be >= 1 (--steps)\n"
+
+
+@pytest.mark.parametrize("multiple, tokens, rows", [(64, 257, 320), (64, 2048, 2048), (1, 257, 257),
+                                                    (64, 50257, 50304), (128, 50257, 50304), (128, 2049, 2176)])
+def test_the_model_vocabulary_is_the_tokenizers_padded_to_a_multiple(multiple, tokens, rows):
+    # [Note: padded vocabulary]
+    assert ModelConfig(vocab_multiple=multiple).gpt(tokens).vocab_size == rows

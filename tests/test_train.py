@@ -353,7 +353,8 @@ def test_every_batch_of_training_and_evaluation_goes_through_to_device(tmp_path,
 
 
 def test_byte_run_records_the_vocabulary_it_used(tmp_path):
-    """Issue 15 item 11: a byte run's config.toml says 257, the size of the model it trained."""
+    """Issue 15 item 11: a byte run's config.toml says 257, the tokenizer's size; the model it
+    trained pads that to 320 rows ([Note: padded vocabulary]), which the config also gives back."""
     text = tmp_path / "text.txt"
     text.write_text("plait cuts a model into stages. " * 200)
     cfg = small_config(tmp_path, str(tmp_path / "d"), **{"data.data": str(text), "data.tokenizer": "byte",
@@ -362,7 +363,9 @@ def test_byte_run_records_the_vocabulary_it_used(tmp_path):
     run = train(cfg, log=quiet).run_dir
     assert "vocab_size = 257" in (run / "config.toml").read_text()
     assert load_config(run / "config.toml").data.vocab_size == 257
-    assert load_checkpoint(run / "checkpoints" / "step-000001")["model"]["0.wte.weight"].shape[0] == 257
+    saved = load_config(run / "config.toml")
+    rows = load_checkpoint(run / "checkpoints" / "step-000001")["model"]["0.wte.weight"].shape[0]
+    assert rows == saved.model.gpt(saved.data.vocab_size).vocab_size == 320
 
 
 def test_the_meta_build_trains_as_the_real_build(tmp_path, data_dir):
@@ -388,3 +391,26 @@ def test_a_restarted_round_that_finds_the_last_checkpoint_only_finishes_the_run(
     assert main(args) == 0
     assert "resumed from " + str(out / "checkpoints" / "step-000003") + " at step 3" in capsys.readouterr().out
     assert set(json.loads((out / "summary.json").read_text())["measured_memory_mib"]) == {"0"}
+
+
+def test_a_byte_run_pads_its_vocabulary_and_samples_only_real_tokens(tmp_path, data_dir):
+    # [Note: padded vocabulary] 257 byte ids -> 320 rows; the sample decodes (no id past 256).
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 2, "data.tokenizer": "byte", "train.sample_tokens": 64})
+    lines = []
+    result = train(cfg, log=lines.append)
+    state = load_checkpoint(result.run_dir / "checkpoints" / "step-000002")["model"]
+    assert state["0.wte.weight"].shape[0] == 320
+    assert any(", vocab 257 (padded to 320)," in line for line in lines), lines[:3]
+    assert len(result.sample.encode()) >= 64  # every sampled id decoded to a byte (or EOT)
+
+
+def test_a_run_saved_before_vocabulary_padding_resumes_unpadded(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, **{"train.steps": 2, "train.sample_tokens": 0, "data.tokenizer": "byte",
+                                              "model.vocab_multiple": 1})
+    run = train(cfg, log=quiet).run_dir
+    saved = (run / "config.toml").read_text()
+    assert "vocab_multiple = 1\n" in saved
+    (run / "config.toml").write_text(saved.replace("vocab_multiple = 1\n", ""))  # as runs wrote it before
+    assert main(["train", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    state = load_checkpoint(run / "checkpoints" / "step-000003")["model"]
+    assert state["0.wte.weight"].shape[0] == 257

@@ -174,6 +174,8 @@ def _config_from(args: argparse.Namespace):
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.toml there; give the directory of a plait run")
         base = read_toml(saved, what=f"--resume {args.resume} (its config.toml)")
+        if isinstance(base.get("model"), dict):  # saved before padding: its weights are unpadded
+            base["model"].setdefault("vocab_multiple", 1)  # [Note: padded vocabulary]
         overrides["output.out"] = args.resume
     return load_config(getattr(args, "config", None), overrides, base=base)
 

@@ -286,7 +286,8 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float = 0.8,
-                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = 40, generator: torch.Generator | None = None,
+                 vocab: int | None = None) -> torch.Tensor:
         """Sample continuations of idx (B, T) through the pipeline; returns (B, T + new) on every rank.
 
         Every rank of the job calls it with the same `idx`; each replica runs its own
@@ -294,7 +295,8 @@ class Engine:
         forward-only pass of the last `block_size` positions through the stages;
         the last stage samples it as `plait.model.generate` does (only its
         `generator` is drawn from) and broadcasts it to the other ranks of its
-        pipeline. In one process it is `generate(nn.Sequential(*layers), ...)`.
+        pipeline. In one process it is `generate(nn.Sequential(*layers), ...)`. `vocab`: the
+        tokenizer's size, when the model's vocabulary is padded past it.
         """
         self.module.eval()
         ex = self.executor
@@ -308,7 +310,7 @@ class Engine:
                 x = idx[:, -block_size:]
                 ex.run(self.generate_actions, self.generate_plan, [x], [x], loss_scale=1.0)
                 if self.is_last_stage:
-                    nxt = sample_next(last.pop(), temperature, top_k, generator)  # (B, 1)
+                    nxt = sample_next(last.pop(), temperature, top_k, generator, vocab)  # (B, 1)
                 else:
                     nxt = torch.empty(idx.size(0), 1, dtype=torch.long, device=idx.device)
                 if self.pp_group is not None:

@@ -48,7 +48,8 @@ def _read_run(run_dir: str | Path):
     # just checked every checksum, and the optimizer state is not needed.
     state = load_model(ckpt, verify=False)
     # The weights, not the config, know the vocabulary: it was fixed by the tokenizer at training time.
-    gpt = cfg.model.gpt(state["0.wte.weight"].shape[0])
+    # Rows as saved, padded or not ([Note: padded vocabulary]): a run from before padding has none.
+    gpt = dataclasses.replace(cfg.model, vocab_multiple=1).gpt(state["0.wte.weight"].shape[0])
     expected = nn.Sequential(*build_gpt(gpt, device="meta")).state_dict()
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != {k: tuple(v.shape) for k, v in expected.items()}:
@@ -104,8 +105,9 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu") -> list[
     return layers
 
 
-def _hf_state(gpt: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """plait's keys and layouts -> Hugging Face GPT2LMHeadModel's."""
+def _hf_state(gpt: GPTConfig, state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    """plait's keys and layouts -> Hugging Face GPT2LMHeadModel's, with the tokenizer's `vocab`
+    rows of the embedding and LM head (a padded model's extra rows are no token)."""
     head = gpt.n_layer + 1
     out = {}
     for key, t in state.items():
@@ -115,6 +117,7 @@ def _hf_state(gpt: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
             continue  # Hugging Face ties lm_head to wte itself and expects no lm_head key in the file
         if i in (0, head):
             hf = name if name == "lm_head.weight" else f"transformer.{name}"
+            t = t[:vocab] if name in ("wte.weight", "lm_head.weight") else t
         else:
             hf = f"transformer.h.{i - 1}.{name}"
             t = t.t() if name in _CONV1D else t
@@ -122,11 +125,11 @@ def _hf_state(gpt: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _hf_config(gpt: GPTConfig, eot_id: int, dtype: torch.dtype) -> dict:
+def _hf_config(gpt: GPTConfig, vocab: int, eot_id: int, dtype: torch.dtype) -> dict:
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": gpt.vocab_size,
+        "vocab_size": vocab,
         "n_positions": gpt.block_size,
         "n_ctx": gpt.block_size,
         "n_embd": gpt.n_embd,
@@ -171,18 +174,20 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
     cfg, gpt, state = _read_run(run_dir)
     hf_tokenizer = None
     eot_id, eot_name = byte_tokenizer().eot_id, EOT
+    vocab = byte_tokenizer().vocab_size
     if cfg.data.tokenizer != "byte":
         from plait.data.corpus import prepare  # loads the run's prepared tokenizer; prepares again only if it is gone
 
         d = cfg.data
         data = prepare(d.data, d.data_dir, **d.prepare_options())
-        if data.tokenizer.vocab_size != gpt.vocab_size:
-            raise ConfigError(f"the tokenizer in {data.dir} has {data.tokenizer.vocab_size} tokens, the model "
+        vocab = data.tokenizer.vocab_size
+        if gpt.vocab_size not in (vocab, cfg.model.gpt(vocab).vocab_size):  # unpadded: saved before padding
+            raise ConfigError(f"the tokenizer in {data.dir} has {vocab} tokens, the model "
                               f"{gpt.vocab_size}; the run's data changed since training, restore it")
         eot_id, eot_name = data.tokenizer.eot_id, data.tokenizer.eot
         if data.tokenizer.kind != "byte":  # a prepared folder given as --data may hold the byte tokenizer
             hf_tokenizer = json.loads((data.dir / "tokenizer.json").read_text(encoding="utf-8"))["huggingface"]
-    tensors = _hf_state(gpt, state)
+    tensors = _hf_state(gpt, state, vocab)
     dtype = next(iter(tensors.values())).dtype
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +198,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, log: Callable[[str], Non
         # Hugging Face refuses a safetensors file whose metadata does not say "pt".
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         follow_umask(tmp / "model.safetensors")
-        files = {"config.json": _hf_config(gpt, eot_id, dtype)}
+        files = {"config.json": _hf_config(gpt, vocab, eot_id, dtype)}
         if hf_tokenizer is not None:
             files["tokenizer.json"] = hf_tokenizer
             files["tokenizer_config.json"] = {

@@ -257,7 +257,9 @@ def _log_layout(cfg: Config, data, engine: Engine, mesh, device: torch.device, n
     micro_rows = cfg.train.global_batch // (p.dp * p.num_microbatches)
     tokens_per_step = cfg.train.global_batch * cfg.seq_len
     log(f"model: {cfg.model.preset} {gpt.n_layer} layers x {gpt.n_embd} wide, {gpt.n_head} heads, "
-        f"vocab {gpt.vocab_size}, {num_params / 1e6:.2f} M parameters, "
+        f"vocab {data.tokenizer.vocab_size}"
+        + (f" (padded to {gpt.vocab_size})" if gpt.vocab_size != data.tokenizer.vocab_size else "")
+        + f", {num_params / 1e6:.2f} M parameters, "
         f"{flops / 1e6:.1f} MFLOP per token (training)")
     log(f"data: {data.meta.get('source', d.data)} -> {len(data.train):,} train / {len(data.val):,} val tokens "
         f"({data.tokenizer.kind}); batch {cfg.train.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens per step")
@@ -411,5 +413,5 @@ def sample_text(engine: Engine, tokenizer, cfg: Config, device: torch.device) ->
     ids = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.eot_id]
     g = torch.Generator(device=device).manual_seed(cfg.train.seed)
     out = engine.generate(torch.tensor([ids], device=device), cfg.train.sample_tokens,
-                          block_size=cfg.model.shape[3], generator=g)
+                          block_size=cfg.model.shape[3], generator=g, vocab=tokenizer.vocab_size)
     return tokenizer.decode(out[0].tolist())

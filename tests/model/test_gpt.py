@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from plait.model import PRESETS, GPTConfig, build_gpt, count_params, flops_per_token, generate, gpt_loss
+from plait.model.gpt import sample_next
 
 CFG = GPTConfig(vocab_size=97, block_size=16, n_layer=3, n_head=2, n_embd=16)
 
@@ -98,3 +99,17 @@ def test_generate_is_reproducible_and_respects_the_context():
     a = generate(model, idx, 20, CFG.block_size, generator=torch.Generator().manual_seed(0))
     b = generate(model, idx, 20, CFG.block_size, generator=torch.Generator().manual_seed(0))
     assert a.shape == (1, 23) and torch.equal(a, b) and torch.equal(a[:, :3], idx)
+
+
+def test_sampling_a_padded_vocabulary_draws_only_the_tokenizers_ids():
+    # [Note: padded vocabulary] rows past the tokenizer's are no token, however likely the model makes them
+    logits = torch.zeros(64, 80)
+    logits[:, 70:] = 50.0
+    g = torch.Generator().manual_seed(0)
+    assert (sample_next(logits, generator=g) >= 70).all()  # unrestricted, the padding wins
+    ids = sample_next(logits, generator=g, vocab=70)
+    assert ids.shape == (64, 1) and ids.max().item() < 70 and len(ids.unique()) > 10
+    model = nn.Sequential(*build_gpt(GPTConfig(vocab_size=80, block_size=8, n_layer=1, n_head=2, n_embd=16),
+                                     seed=0)).eval()
+    out = generate(model, torch.tensor([[1, 2]]), 30, 8, generator=g, vocab=5)
+    assert out[:, 2:].max().item() < 5

@@ -207,9 +207,10 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = 40,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from the last position's logits (B, V): (B, 1) ids."""
-    logits = logits.float() / temperature
+                generator: torch.Generator | None = None, vocab: int | None = None) -> torch.Tensor:
+    """One token per row from the last position's logits (B, V): (B, 1) ids, below `vocab`
+    if given (a padded model's extra rows are no token)."""
+    logits = logits[:, :vocab].float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -226,12 +227,14 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 40,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """Sample `max_new_tokens` continuations of idx (B, T); returns (B, T + new).
 
+    `vocab`: the tokenizer's size, when the model's vocabulary is padded past it.
     A pipeline samples the same way through `Engine.generate`.
     """
     for _ in range(max_new_tokens):
         logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
-        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+        idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator, vocab)], dim=1)
     return idx
