@@ -3,6 +3,7 @@
 #   0. `plait train` with no options: on one GPU its four workers should be refused in one line;
 #   1. `plait train` with its defaults on cuda in bfloat16, one process (tiny model, 200 steps),
 #      traced, so that the CUDA-event timeline is exercised too;
+#   1b. the same with the byte tokenizer: its 257 tokens padded to 320 rows, sampled from;
 #   2. `plait train --model gpt2-124m` in bfloat16, one process: its MFU as plait reports it, and
 #      the memory plan against the CUDA allocator's peak;
 #   3. benchmarks/gpu.py: plait's step against a plain PyTorch loop of gpt2-124m (MFU, memory);
@@ -66,6 +67,11 @@ timeout 300 $PY -m plait train --device "$DEVICE" --dtype bfloat16 --dp 1 --pp 1
 echo "exit $?"
 summary "$WORK/tiny" tiny
 [ -f "$WORK/tiny/sample.txt" ] && head -c 300 "$WORK/tiny/sample.txt" && echo
+
+part "1b. plait train --tokenizer byte (257 tokens, padded to 320 rows), $DEVICE bfloat16, one process"
+timeout 200 $PY -m plait train --device "$DEVICE" --dtype bfloat16 --tokenizer byte --dp 1 --pp 1 --microbatches 1 \
+    --steps $((STEPS < 50 ? STEPS : 50)) --eval-every 0 --no-progress --out "$WORK/byte"
+echo "exit $?"
 
 part "2. plait train --model $BIG, $DEVICE bfloat16, one process, seq $SEQ, batch $BATCH"
 timeout 300 $PY -m plait train --device "$DEVICE" --dtype bfloat16 --model "$BIG" --seq-len "$SEQ" \
