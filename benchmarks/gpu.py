@@ -243,7 +243,7 @@ def main() -> None:
         device, vocab = torch.device("cuda", torch.cuda.current_device()), args.vocab
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     use_tf32(device)  # as `plait train` does; with bfloat16 autocast only float32 leftovers use it
-    gpt = ModelConfig(preset=args.model).gpt(vocab)
+    gpt = ModelConfig(preset=args.model, vocab_multiple=1).gpt(vocab)  # --vocab is the rows: padding is its choice
     flops = flops_per_token(gpt, args.seq_len)
     if args.peak_tflops is not None:
         peak, source = args.peak_tflops * 1e12, "--peak-tflops"
