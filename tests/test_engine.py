@@ -95,3 +95,21 @@ def test_generate_in_one_process_is_generate_on_the_sequential():
     got = engine.generate(prompt, 10, CFG.block_size, generator=torch.Generator().manual_seed(2))
     want = generate(nn.Sequential(*layers), prompt, 10, CFG.block_size, generator=torch.Generator().manual_seed(2))
     assert got.shape == (2, 13) and torch.equal(got, want)
+
+
+def test_train_step_sets_train_mode_only_after_eval_mode(monkeypatch):
+    # [Note: host time per step] train() walks every module; the step calls it only when needed.
+    cfg = GPTConfig(vocab_size=61, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+    engine = Engine(build_gpt(cfg, seed=0), gpt_loss)
+    calls = []
+    real = nn.Module.train
+    monkeypatch.setattr(nn.Module, "train", lambda self, mode=True: calls.append(mode) or real(self, mode))
+    x, y = _batch()
+    engine.train_step(x, y)
+    engine.train_step(x, y)
+    assert calls == [] and engine.module.training
+    engine.eval_step(x, y)
+    assert not any(m.training for m in engine.module.modules())
+    calls.clear()
+    engine.train_step(x, y)
+    assert calls[0] is True and all(m.training for m in engine.module.modules())

@@ -33,3 +33,16 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
     proc = run_script(CUDA_VISIBLE_DEVICES="")  # the same answer on a GPU machine
     assert (proc.returncode, proc.stdout, proc.stderr) == (
         0, "", "benchmarks/gpu.py needs a CUDA device; none is visible\n")
+
+
+def test_the_host_overhead_benchmark_prints_both_contenders_and_their_difference():
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--layers", "2",
+                           "--rounds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines.index(f"{'contender':<15}{'step (ms)':>11}{'vs plain':>10}")
+    assert [line.split()[0] for line in lines[header + 1:header + 3]] == ["plait", "plain"]
+    assert lines[header + 2].split()[-1] == "1.000"
+    assert lines[-1].startswith("plait - plain: ") and "paired ratio median" in lines[-1]
