@@ -261,9 +261,8 @@ def main() -> None:
     x = torch.randint(0, vocab, (args.batch, args.seq_len), device=device, generator=g)
     y = torch.roll(x, -1, dims=1)
     times, (fb, traced) = run_rounds(gpt, device, args, x, y)
-    # No memory plan to compare with yet: plait has no per-rank memory estimate (plait.memory).
-    # Comparing its estimate against this measured peak lands with the memory issue; until then
-    # only the measured peak is printed, and no estimate is made up here.
+    # Only measured peaks here: `plait train`'s memory plan (plait.memory) is checked against the
+    # allocator's peak by scripts/gpu-check.sh and benchmarks/memory.py, on runs it plans.
     memory = {name: peak_memory_mib(make, gpt, device, args.microbatches, x, y) for name, make in CONTENDERS.items()}
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
