@@ -172,7 +172,7 @@ def test_plait_schedule_replaces_an_existing_chart_only_with_force(tmp_path, cap
     (["interleaved-1f1b", "--stages", "2", "--microbatches", "2"],
      "interleaved-1f1b needs --virtual-stages >= 2 (got 1); use 1f1b for one stage per rank"),
     (["zigzag", "--stages", "2", "--microbatches", "2"],
-     "unknown schedule 'zigzag'; choose one of gpipe, 1f1b, interleaved-1f1b, zb1p, zbv, forward-only"),
+     "unknown schedule 'zigzag'; choose one of gpipe, 1f1b, interleaved-1f1b, zb1p, zbv, dualpipev, forward-only"),
     (["1f1b", "--stages", "0", "--microbatches", "2"], "--stages must be >= 1 (got 0)"),
     (["1f1b", "--stages", "2", "--microbatches", "0"], "--microbatches must be >= 1 (got 0)"),
     (["1f1b", "--stages", "2", "--microbatches", "2", "--virtual-stages", "0"], "--virtual-stages must be >= 1 (got 0)"),

@@ -21,7 +21,7 @@ BAD = [
                           "gpt2-350m, gpt2-774m, gpt2-1.5b (--model)"),
     (["--dtype", "float16"], "invalid train.dtype = 'float16': must be one of float32, bfloat16, float64 (--dtype)"),
     (["--schedule", "zigzag"], "invalid parallel.schedule = 'zigzag': must be one of gpipe, 1f1b, "
-                               "interleaved-1f1b, zb1p, zbv (--schedule)"),
+                               "interleaved-1f1b, zb1p, zbv, dualpipev (--schedule)"),
     (["--tokenizer", "wordpiece"], "invalid data.tokenizer = 'wordpiece': must be bpe, byte or the path of a "
                                    "tokenizer.json file (--tokenizer)"),
     (["--tokenizer", "t.json", "--vocab-size", "300"], "data.vocab_size = 300 does not apply to a tokenizer file "
@@ -42,16 +42,22 @@ BAD = [
                            "lower --seq-len or raise --block-size"),
     (["--global-batch", "10", "--microbatches", "4"],
      "train.global_batch = 10 does not divide into dp(2) x microbatches(4) = 8; choose --global-batch a multiple of 8"),
-    (["--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b or zbv and --pp 2 "
-                                "or more; set --virtual-stages 1"),
-    (["--schedule", "zb1p", "--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b "
-                                                      "or zbv and --pp 2 or more; set --virtual-stages 1"),
+    (["--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b, zbv or dualpipev "
+                                "and --pp 2 or more; set --virtual-stages 1"),
+    (["--schedule", "zb1p", "--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b, "
+                                                      "zbv or dualpipev and --pp 2 or more; set --virtual-stages 1"),
     (["--schedule", "zbv"], "parallel.schedule = 'zbv' runs two stages per rank in a V, so it needs "
                             "parallel.virtual_stages = 2 (got 1); set --virtual-stages 2, or use --schedule zb1p for "
                             "one stage per rank"),
     (["--schedule", "zbv", "--virtual-stages", "3"], "parallel.schedule = 'zbv' runs two stages per rank in a V, so it "
                                                      "needs parallel.virtual_stages = 2 (got 3); set --virtual-stages "
                                                      "2, or use --schedule zb1p for one stage per rank"),
+    (["--schedule", "dualpipev"], "parallel.schedule = 'dualpipev' runs two stages per rank in a V, so it needs "
+                                  "parallel.virtual_stages = 2 (got 1); set --virtual-stages 2, or use --schedule "
+                                  "zb1p for one stage per rank"),
+    (["--schedule", "dualpipev", "--virtual-stages", "2", "--microbatches", "2"],
+     "parallel.schedule = 'dualpipev' needs at least 2 x pp = 4 micro-batches (got 2); set --microbatches 4, or use "
+     "--schedule zbv"),
     (["--schedule", "interleaved-1f1b"], "parallel.schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2 "
                                          "(got 1); set --virtual-stages 2"),
     (["--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--microbatches", "3", "--global-batch", "12"],

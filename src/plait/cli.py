@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--stages", type=int, required=True, metavar="P", help="pipeline ranks (pp)")
     schedule.add_argument("--microbatches", type=int, required=True, metavar="M", help="micro-batches per step")
     schedule.add_argument("--virtual-stages", dest="virtual", type=int, default=None, metavar="V",
-                          help="pipeline stages per rank: >= 2 for interleaved-1f1b, 2 for zbv "
-                               "(default: 2 for zbv, else 1)")
+                          help="pipeline stages per rank: >= 2 for interleaved-1f1b, 2 for zbv and dualpipev "
+                               "(default: 2 for zbv and dualpipev, else 1)")
     schedule.add_argument("--virtual", dest="virtual", type=int, help=argparse.SUPPRESS)  # the older spelling
     schedule.add_argument("--forward-cost", type=float, default=1.0, metavar="X",
                           help="time of one micro-batch's forward through one rank's layers, shared "
@@ -155,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="time of one micro-batch's backward through one rank's layers (default: 2)")
     schedule.add_argument("--input-cost", type=float, default=None, metavar="X",
                           help="time of one micro-batch's input gradient (I) through one rank's layers, "
-                               "for zb1p and zbv (default: half the backward cost)")
+                               "for the zero-bubble schedules (default: half the backward cost)")
     schedule.add_argument("--weight-cost", type=float, default=None, metavar="X",
                           help="time of one micro-batch's weight gradients (W) through one rank's layers, "
-                               "for zb1p and zbv (default: half the backward cost)")
+                               "for the zero-bubble schedules (default: half the backward cost)")
     schedule.add_argument("--comm-cost", type=float, default=0.0, metavar="X",
                           help="time added to every activation or gradient crossing ranks (default: 0)")
     schedule.add_argument("--out", metavar="CHART.png", help="draw the timeline into this PNG")

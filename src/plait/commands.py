@@ -72,11 +72,11 @@ def _schedule_flags(message: str) -> str:
 
 def schedule(args: argparse.Namespace) -> int:
     """`plait schedule`: simulate, print the grid and the figures, optionally draw the chart."""
-    from plait.parallel.schedule import (ScheduleError, format_grid, make_schedule, schedule_layout, simulate,
-                                         theoretical_bubble)
+    from plait.parallel.schedule import (V_SCHEDULES, ScheduleError, format_grid, make_schedule, schedule_layout,
+                                         simulate, theoretical_bubble)
 
     if args.virtual is None:
-        args.virtual = 2 if args.name == "zbv" else 1  # zbv's V is two stages per rank, nothing else
+        args.virtual = 2 if args.name in V_SCHEDULES else 1  # a V is two stages per rank, nothing else
     for flag, value in (("--stages", args.stages), ("--microbatches", args.microbatches),
                         ("--virtual-stages", args.virtual)):
         check_number(flag, value, 1)

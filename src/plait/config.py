@@ -22,7 +22,7 @@ from plait.errors import ConfigError
 from plait.model_shape import PRESETS, GPTConfig
 from plait.stop import STOP_SIGNALS
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "dualpipev")
 DTYPES = ("float32", "bfloat16", "float64")
 DEFAULT_VOCAB, BYTE_VOCAB = 2048, 257  # BYTE_VOCAB: 256 bytes and the end-of-text token
 WEEK_S = 7 * 24 * 3600.0  # a longer timeout is no timeout (and overflows a timedelta somewhere past 1e14 s)
@@ -143,7 +143,7 @@ class ParallelConfig:
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     num_microbatches: int = option(4, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
-    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more, zbv exactly 2)",
+    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more, zbv and dualpipev exactly 2)",
                                  min=1)
     partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
     split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition; needs --pp 2 or more)",
@@ -180,14 +180,18 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.schedule = 'interleaved-1f1b' needs micro-batches "
                                   f"({self.num_microbatches}) to be a multiple of pp ({self.pp}); "
                                   f"set --microbatches {self.pp * max(1, self.num_microbatches // self.pp)}")
-        elif self.pp > 1 and self.schedule == "zbv":
+        elif self.pp > 1 and self.schedule in ("zbv", "dualpipev"):
             if self.virtual_stages != 2:
-                raise ConfigError(f"parallel.schedule = 'zbv' runs two stages per rank in a V, so it needs "
+                raise ConfigError(f"parallel.schedule = '{self.schedule}' runs two stages per rank in a V, so it needs "
                                   f"parallel.virtual_stages = 2 (got {self.virtual_stages}); set --virtual-stages 2, "
                                   f"or use --schedule zb1p for one stage per rank")
+            if self.schedule == "dualpipev" and self.num_microbatches < 2 * self.pp:
+                raise ConfigError(f"parallel.schedule = 'dualpipev' needs at least 2 x pp = {2 * self.pp} "
+                                  f"micro-batches (got {self.num_microbatches}); set --microbatches {2 * self.pp}, "
+                                  f"or use --schedule zbv")
         elif self.virtual_stages != 1:
-            raise ConfigError(f"parallel.virtual_stages = {self.virtual_stages} needs --schedule interleaved-1f1b "
-                              f"or zbv and --pp 2 or more; set --virtual-stages 1")
+            raise ConfigError(f"parallel.virtual_stages = {self.virtual_stages} needs --schedule interleaved-1f1b, "
+                              f"zbv or dualpipev and --pp 2 or more; set --virtual-stages 1")
 
     @property
     def world_size(self) -> int:

@@ -58,13 +58,13 @@ class Engine:
             each takes and returns one tensor.
         loss_fn: `loss_fn(output, targets)`, a mean over the micro-batch.
         mesh: a DeviceMesh with axes "pp" and "dp" (plait.make_mesh); None for one process.
-        schedule: "gpipe", "1f1b", "interleaved-1f1b", "zb1p" or "zbv" (used when pp > 1); or
+        schedule: "gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv" or "dualpipev" (used when pp > 1); or
             the training actions themselves, {pp rank: [Action, ...]} for every pp rank (kinds
             F, B, I, W; parallel/schedule.py validates them), used as given, also with pp = 1.
-            zb1p and zbv split each backward into I and W (parallel/zero_bubble.py).
+            zb1p, zbv and dualpipev split backwards into I and W (parallel/zero_bubble.py).
         microbatches: micro-batches per step on this data-parallel rank; with
             one pipeline stage this is gradient accumulation.
-        virtual_stages: stages per pipeline rank (interleaved-1f1b; 2 for zbv).
+        virtual_stages: stages per pipeline rank (interleaved-1f1b; 2 for zbv and dualpipev).
         partition_method: how layers are cut into stages: "uniform", "params", "profile".
         split: manual cut indices, overriding `partition_method`.
         autocast_dtype: run forwards under `torch.autocast` in this dtype
@@ -80,7 +80,7 @@ class Engine:
         activation_checkpointing: "none", "selective" or "full" (plait.checkpointing), applied
             to every layer but the first and last.
         layout: how stages sit on ranks, for actions given as a dict: "loop" (stage s on rank
-            s % pp) or "v" (zbv's); a named schedule brings its own (`schedule_layout`).
+            s % pp) or "v" (zbv's and dualpipev's); a named schedule brings its own (`schedule_layout`).
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,

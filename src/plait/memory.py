@@ -260,7 +260,7 @@ def plan_layout(gpt, layout: Layout) -> list[RankPlan]:
     pp, dp = layout.pp, layout.dp
     schedule, virtual = (layout.schedule, layout.virtual_stages) if pp > 1 else ("1f1b", 1)
     actions = make_schedule(schedule, pp, layout.num_microbatches, virtual)
-    placement = schedule_layout(schedule)  # zbv's V puts stages r and 2pp-1-r on rank r
+    placement = schedule_layout(schedule)  # zbv's (and dualpipev's) V puts stages r and 2pp-1-r on rank r
     plans = []
     for pp_rank in range(pp):
         held = [j for st in rank_stages(pp_rank, pp, virtual, placement) for j in stages[st]]
@@ -338,7 +338,7 @@ def _options(gpt, layout: Layout) -> list[tuple[str, Layout]]:
     """Each single change that lowers memory, with the layout it gives, least intrusive first."""
     options = []
     most_stages = gpt.n_layer + 2
-    virtual = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "zbv") else 1
+    virtual = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "zbv", "dualpipev") else 1
     for pp in range(layout.pp + 1, most_stages // virtual + 1):
         if layout.schedule == "interleaved-1f1b" and layout.num_microbatches % pp:
             continue

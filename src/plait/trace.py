@@ -167,12 +167,13 @@ def write_outputs(events: list[Event], run_dir: str | Path, schedule: str, dp: i
     num_stages = pp * virtual
     cost = stats["cost"]
     fwd = [cost.get(("F", s), 0.0) for s in range(num_stages)]
-    # A split schedule runs I and W instead of B (but on stage 0: zero_bubble.whole_first_stage):
-    # the simulation takes the measured costs of what each stage ran.
+    # A split schedule runs I and W instead of B (but on stage 0: zero_bubble.whole_first_stage;
+    # dualpipev runs both on one stage): the simulation takes the measured costs of what each
+    # stage ran, and a B no stage ran costs its I and W.
     split = [("I", s) in cost for s in range(num_stages)]
     inp = [cost.get(("I", s), 0.0) for s in range(num_stages)] if any(split) else None
     wgt = [cost.get(("W", s), 0.0) for s in range(num_stages)] if any(split) else None
-    bwd = [inp[s] + wgt[s] if split[s] else cost.get(("B", s), 0.0) for s in range(num_stages)]
+    bwd = [cost[("B", s)] if ("B", s) in cost else inp[s] + wgt[s] if split[s] else 0.0 for s in range(num_stages)]
     # Rows carry the rank numbers of the job (as the `ranks:` line and trace.json do), not row numbers.
     row_labels = [f"rank {r} (dp={r % dp}, pp={r // dp})" for r in rows]
     which = ("" if dp == 1 else f", all {dp} replicas" if pp == 1

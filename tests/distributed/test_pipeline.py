@@ -25,7 +25,8 @@ def global_batch(step, rows):
 def layouts(pp):
     """(schedule, micro-batches, virtual stages) to check for `pp` stages."""
     out = [(name, m, 1) for name in ("gpipe", "1f1b", "zb1p") for m in (1, pp, 2 * pp + 1)]
-    return out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)] + [("zbv", m, 2) for m in (1, pp, 2 * pp)]
+    return (out + [("interleaved-1f1b", m, 2) for m in (pp, 2 * pp)] + [("zbv", m, 2) for m in (1, pp, 2 * pp)]
+            + [("dualpipev", 2 * pp, 2)])  # (dualpipev needs 2pp micro-batches at least)
 
 
 def make_optimizer(params):
@@ -48,23 +49,24 @@ def torch_accepts(schedule, m, pp):
 
 def torch_pipelining_grads(schedule, m, virtual, bounds):
     """One step of torch's own pipelining on the same stages; this rank's gradients by name."""
-    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                              ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+    from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
+                                              ScheduleZBVZeroBubble)
 
     pp, rank = distributed.world_size(), distributed.rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
     stage_ids = rank_stages(rank, pp, virtual, schedule_layout(schedule))
     stages = [PipelineStage(nn.Sequential(*layers[bounds[s]:bounds[s + 1]]), s, pp * virtual, torch.device("cpu"))
               for s in stage_ids]
-    if schedule in ("interleaved-1f1b", "zb1p", "zbv"):
+    if schedule in ("interleaved-1f1b", "zb1p", "zbv", "dualpipev"):
         cls = {"interleaved-1f1b": ScheduleInterleaved1F1B, "zb1p": ScheduleInterleavedZeroBubble,
-               "zbv": ScheduleZBVZeroBubble}[schedule]
+               "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}[schedule]
         runner = cls(stages, m, loss_fn=gpt_loss)
     else:
         runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stages[0], m, loss_fn=gpt_loss)
     x, y = global_batch(0, 2 * m)
     kwargs = {}
-    if pp * virtual - 1 in stage_ids:  # the loss's rank: the last under the loop layout, the first under zbv's V
+    if pp * virtual - 1 in stage_ids:  # the loss's rank: the last under the loop layout, the first under a V
         kwargs = {"target": y, "losses": []}
     runner.step(x, **kwargs) if rank == 0 else runner.step(**kwargs)
     return {f"{j}.{name}": p.grad.clone() for s in stage_ids for j in range(bounds[s], bounds[s + 1])

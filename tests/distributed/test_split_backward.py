@@ -112,21 +112,21 @@ class LaunchLog:
 ZERO_LEVELS = [(0, False), (1, False), (2, False), (2, True)]  # (level, NCCL's reduce-scatter path)
 
 
-def train_hybrid_split(dp, pp, schedule, virtual):
+def train_hybrid_split(dp, pp, schedule, virtual, microbatches=2):
     """test_hybrid's run (clipping; AdamW, or ZeRO's sharded AdamW) on a split schedule, every ZeRO level."""
     mesh = plait.make_mesh(dp=dp, pp=pp)
     dp_rank = mesh["dp"].get_local_rank()
     out = []
     for zero, native in ZERO_LEVELS:
         layers = [layer.double() for layer in build_gpt(test_hybrid.CFG, seed=0)]
-        engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=2, virtual_stages=virtual,
-                              bucket_mb=0.004)
+        engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=microbatches,
+                              virtual_stages=virtual, bucket_mb=0.004)
         if zero:
             opt = ShardedOptimizer(engine, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, zero=zero)
             engine.grad_sync.native_scatter = native
         else:
             opt = torch.optim.AdamW(engine.parameters(), lr=1e-2, weight_decay=0.1)
-        if isinstance(schedule, str):  # zb1p, zbv: stage 0 runs whole B's, so only later stages defer
+        if isinstance(schedule, str):  # zb1p, zbv, dualpipev: stage 0 runs whole B's, so only later stages defer
             for stage, module in engine.executor.stages.items():
                 deferred = any(m.__dict__.get("_plait_deferred") for m in module.modules())
                 assert deferred == (stage != 0), (schedule, stage)
@@ -161,11 +161,12 @@ def assert_hybrid_equals_one_process(ranks):
             assert max(abs(a - b) for a, b in zip(r[n]["norms"], ref_norms)) <= 1e-9, level
 
 
-# dp = 2 x pp = 2, 2 micro-batches per replica: zb1p cuts GPT-2's tied embedding across the two
-# ranks; zbv's V puts the embedding and the LM head both on pp rank 0, one Parameter in two stages.
-@pytest.mark.parametrize("schedule,virtual", [("zb1p", 1), ("zbv", 2)])
-def test_dp2_pp2_zero_bubble_with_tied_embeddings_clipping_and_zero_equals_one_process(schedule, virtual):
-    assert_hybrid_equals_one_process(spawn(train_hybrid_split, 4, 2, 2, schedule, virtual, timeout=400))
+# dp = 2 x pp = 2, 2 micro-batches per replica (dualpipev: 4, its least): zb1p cuts GPT-2's tied
+# embedding across the two ranks; zbv's and dualpipev's V put the embedding and the LM head both on pp
+# rank 0, one Parameter in two stages. dualpipev runs B's and split backwards on one stage.
+@pytest.mark.parametrize("schedule,virtual,m", [("zb1p", 1, 2), ("zbv", 2, 2), ("dualpipev", 2, 4)])
+def test_dp2_pp2_zero_bubble_with_tied_embeddings_clipping_and_zero_equals_one_process(schedule, virtual, m):
+    assert_hybrid_equals_one_process(spawn(train_hybrid_split, 4, 2, 2, schedule, virtual, m, timeout=400))
 
 
 # dp = 2, two stages on each rank as a V layout's first rank holds them: the tied embedding and

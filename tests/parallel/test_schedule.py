@@ -36,8 +36,10 @@ def cases(name):
     """Every (pp, m, virtual) the grid tests cover for schedule `name`."""
     for pp in range(1, 9):
         for m in range(1, 17):
-            if name == "zbv":
+            if name == "zbv" or (name == "dualpipev" and m >= 2 * pp):
                 yield pp, m, 2
+            elif name == "dualpipev":
+                continue
             elif name != "interleaved-1f1b":
                 yield pp, m, 1
             elif m % pp == 0:
@@ -77,16 +79,20 @@ def test_grid_valid_complete_and_bubble(name):
         seen = Counter((a.stage, a.microbatch, a.kind) for acts in sched.values() for a in acts)
         # Stage 0 of a zero-bubble order runs whole B's (zero_bubble.whole_first_stage).
         expected = {(s, i, k): 1 for s in range(pp * v) for i in range(m) for k in ("FB" if s == 0 and kinds == "FIW" else kinds)}
+        if name == "dualpipev":  # a micro-batch's backward on a stage is a B or an I and a W, by its phase
+            expected = {(s, i, k): 1 for s in range(pp * v) for i in range(m)
+                        for k in ("FB" if (s, i, "B") in seen else "FIW")}
         assert seen == expected, (pp, m, v)
         assert [len(t) for t in sim.timeline.values()] == [len(sched[r]) for r in range(pp)]
         # With equal stage costs and free comms the simulated idle fraction
         # is exactly the textbook one, interleaved included (checked by hand
         # for pp=2 m=2 v=2 below: makespan 15, bubble 1/5).
         assert sim.bubble == pytest.approx(theoretical_bubble(name, pp, m, v), abs=1e-9), (pp, m, v)
-        if name in ("interleaved-1f1b", "zb1p", "zbv"):
+        if name in ("interleaved-1f1b", "zb1p", "zbv", "dualpipev"):
             assert sim.bubble <= theoretical_bubble("1f1b", pp, m) + 1e-12
         count += 1
-    assert count == {"interleaved-1f1b": 3 * sum(16 // pp for pp in range(1, 9))}.get(name, 128)
+    assert count == {"interleaved-1f1b": 3 * sum(16 // pp for pp in range(1, 9)),
+                     "dualpipev": sum(17 - 2 * pp for pp in range(1, 9))}.get(name, 128)
 
 
 def test_theoretical_bubble_values():
@@ -315,7 +321,7 @@ def test_format_grid_aligns_and_marks():
 # --- bad arguments ---------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (("pipedream", 2, 4), "unknown schedule 'pipedream'; choose one of gpipe, 1f1b, interleaved-1f1b, zb1p, zbv, forward-only"),
+    (("pipedream", 2, 4), "unknown schedule 'pipedream'; choose one of gpipe, 1f1b, interleaved-1f1b, zb1p, zbv, dualpipev, forward-only"),
     (("1f1b", 0, 4), "pp must be >= 1 (got 0)"),
     (("gpipe", 2, 0), "num_microbatches must be >= 1 (got 0)"),
     (("1f1b", 2, 4, 2), "1f1b runs one stage per rank, so virtual must be 1 (got 2); use interleaved-1f1b for virtual > 1"),

@@ -1,4 +1,4 @@
-"""The zero-bubble schedules (zb1p, zbv), the I and W actions and the V layout: exact orders worked out by
+"""The zero-bubble schedules (zb1p, zbv, dualpipev), the I and W actions and the V layout: exact orders worked out by
 hand, the simulated bubbles against the published formulas, validation messages, p2p plans, peak memory."""
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from plait.parallel.schedule import (
     theoretical_bubble,
     validate,
 )
+from plait.parallel import zero_bubble
 from plait.parallel.zero_bubble import whole_first_stage, zb1p, zbv
 from tests.parallel.test_schedule import error, parse, show
 
 
 def paper(name: str, pp: int, m: int) -> dict[int, str]:
     """The published order, stage 0's I and W still apart (make_schedule joins them: below)."""
-    return show({r: (zb1p if name == "zb1p" else zbv)(r, pp, m) for r in range(pp)})
+    return show({r: getattr(zero_bubble, name)(r, pp, m) for r in range(pp)})
 
 
 # --- the V layout ----------------------------------------------------------------
@@ -37,8 +38,8 @@ def test_v_layout_places_stages_down_then_back_up():
     assert rank_stages(1, 4, 2, "v") == [1, 6]
     assert rank_stages(0, 2, 3, "v") == [0, 3, 4]  # a third chunk would go down again
     assert rank_stages(1, 4, 2) == [1, 5]
-    assert [schedule_layout(n) for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "forward-only")] == [
-        "loop", "loop", "loop", "loop", "v", "loop"]
+    assert [schedule_layout(n) for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "dualpipev",
+                                         "forward-only")] == ["loop", "loop", "loop", "loop", "v", "v", "loop"]
     with pytest.raises(ScheduleError, match=r"^unknown layout 'w'; choose one of loop, v$"):
         stage_rank(0, 2, "w")
 
@@ -106,6 +107,52 @@ def test_zbv_matches_torch_s_zbv_order():
                 theirs = " ".join(f"{a.stage_index}{kinds[a.computation_type.name]}{a.microbatch_index}"
                                   for a in ops if a is not None)
                 assert ours[rank] == theirs, (pp, m, rank)
+
+
+def test_dualpipev_order_pp2_m4():
+    # DualPipeV on zbv's V (rank 0: stages 0 and 3, rank 1: stages 1 and 2). Rank r: 2(pp-1-r) forwards
+    # down; r+1 pairs F down, F up; pp-1-r triples I up, oldest W, F up; m-2pp+r+1 quads F down, B up,
+    # F up, B down (two forward-and-backward pairs); pp-1-r triples B up, F up, B down; r+1 pairs of
+    # backwards up then down, split into I from the middle pair on (from the up one when r is odd,
+    # from the down one when even); pp-1-r pairs oldest W, I down; the W's left, oldest first.
+    assert paper("dualpipev", 2, 4) == {
+        0: "0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0I2 0W2 0I3 0W3",
+        1: "1F0 2F0 1F1 2F1 1F2 2B0 2F2 1B0 1F3 2B1 2F3 1B1 2B2 1B2 2I3 1I3 2W3 1W3",
+    }
+    # pp=3: rank 0 (stages 0, 5) has one cool-down pair, split from its down backward (r even); rank 1
+    # (1, 4) two, split from the up backward of the second (r odd); rank 2 (2, 3) three, split from
+    # the down backward of the second. Each rank ends with r+1 W's.
+    assert paper("dualpipev", 3, 6) == {
+        0: "0F0 0F1 0F2 0F3 0F4 5F0 5I0 5W0 5F1 5I1 5W1 5F2 0F5 5B2 5F3 0B0 5B3 5F4 0B1 5B4 5F5 0B2 5B5 "
+           "0I3 0W3 0I4 0W4 0I5 0W5",
+        1: "1F0 1F1 1F2 4F0 1F3 4F1 4I0 4W0 4F2 1F4 4B1 4F3 1B0 1F5 4B2 4F4 1B1 4B3 4F5 1B2 4B4 1B3 "
+           "4I5 1I4 4W5 1I5 1W4 1W5",
+        2: "2F0 3F0 2F1 3F1 2F2 3F2 2F3 3B0 3F3 2B0 2F4 3B1 3F4 2B1 2F5 3B2 3F5 2B2 3B3 2B3 3B4 2I4 "
+           "3I5 2I5 2W4 3W5 2W5",
+    }
+    # Stage 0's I and W end back to back: make_schedule runs them whole (whole_first_stage).
+    assert show(make_schedule("dualpipev", 3, 6, 2))[0].endswith("0B2 5B5 0B3 0B4 0B5")
+
+
+def test_dualpipev_matches_torch_s_dualpipev_order():
+    """torch's ScheduleDualPipeV builds each rank's order from the ranks and micro-batches alone; its
+    overlapped forward-and-backward pairs are listed as their two actions, forward first, as plait
+    runs them."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    kinds = {"FORWARD": "F", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W", "FULL_BACKWARD": "B"}
+
+    def name(a):
+        if a.computation_type.name == "OVERLAP_F_B":
+            return " ".join(name(s) for s in a.sub_actions)
+        return f"{a.stage_index}{kinds[a.computation_type.name]}{a.microbatch_index}"
+
+    for pp in range(1, 9):
+        for m in range(2 * pp, 2 * pp + 12):
+            ours = paper("dualpipev", pp, m)
+            for rank in range(pp):
+                this = SimpleNamespace(pp_group_size=pp, _n_microbatches=m)
+                ops = schedules.ScheduleDualPipeV._calculate_single_rank_operations(this, rank)
+                assert ours[rank] == " ".join(name(a) for a in ops if a is not None), (pp, m, rank)
 
 
 def test_zbv_with_fewer_micro_batches_than_its_phases_is_the_longer_order_cut():
@@ -192,6 +239,18 @@ def test_zbv_idles_only_the_fill(pp, m):
     assert zb.bubble == pytest.approx(theoretical_bubble("zbv", pp, m, 2), abs=1e-12)
 
 
+@pytest.mark.parametrize("pp,m", [(1, 2), (2, 4), (2, 9), (3, 6), (4, 8), (4, 11), (8, 16), (8, 24)])
+def test_dualpipev_idles_only_the_fill_and_holds_half_a_micro_batch_more(pp, m):
+    # Per chunk F = I = W = 1, B = 2, its pairs run one after the other: the fill, pp-1 per rank, as zbv.
+    plan = make_schedule("dualpipev", pp, m, 2)
+    sim = simulate(plan, pp, m, 2, forward_cost=1, input_cost=1, weight_cost=1, layout="v")
+    assert sim.idle == pp * (pp - 1) and sim.makespan == 6 * m + pp - 1
+    assert theoretical_bubble("dualpipev", pp, m, 2) == (pp - 1) / (6 * m + pp - 1)
+    assert sim.bubble == pytest.approx(theoretical_bubble("dualpipev", pp, m, 2), abs=1e-12)
+    # Every rank holds 2pp+1 chunks at its peak, pp + 1/2 micro-batches: zbv's pp and one chunk more.
+    assert [memory.peak_in_flight(a, 2) for a in plan.values()] == [pp + 0.5] * pp
+
+
 def test_theoretical_bubbles_with_few_micro_batches():
     # zb1p, m < pp: the last rank holds every W, its last I ends at pp-1+2m, and the gradient then
     # crosses pp-1 ranks before rank 0's last W: 2m+2pp-1 in all, 2pp-1-m idle per rank.
@@ -274,6 +333,13 @@ def test_bad_zero_bubble_arguments():
         assert str(info.value) == ("zbv runs two stages per rank in a V, so virtual must be 2 (got 3); "
                                    "use virtual 2, or zb1p for one stage per rank")
         with pytest.raises(ScheduleError) as info:
+            fn("dualpipev", 4, 8, 1)
+        assert str(info.value) == ("dualpipev runs two stages per rank in a V, so virtual must be 2 (got 1); "
+                                   "use virtual 2, or zb1p for one stage per rank")
+        with pytest.raises(ScheduleError) as info:
+            fn("dualpipev", 4, 7, 2)
+        assert str(info.value) == "dualpipev needs at least 2 x pp = 8 micro-batches (got 7); use 8 or more, or zbv for fewer"
+        with pytest.raises(ScheduleError) as info:
             fn("zb1p", 4, 8, 2)
         assert str(info.value) == "zb1p runs one stage per rank, so virtual must be 1 (got 2); use zbv for virtual = 2"
 
@@ -286,14 +352,14 @@ def test_messages_of_split_backwards():
     assert messages(Action(1, 3, "W"), 3) == (None, [])
 
 
-@pytest.mark.parametrize("name,v", [("zb1p", 1), ("zbv", 2)])
+@pytest.mark.parametrize("name,v", [("zb1p", 1), ("zbv", 2), ("dualpipev", 2)])
 def test_zero_bubble_plans_run_in_order_and_match_on_both_ends(name, v):
     # Lead 0 (NCCL, operations between two ranks run in order) is proven deadlock-free; lead 1 (gloo,
     # receives posted one action early) keeps the sends and the order each pair matches on.
     layout = schedule_layout(name)
     for pp in range(1, 9):
         for m in (1, 2, pp - 1, pp, pp + 1, 2 * pp - 1, 2 * pp, 3 * pp + 1):
-            if m < 1:
+            if m < (2 * pp if name == "dualpipev" else 1):
                 continue
             schedule = make_schedule(name, pp, m, v)
             check_plan(schedule, p2p_plan(schedule, pp, m, v, 0, layout), pp, v, layout)

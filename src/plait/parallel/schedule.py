@@ -17,7 +17,7 @@ input has not arrived, which is exactly what `simulate` models, so a schedule
 that simulates without deadlock runs without deadlock.
 
 Stages are laid out as in Megatron-LM ("loop"): rank r holds stages r, r+pp,
-r+2pp...; zbv uses the "v" layout instead, where rank r holds stages r and
+r+2pp...; zbv and dualpipev use the "v" layout instead, where rank r holds stages r and
 2pp-1-r (`schedule_layout` says which a schedule needs). Every function that
 places stages takes `layout`, "loop" by default.
 This module imports no torch: schedules can be built and checked anywhere.
@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence, Union
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "forward-only")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "dualpipev", "forward-only")
+V_SCHEDULES = ("zbv", "dualpipev")  # two stages per rank in a V
 LAYOUTS = ("loop", "v")
 KINDS = ("F", "B", "I", "W")
 
@@ -83,7 +84,7 @@ def rank_stages(rank: int, pp: int, virtual: int = 1, layout: str = "loop") -> l
 
 
 def schedule_layout(name: str) -> str:
-    """The stage layout schedule `name` runs on: "v" for zbv, "loop" for the others.
+    """The stage layout schedule `name` runs on: "v" for zbv and dualpipev, "loop" for the others.
 
     Callers that place stages (the Engine, the memory plan, the p2p plan) pass
     it on as `layout`. forward-only runs on either layout: give it the layout
@@ -91,7 +92,7 @@ def schedule_layout(name: str) -> str:
     """
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return "v" if name == "zbv" else "loop"
+    return "v" if name in V_SCHEDULES else "loop"
 
 
 def _check_args(name: str, pp: int, num_microbatches: int, virtual: int) -> None:
@@ -105,10 +106,13 @@ def _check_args(name: str, pp: int, num_microbatches: int, virtual: int) -> None
         if virtual < 1:
             raise ScheduleError(f"forward-only needs virtual >= 1 (got {virtual})")
         return
-    if name == "zbv":
+    if name in V_SCHEDULES:
         if virtual != 2:
-            raise ScheduleError(f"zbv runs two stages per rank in a V, so virtual must be 2 (got {virtual}); "
+            raise ScheduleError(f"{name} runs two stages per rank in a V, so virtual must be 2 (got {virtual}); "
                                 "use virtual 2, or zb1p for one stage per rank")
+        if name == "dualpipev" and num_microbatches < 2 * pp:
+            raise ScheduleError(f"dualpipev needs at least 2 x pp = {2 * pp} micro-batches (got {num_microbatches}); "
+                                f"use {2 * pp} or more, or zbv for fewer")
         return
     if name != "interleaved-1f1b":
         if virtual != 1:
@@ -192,11 +196,12 @@ def make_schedule(name: str, pp: int, num_microbatches: int, virtual: int = 1,
         return {r: _one_f_one_b(r, pp, m) for r in range(pp)}
     if name == "interleaved-1f1b":
         return {r: _interleaved(r, pp, m, virtual) for r in range(pp)}
-    if name in ("zb1p", "zbv"):
+    if name in ("zb1p", "zbv", "dualpipev"):
         # Imported here: zero_bubble builds on this module's Action.
-        from plait.parallel.zero_bubble import whole_first_stage, zb1p, zbv
+        from plait.parallel import zero_bubble
 
-        return {r: whole_first_stage((zb1p if name == "zb1p" else zbv)(r, pp, m)) for r in range(pp)}
+        order = getattr(zero_bubble, name)
+        return {r: zero_bubble.whole_first_stage(order(r, pp, m)) for r in range(pp)}
     # Forward-only (evaluation) works on any layout: each rank goes through its
     # stages in order, all micro-batches each. Every action then depends only on
     # lower (stage, micro-batch) pairs, so no order of ranks can deadlock.
@@ -219,6 +224,9 @@ def theoretical_bubble(name: str, pp: int, num_microbatches: int, virtual: int =
       last rank's first input arrives, beside 6m chunk actions per rank: (pp-1)/(6m+pp-1).
       Below that the orders are cut short (see zero_bubble.zbv) and each rank idles
       d = max(pp-1, 2(2pp-1-m)) chunk actions, as the simulator gives: bubble d/(6m+d).
+    - dualpipev (m >= 2pp): the same fill and nothing else, (pp-1)/(6m+pp-1), its pairs of a
+      forward and a backward run one after the other. DualPipe's own gain, overlapping the
+      two, is not in these costs (see zero_bubble.dualpipev).
     These are fractions of the whole step, as `simulate` measures it. The repository's
     "bubble rate" divides the idle time by the work instead, (pp-1)/3m for zb1p against
     1F1B's (pp-1)/m: exactly a third. As fractions of the step the ratio is a little
@@ -229,8 +237,8 @@ def theoretical_bubble(name: str, pp: int, num_microbatches: int, virtual: int =
     if name == "zb1p":
         idle = pp - 1 + max(0, pp - m)
         return idle / (3 * m + idle)
-    if name == "zbv":
-        idle = max(pp - 1, 2 * (2 * pp - 1 - m))
+    if name in V_SCHEDULES:
+        idle = max(pp - 1, 2 * (2 * pp - 1 - m))  # dualpipev's m >= 2pp: pp - 1
         return idle / (6 * m + idle)
     work = m * (virtual if name == "interleaved-1f1b" else 1)
     return (pp - 1) / (work + pp - 1)

@@ -13,9 +13,12 @@ costs change is only how well it fits, which `simulate` shows.
   authors' ZB-H1 (warm-up, F+I, F+I+W, I+W, W), written anew.
 - `zbv` (ZB-V): two stages per rank in a V, rank r holding stages r and 2p-1-r;
   the same order as torch's ScheduleZBVZeroBubble (tests compare the two).
+- `dualpipev` (DeepSeek's DualPipeV): the same V, ordered so that a forward and a
+  backward of the two stages come in pairs; the same order as torch's
+  ScheduleDualPipeV (tests compare the two).
 
 `make_schedule` then runs each through `whole_first_stage`: stage 0's I and W,
-back to back in both orders, become one B (its docstring says why).
+back to back in every order, become one B (its docstring says why).
 
 The peak memory both promise is 1F1B's peak over the pipeline, p micro-batches
 live (from F to W) on a rank, which 1F1B reaches on rank 0 only: later ranks
@@ -43,21 +46,31 @@ class _Rank:
         self.order: list[Action] = []
         self.next: dict[tuple[int, str], int] = {}
         self.waiting: dict[int, deque[int]] = {}
+        self.split: deque[int] = deque()  # the stage of each I whose W has not run, oldest first
 
     def run(self, stage: int, kind: str) -> None:
-        """Append the next F or I of `stage`, or the W of its oldest micro-batch awaiting one."""
+        """Append the next F, B or I of `stage`, or the W of its oldest micro-batch awaiting one.
+
+        B and I share one count: a micro-batch's backward is one or the other."""
         if kind == "W":
             i = self.waiting[stage].popleft()
+            self.split.remove(stage)
         else:
-            i = self.next.get((stage, kind), 0)
-            self.next[(stage, kind)] = i + 1
+            key = (stage, "F" if kind == "F" else "I")
+            i = self.next.get(key, 0)
+            self.next[key] = i + 1
             if kind == "I":
                 self.waiting.setdefault(stage, deque()).append(i)
+                self.split.append(stage)
         self.order.append(Action(stage, i, kind))
 
+    def run_oldest_weight(self) -> None:
+        """Append the W of the micro-batch whose I ran first among those waiting, on any stage."""
+        self.run(self.split[0], "W")
+
     def count(self, stage: int, kind: str) -> int:
-        """How many of `kind` (F or I) `stage` has run so far."""
-        return self.next.get((stage, kind), 0)
+        """How many of `kind` (F, or I and B together) `stage` has run so far."""
+        return self.next.get((stage, "F" if kind == "F" else "I"), 0)
 
     def pending(self, stage: int) -> int:
         """How many micro-batches of `stage` wait for their W."""
@@ -139,6 +152,65 @@ def zbv(rank: int, pp: int, m: int) -> list[Action]:
         while b.pending(stage):
             b.run(stage, "W")
     return [a for a in b.order if a.microbatch < m]
+
+
+def dualpipev(rank: int, pp: int, m: int) -> list[Action]:
+    """DualPipeV's order for `rank` of `pp` (stages rank and 2pp-1-rank), over `m` >= 2pp micro-batches.
+
+    DeepSeek's DualPipe (DeepSeek-V3 report, 2024) cut in half: the V layout of
+    zbv, but an order built to pair a forward of one stage with a backward of the
+    other, so that on a GPU the two can overlap (one's communication hidden
+    behind the other's compute). With `down` = stage rank and `up` = stage
+    2pp-1-rank, rank r runs:
+    1. 2(pp-1-r) forwards of `down`: the first leg fills the ranks below;
+    2. r+1 pairs F `down`, F `up`: the second leg's first activations come back;
+    3. pp-1-r triples I `up`, the oldest W, F `up`: the gradient turns at once, and a W
+       fills each gap while the next activation climbs back;
+    4. steady state, m-2pp+r+1 times: F `down` with B `up`, then F `up` with B `down`
+       (the two halves of each are the pair a GPU would overlap);
+    5. pp-1-r times: B `up`, then F `up` with B `down`: the last forwards;
+    6. r+1 pairs: the backward of `up`, then of `down`; from the middle pair on they
+       split, I now and W later (from `up` when r is odd, from `down` when even), so
+       that r+1 W's wait;
+    7. pp-1-r pairs: the oldest W, then I `down`: a W fills the wait for each gradient;
+    8. the r+1 W's still waiting.
+    W's run oldest first over both stages. Phase 4 needs m >= 2pp: with fewer the
+    phases do not fit (`schedule._check_args` refuses them).
+
+    plait's executor runs one action at a time, so here the pairs of phases 4 and 5 run
+    back to back; the overlap would need both actions in flight at once: the forward's and
+    the backward's kernels on two CUDA streams (or their modules' pieces interleaved by
+    hand, as DeepSeek does for its MoE all-to-all), with both sets of messages posted
+    before either computes.
+    """
+    down, up = rank, 2 * pp - 1 - rank
+    b = _Rank()
+    for _ in range(2 * (pp - 1 - rank)):
+        b.run(down, "F")
+    for _ in range(rank + 1):
+        b.run(down, "F")
+        b.run(up, "F")
+    for _ in range(pp - 1 - rank):
+        b.run(up, "I")
+        b.run_oldest_weight()
+        b.run(up, "F")
+    for _ in range(m - 2 * pp + rank + 1):
+        for stage, kind in ((down, "F"), (up, "B"), (up, "F"), (down, "B")):
+            b.run(stage, kind)
+    for _ in range(pp - 1 - rank):
+        for stage, kind in ((up, "B"), (up, "F"), (down, "B")):
+            b.run(stage, kind)
+    middle = (rank + 1) // 2
+    for i in range(rank + 1):
+        split_up = i > middle or (i == middle and rank % 2 == 1)
+        b.run(up, "I" if split_up else "B")
+        b.run(down, "I" if i >= middle else "B")
+    for _ in range(pp - 1 - rank):
+        b.run_oldest_weight()
+        b.run(down, "I")
+    while b.split:
+        b.run_oldest_weight()
+    return b.order
 
 
 def whole_first_stage(order: list[Action]) -> list[Action]:
