@@ -1,7 +1,7 @@
 """plait's pipeline schedules against torch.distributed.pipelining, side by side in one run.
 
     .venv/bin/python benchmarks/pipeline.py [--rounds 16] [--steps 1] [--microbatches 2,4,8]
-                                            [--schedules gpipe,1f1b,zb1p,zbv]
+                                            [--schedules gpipe,1f1b,zb1p,zbv,dualpipev]
 
 The GPT of the data-parallel benchmark (about 4.8 M parameters, float32,
 global batch 16 x 128 tokens), cut into 2 stages at the same place for both
@@ -12,8 +12,10 @@ head. (With 4 blocks and 2048 tokens, the best cut left one stage 7-12%
 heavier than the other.) For each number of micro-batches m: plait
 GPipe, 1F1B, zb1p and zbv against torch's ScheduleGPipe, Schedule1F1B,
 ScheduleInterleavedZeroBubble (given one stage per rank: ZB-H1's place in
-torch) and ScheduleZBVZeroBubble, and one process on the whole batch. zbv
-cuts the layers into 4 stages (by the same profile, as the Engine cuts a V:
+torch) and ScheduleZBVZeroBubble, and one process on the whole batch; with
+--schedules ...,dualpipev also plait's dualpipev against torch's
+ScheduleDualPipeV (m >= 2pp only: both refuse fewer). zbv and dualpipev
+cut the layers into 4 stages (by the same profile, as the Engine cuts a V:
 the busiest rank balanced first), rank r holding stages r and 3-r, for both
 engines. Like the data-parallel benchmark, everything is
 measured in the same two processes, interleaved in rounds, medians reported;
@@ -85,7 +87,7 @@ import plait  # noqa: E402
 from plait.model import build_gpt, count_params, gpt_loss  # noqa: E402
 from plait.parallel.partition import partition  # noqa: E402
 from plait.parallel.weight_grad import held_inputs  # noqa: E402
-from plait.parallel.schedule import (make_schedule, rank_stages, schedule_layout, simulate,  # noqa: E402
+from plait.parallel.schedule import (V_SCHEDULES, make_schedule, rank_stages, schedule_layout, simulate,  # noqa: E402
                                      stage_rank, theoretical_bubble)
 
 GLOBAL_BATCH, PP = 16, 2
@@ -142,11 +144,16 @@ class SavedActivations:
 
 
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "zb1p": "ScheduleInterleavedZeroBubble",
-                   "zbv": "ScheduleZBVZeroBubble"}
+                   "zbv": "ScheduleZBVZeroBubble", "dualpipev": "ScheduleDualPipeV"}
 
 
 def virtual_of(name: str) -> int:
-    return 2 if name == "zbv" else 1
+    return 2 if name in V_SCHEDULES else 1
+
+
+def runs(name: str, m: int) -> bool:
+    """Whether plait runs schedule `name` with m micro-batches at pp = PP (dualpipev needs 2pp)."""
+    return m >= 2 * PP or name != "dualpipev"
 
 
 def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int, list[int]]) -> dict:
@@ -169,7 +176,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
     runners["one process"] = (run_single, SavedActivations(), None)
 
     for m in microbatches:
-        for name in schedules:
+        for name in (n for n in schedules if runs(n, m)):
             virtual = virtual_of(name)
             cut = bounds[virtual]
             engine = plait.Engine(build_gpt(CFG, seed=0), gpt_loss, mesh, schedule=name, microbatches=m,
@@ -199,7 +206,7 @@ def make_runners(microbatches: list[int], schedules: list[str], bounds: dict[int
             tcounter = SavedActivations(params)
             first, last = 0 in ids, PP * virtual - 1 in ids
             # Under the loop layout the tied embedding / LM head is on both ranks: each holds a copy.
-            # Under zbv's V both stages are on rank 0, one Parameter, whose gradient autograd sums.
+            # Under a V both stages are on rank 0, one Parameter, whose gradient autograd sums.
             tied = layers[0].wte.weight if virtual == 1 else None
 
             def run_torch(i, counting, schedule=schedule, opt=topt, counter=tcounter, tied=tied, first=first,
@@ -313,35 +320,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1, help="steps of each configuration per round")
     parser.add_argument("--microbatches", default="2,4,8")
-    parser.add_argument("--schedules", default="gpipe,1f1b,zb1p,zbv")
+    parser.add_argument("--schedules", default="gpipe,1f1b,zb1p,zbv",
+                        help="of gpipe, 1f1b, zb1p, zbv, dualpipev (dualpipev runs where m >= 2pp)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ms = [int(m) for m in args.microbatches.split(",")]
     schedules = args.schedules.split(",")
     layers = build_gpt(CFG, seed=0)
     sample = batch(0)[0][: GLOBAL_BATCH // max(ms)]
-    # Balanced by measured cost: 2 stages for one per rank, 4 for zbv's two per rank.
+    # Balanced by measured cost: 2 stages for one per rank, 4 for a V's two per rank.
     bounds = {v: list(partition(layers, PP * v, "profile", sample_input=sample,
                                 ranks=[stage_rank(s, PP, "v" if v == 2 else "loop") for s in range(PP * v)]).bounds)
               for v in (1, 2)}
     print(f"GPT {CFG.n_layer} layers x {CFG.n_embd}, vocab {CFG.vocab_size}: "
           f"{count_params(layers) / 1e6:.2f} M parameters, float32; global batch {GLOBAL_BATCH} x {CFG.block_size}; "
-          f"2 stages cut at {bounds[1]}, zbv's 4 at {bounds[2]}; {args.rounds} rounds x {args.steps} steps; "
+          f"2 stages cut at {bounds[1]}, the V's 4 at {bounds[2]}; {args.rounds} rounds x {args.steps} steps; "
           f"1 thread per process; torch {torch.__version__}")
     res = spawn(measure, PP, args.rounds, args.steps, ms, schedules, bounds, timeout=6000,
                 deferred_completion=False)  # plain gloo: the wrapper is for tests
     med = {n: statistics.median(t) for n, t in res[0]["times"].items()}
     t1 = med["one process"]
-    print(f"\n{'run':<16} {'step (ms)':>10} {'vs torch':>9} {'efficiency':>11} {'bubble':>7} {'sim':>6} "
+    w = max(16, *(len(n) for n in med))  # the run column: "plait dualpipev m=4" is wider than the rest
+    print(f"\n{'run':<{w}} {'step (ms)':>10} {'vs torch':>9} {'efficiency':>11} {'bubble':>7} {'sim':>6} "
           f"{'theory':>7} {'act MiB r0':>11} {'r1':>6}")
-    print(f"{'one process':<16} {t1 * 1e3:>10.1f}")
+    print(f"{'one process':<{w}} {t1 * 1e3:>10.1f}")
     measured, simulated, peaks = {}, {}, {}
     for m in ms:
-        for name in schedules:
+        for name in (n for n in schedules if runs(n, m)):
             for engine in ("plait", "torch"):
                 key = f"{engine} {name} m={m}"
                 if key not in med:
-                    print(f"{key:<16} {'(torch needs m a multiple of pp)':>40}")
+                    print(f"{key:<{w}} {'(torch needs m a multiple of pp)':>40}")
                     continue
                 t = med[key]
                 eff = t1 / (PP * t)
@@ -355,12 +364,12 @@ def main() -> None:
                     simulated[(name, m)] = simulated_bubble(name, m, costs)
                     bubble, sim = f"{measured[(name, m)]:>7.3f}", f"{simulated[(name, m)]:>6.3f}"
                 theory = theoretical_bubble(name, PP, m, virtual_of(name))
-                print(f"{key:<16} {t * 1e3:>10.1f} {ratio} {eff:>11.3f} {bubble} {sim:>6} "
+                print(f"{key:<{w}} {t * 1e3:>10.1f} {ratio} {eff:>11.3f} {bubble} {sim:>6} "
                       f"{theory:>7.3f} {peaks[key][0]:>11.1f} {peaks[key][1]:>6.1f}")
 
     print("\nplait's measured action times, median ms per (kind, stage), as the simulator takes them:")
     for m in ms:
-        for name in schedules:
+        for name in (n for n in schedules if runs(n, m)):
             costs = action_costs(res, f"plait {name} m={m}")
             print(f"  {name} m={m}: " + "  ".join(f"{kind}{stage} {costs[(kind, stage)] * 1e3:.1f}"
                                                 for kind, stage in sorted(costs, key=lambda k: (k[1], "FBIW".index(k[0])))))
@@ -371,7 +380,7 @@ def main() -> None:
           "action's median time with the other rank computing through < 30 % / > 90 % of it; the spread of "
           "action times")
     for m in ms:
-        for name in schedules:
+        for name in (n for n in schedules if runs(n, m)):
             key = f"plait {name} m={m}"
             report = idle_report([r["actions"][key] for r in res], PP, m, virtual_of(name), schedule_layout(name))
             print(format_report(f"{name} m={m}", report, measured[(name, m)], simulated[(name, m)]))
@@ -390,7 +399,7 @@ def main() -> None:
     print(f"\npaired per round, median (quartiles) over {args.rounds} rounds; efficiency is 1 - measured bubble:")
     worst = 0.0
     for m in ms:
-        for name in schedules:
+        for name in (n for n in schedules if runs(n, m)):
             if f"torch {name} m={m}" not in med:
                 continue
             ratio, q = paired(f"plait {name} m={m}", f"torch {name} m={m}")
