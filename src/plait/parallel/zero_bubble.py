@@ -20,9 +20,11 @@ costs change is only how well it fits, which `simulate` shows.
 `make_schedule` then runs each through `whole_first_stage`: stage 0's I and W,
 back to back in every order, become one B (its docstring says why).
 
-The peak memory both promise is 1F1B's peak over the pipeline, p micro-batches
+The peak memory zb1p and zbv promise is 1F1B's peak over the pipeline, p micro-batches
 live (from F to W) on a rank, which 1F1B reaches on rank 0 only: later ranks
-hold more than under 1F1B, up to that same p. No schedule can hold each rank to
+hold more than under 1F1B, up to that same p. dualpipev holds one stage's share
+more on every rank, p + 1/2: in its steady state each forward runs before the
+backward it pairs with, on top of zbv's p. No schedule can hold each rank to
 1F1B's own count and still cut the bubble to a third: with one micro-batch live
 the last rank runs F, I, W, F, I, W... back to back, its last I ends at 3m+p-2
 (unit costs), the gradient still has p-1 I's to cross and rank 0 a W after
