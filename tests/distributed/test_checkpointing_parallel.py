@@ -1,5 +1,5 @@
-"""Activation checkpointing across processes: dp=2 x pp=2 (1F1B, and the zero-bubble schedules, whose
-W then leaves the checkpointed layers whole) gives one plain process's parameters."""
+"""Activation checkpointing across processes: dp=2 x pp=2 (1F1B, and the zero-bubble schedules and
+dualpipev, whose W then leaves the checkpointed layers whole) gives one plain process's parameters."""
 
 import pytest
 import torch
@@ -29,11 +29,11 @@ def reference():
     return model.state_dict()
 
 
-def train(mode, schedule="1f1b", virtual=1):
+def train(mode, schedule="1f1b", virtual=1, microbatches=2):
     mesh = plait.make_mesh(dp=2, pp=2)
     dp_rank = mesh["dp"].get_local_rank()
     layers = [layer.double() for layer in build_gpt(CFG, seed=0)]
-    engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=2, bucket_mb=0.004,
+    engine = plait.Engine(layers, gpt_loss, mesh, schedule=schedule, microbatches=microbatches, bucket_mb=0.004,
                           activation_checkpointing=mode, virtual_stages=virtual)
     opt = torch.optim.AdamW(engine.parameters(), lr=1e-2)
     for step in range(STEPS):
@@ -45,11 +45,12 @@ def train(mode, schedule="1f1b", virtual=1):
     return {k: v.clone() for k, v in engine.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode,schedule,virtual", [("full", "1f1b", 1), ("selective", "1f1b", 1),
-                                                   ("full", "zb1p", 1), ("selective", "zbv", 2)])
-def test_dp2_pp2_with_checkpointing_equals_one_plain_process(mode, schedule, virtual):
+@pytest.mark.parametrize("mode,schedule,virtual,m", [("full", "1f1b", 1, 2), ("selective", "1f1b", 1, 2),
+                                                     ("full", "zb1p", 1, 2), ("selective", "zbv", 2, 2),
+                                                     ("full", "dualpipev", 2, 4)])
+def test_dp2_pp2_with_checkpointing_equals_one_plain_process(mode, schedule, virtual, m):
     ref = reference()
-    ranks = spawn(train, 4, mode, schedule, virtual, timeout=300)
+    ranks = spawn(train, 4, mode, schedule, virtual, m, timeout=300)
     seen = set()
     for state in ranks:
         for k, v in state.items():

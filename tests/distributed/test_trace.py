@@ -15,10 +15,10 @@ ARGS = ["--dp", "1", "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", "
         "--sample-tokens", "0", "--no-progress", "--trace"]
 
 
-@pytest.mark.parametrize("schedule,virtual", [("zbv", 2)])
+@pytest.mark.parametrize("schedule,virtual", [("zbv", 2), ("dualpipev", 2)])
 def test_traced_run(tmp_path, data_dir, schedule, virtual):
-    """Every F, I and W recorded as the schedule orders them (zbv: two stages per rank, in a V; a B
-    is recorded as I is, one event per action)."""
+    """Every F, B, I and W recorded as the schedule orders them (zbv: two stages per rank, in a V;
+    dualpipev: B's and split backwards on one stage; one event per action)."""
     out = tmp_path / "run"
     args = [*ARGS, "--schedule", schedule, "--virtual-stages", str(virtual)]
     proc = subprocess.run([sys.executable, "-m", "plait", "train", *args, "--data-dir", data_dir, "--out", str(out)],

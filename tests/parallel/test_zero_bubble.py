@@ -432,3 +432,18 @@ def test_the_memory_plan_places_zbv_stages_in_a_v():
     n = count_params(build_gpt(GPT))
     assert sum(p.weights for p in v) == 4 * n
     assert sum(p.weights for p in loop) == 4 * (n + GPT.vocab_size * GPT.n_embd)
+
+
+def test_the_memory_plan_holds_half_a_micro_batch_more_under_dualpipev():
+    from tests.test_memory import GPT, layout
+
+    # The same V as zbv, the same weights; activations grow with the micro-batches in flight, 1 for zbv at
+    # m=1 and 2 at m=4 (pp), 2.5 for dualpipev at m=4 (pp + 1/2): half of one micro-batch's more than zbv.
+    def plan(schedule, m):
+        return memory.plan_layout(GPT, layout(pp=2, schedule=schedule, virtual_stages=2, num_microbatches=m))
+
+    zbv1, zbv4, dpv = plan("zbv", 1), plan("zbv", 4), plan("dualpipev", 4)
+    assert [p.weights for p in dpv] == [p.weights for p in zbv4]
+    for one, two, dual in zip(zbv1, zbv4, dpv):
+        per_mb = two.activations - one.activations
+        assert per_mb > 0 and abs((dual.activations - two.activations) - per_mb / 2) <= 1
