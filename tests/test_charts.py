@@ -125,6 +125,24 @@ def test_plait_schedule_zbv_defaults_to_two_virtual_stages_and_takes_i_and_w_cos
     assert lines[3:5] == ["makespan            10", "bubble (simulated)  0.2000"]  # 1 - 16/20
 
 
+def test_plait_schedule_dualpipev_prints_its_v_and_its_peak_in_micro_batches(capsys):
+    assert main(["schedule", "dualpipev", "--stages", "2", "--microbatches", "4"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "dualpipev: 2 stages x 2 virtual in a V, 4 micro-batches (per rank: forward 1, input 1, weight 1; comm 0)",
+        "rank 0 | 0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0B2 0B3",
+        "rank 1 | 1F0 2F0 1F1 2F1 1F2 2B0 2F2 1B0 1F3 2B1 2F3 1B1 2B2 1B2 2I3 1I3 2W3 1W3",
+        "makespan            12.5",  # (6m + pp - 1) chunk actions of half a rank's cost each
+        "bubble (simulated)  0.0400",
+        "bubble (theory)     0.0400",
+        # 5 of a rank's two stages at once, each half of its layers; interleaved 1F1B and zbv count alike.
+        "peak micro-batches in flight per rank (forwards awaiting their weight gradients; each of a rank's 2 "
+        "stages counts 1/2): 2.5 2.5",
+    ]
+    assert main(["schedule", "dualpipev", "--stages", "2", "--microbatches", "3"]) == 2
+    assert capsys.readouterr().err == ("plait: error: dualpipev needs at least 2 x --stages = 4 --microbatches "
+                                       "(got 3); use 4 or more, or zbv for fewer\n")
+
+
 def test_zero_bubble_boxes_carry_i_and_w():
     sim = simulate(make_schedule("zbv", 2, 4, 2), 2, 4, 2, layout="v")
     boxes = boxes_from_simulation(sim, 2)

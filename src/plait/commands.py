@@ -115,8 +115,10 @@ def schedule(args: argparse.Namespace) -> int:
     print(f"bubble (simulated)  {sim.bubble:.4f}")
     print(f"bubble (theory)     {theory:.4f}")
     awaiting = "their weight gradients" if split else "their backward"
-    print(f"peak micro-batches in flight per rank (forwards awaiting {awaiting}): "
-          + " ".join(str(sim.peak_in_flight[r]) for r in sorted(plan)))
+    # The simulator counts (stage, micro-batch) pairs; a rank's stage holds 1/v of its layers.
+    share = f"; each of a rank's {v} stages counts 1/{v}" if v > 1 else ""
+    print(f"peak micro-batches in flight per rank (forwards awaiting {awaiting}{share}): "
+          + " ".join(f"{sim.peak_in_flight[r] / v:g}" for r in sorted(plan)))
     if args.out:
         from plait.charts import boxes_from_simulation, draw_pipeline
 
