@@ -143,8 +143,8 @@ class ParallelConfig:
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     num_microbatches: int = option(4, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
-    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more, zbv and dualpipev exactly 2)",
-                                 min=1)
+    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more, zbv and "
+                                    "dualpipev exactly 2)", min=1)
     partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
     split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition; needs --pp 2 or more)",
                                listed=True)

@@ -338,7 +338,8 @@ def test_bad_zero_bubble_arguments():
                                    "use virtual 2, or zb1p for one stage per rank")
         with pytest.raises(ScheduleError) as info:
             fn("dualpipev", 4, 7, 2)
-        assert str(info.value) == "dualpipev needs at least 2 x pp = 8 micro-batches (got 7); use 8 or more, or zbv for fewer"
+        assert str(info.value) == ("dualpipev needs at least 2 x pp = 8 micro-batches (got 7); use 8 or more, "
+                                   "or zbv for fewer")
         with pytest.raises(ScheduleError) as info:
             fn("zb1p", 4, 8, 2)
         assert str(info.value) == "zb1p runs one stage per rank, so virtual must be 1 (got 2); use zbv for virtual = 2"
