@@ -46,16 +46,18 @@ BAD = [
                                 "and --pp 2 or more; set --virtual-stages 1"),
     (["--schedule", "zb1p", "--virtual-stages", "2"], "parallel.virtual_stages = 2 needs --schedule interleaved-1f1b, "
                                                       "zbv or dualpipev and --pp 2 or more; set --virtual-stages 1"),
-    (["--schedule", "zbv"], "parallel.schedule = 'zbv' runs two stages per rank in a V, so it needs "
-                            "parallel.virtual_stages = 2 (got 1); set --virtual-stages 2, or use --schedule zb1p for "
-                            "one stage per rank"),
+    (["--schedule", "zbv", "--virtual-stages", "1"], "parallel.schedule = 'zbv' runs two stages per rank in a V, so it "
+                                                     "needs parallel.virtual_stages = 2 (got 1); set --virtual-stages "
+                                                     "2 (or leave it out), or use --schedule zb1p for one stage per "
+                                                     "rank"),
     (["--schedule", "zbv", "--virtual-stages", "3"], "parallel.schedule = 'zbv' runs two stages per rank in a V, so it "
                                                      "needs parallel.virtual_stages = 2 (got 3); set --virtual-stages "
-                                                     "2, or use --schedule zb1p for one stage per rank"),
-    (["--schedule", "dualpipev"], "parallel.schedule = 'dualpipev' runs two stages per rank in a V, so it needs "
-                                  "parallel.virtual_stages = 2 (got 1); set --virtual-stages 2, or use --schedule "
-                                  "zb1p for one stage per rank"),
-    (["--schedule", "dualpipev", "--virtual-stages", "2", "--microbatches", "2"],
+                                                     "2 (or leave it out), or use --schedule zb1p for one stage per "
+                                                     "rank"),
+    (["--schedule", "dualpipev", "--virtual-stages", "1"],
+     "parallel.schedule = 'dualpipev' runs two stages per rank in a V, so it needs parallel.virtual_stages = 2 (got 1); "
+     "set --virtual-stages 2 (or leave it out), or use --schedule zb1p for one stage per rank"),
+    (["--schedule", "dualpipev", "--microbatches", "2"],
      "parallel.schedule = 'dualpipev' needs at least 2 x pp = 4 micro-batches (got 2); set --microbatches 4, or use "
      "--schedule zbv"),
     (["--schedule", "interleaved-1f1b"], "parallel.schedule = 'interleaved-1f1b' needs parallel.virtual_stages >= 2 "
@@ -256,6 +258,20 @@ def test_byte_tokenizer_records_its_257_tokens(tmp_path):
     cfg = load_config(None, {"data.tokenizer": "byte"})
     assert cfg.data.vocab_size == 257 and "vocab_size = 257" in to_toml(cfg)
     assert load_config(None, {"data.tokenizer": "byte", "data.vocab_size": "257"}) == cfg
+
+
+@pytest.mark.parametrize("options,virtual", [({}, 1), ({"parallel.schedule": "interleaved-1f1b",
+                                                          "parallel.virtual_stages": "3"}, 3),
+                                              ({"parallel.schedule": "zbv"}, 2), ({"parallel.schedule": "dualpipev"}, 2),
+                                              ({"parallel.schedule": "zbv", "parallel.pp": "1"}, 1)])
+def test_virtual_stages_left_out_are_the_schedule_s_own(tmp_path, options, virtual):
+    # A V runs two stages per rank and nothing else, so it is not asked for; the count is written
+    # down as chosen, and the run's config.toml reads back to the same layout.
+    cfg = load_config(None, options)
+    assert cfg.parallel.virtual_stages == virtual
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert f"virtual_stages = {virtual}" in path.read_text() and load_config(path) == cfg
 
 
 def test_config_is_frozen():

@@ -143,8 +143,8 @@ class ParallelConfig:
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     num_microbatches: int = option(4, "micro-batches per step on each data-parallel rank "
                                       "(gradient accumulation when pp=1)", flag="--microbatches", min=1)
-    virtual_stages: int = option(1, "pipeline stages per rank (interleaved-1f1b needs 2 or more, zbv and "
-                                    "dualpipev exactly 2)", min=1)
+    virtual_stages: int | None = option(None, "pipeline stages per rank: interleaved-1f1b needs 2 or more, zbv and "
+                                              "dualpipev exactly 2 (default: 2 for zbv and dualpipev, else 1)", min=1)
     partition: str = option("uniform", "how layers are cut into stages", choices=("uniform", "params", "profile"))
     split: str | None = option(None, "manual cut indices, e.g. 3,5 (overrides --partition; needs --pp 2 or more)",
                                listed=True)
@@ -162,6 +162,8 @@ class ParallelConfig:
                                          min_open=True)
 
     def __post_init__(self) -> None:
+        if self.virtual_stages is None:  # a V has one valid count, two stages per rank: taken, not asked for
+            object.__setattr__(self, "virtual_stages", 2 if self.pp > 1 and self.schedule in ("zbv", "dualpipev") else 1)
         _check_fields(self, "parallel")
         if self.split is not None:
             try:
@@ -183,8 +185,8 @@ class ParallelConfig:
         elif self.pp > 1 and self.schedule in ("zbv", "dualpipev"):
             if self.virtual_stages != 2:
                 raise ConfigError(f"parallel.schedule = '{self.schedule}' runs two stages per rank in a V, so it needs "
-                                  f"parallel.virtual_stages = 2 (got {self.virtual_stages}); set --virtual-stages 2, "
-                                  f"or use --schedule zb1p for one stage per rank")
+                                  f"parallel.virtual_stages = 2 (got {self.virtual_stages}); set --virtual-stages 2 "
+                                  f"(or leave it out), or use --schedule zb1p for one stage per rank")
             if self.schedule == "dualpipev" and self.num_microbatches < 2 * self.pp:
                 raise ConfigError(f"parallel.schedule = 'dualpipev' needs at least 2 x pp = {2 * self.pp} "
                                   f"micro-batches (got {self.num_microbatches}); set --microbatches {2 * self.pp}, "

@@ -40,7 +40,7 @@ from plait.parallel.grad_norm import scale_, squared_norm
 from plait.parallel.p2p import p2p_plan
 from plait.parallel.partition import Partition, partition
 from plait.parallel.pipeline import PipelineExecutor
-from plait.parallel.schedule import Action, make_schedule, rank_stages, schedule_layout, stage_rank
+from plait.parallel.schedule import V_SCHEDULES, Action, make_schedule, rank_stages, schedule_layout, stage_rank
 from plait.parallel.tied import TiedGradients, find_tied
 from plait.parallel.weight_grad import defer_linears
 from plait.stop import STOP_SIGNALS
@@ -64,7 +64,8 @@ class Engine:
             zb1p, zbv and dualpipev split backwards into I and W (parallel/zero_bubble.py).
         microbatches: micro-batches per step on this data-parallel rank; with
             one pipeline stage this is gradient accumulation.
-        virtual_stages: stages per pipeline rank (interleaved-1f1b; 2 for zbv and dualpipev).
+        virtual_stages: stages per pipeline rank (interleaved-1f1b: 2 or more); None: 2 for zbv
+            and dualpipev, whose V is two stages per rank, else 1.
         partition_method: how layers are cut into stages: "uniform", "params", "profile".
         split: manual cut indices, overriding `partition_method`.
         autocast_dtype: run forwards under `torch.autocast` in this dtype
@@ -84,7 +85,7 @@ class Engine:
     """
 
     def __init__(self, layers: Sequence[nn.Module], loss_fn: LossFn, mesh=None, *,
-                 schedule: str | Mapping[int, Sequence[Action]] = "1f1b", microbatches: int = 1, virtual_stages: int = 1,
+                 schedule: str | Mapping[int, Sequence[Action]] = "1f1b", microbatches: int = 1, virtual_stages: int | None = None,
                  partition_method: str = "uniform", split: Sequence[int] | None = None,
                  autocast_dtype: torch.dtype | None = None, bucket_mb: float = 25.0,
                  sample_input: torch.Tensor | None = None, init: Init | None = None,
@@ -110,6 +111,8 @@ class Engine:
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         if self.pp_size == 1 and isinstance(schedule, str):
             schedule, virtual_stages = "1f1b", 1  # one stage: F0 B0 F1 B1 ... is accumulation
+        if virtual_stages is None:  # a V's one valid count; every other schedule's default
+            virtual_stages = 2 if isinstance(schedule, str) and schedule in V_SCHEDULES else 1
         self.schedule = schedule
         if isinstance(schedule, str):
             layout = schedule_layout(schedule)
