@@ -20,6 +20,7 @@ from typing import Any
 
 from plait.errors import ConfigError
 from plait.model_shape import PRESETS, GPTConfig
+from plait.parallel.schedule import V_SCHEDULES
 from plait.stop import STOP_SIGNALS
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb1p", "zbv", "dualpipev")
@@ -163,7 +164,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.virtual_stages is None:  # a V has one valid count, two stages per rank: taken, not asked for
-            object.__setattr__(self, "virtual_stages", 2 if self.pp > 1 and self.schedule in ("zbv", "dualpipev") else 1)
+            object.__setattr__(self, "virtual_stages", 2 if self.pp > 1 and self.schedule in V_SCHEDULES else 1)
         _check_fields(self, "parallel")
         if self.split is not None:
             try:
@@ -182,7 +183,7 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.schedule = 'interleaved-1f1b' needs micro-batches "
                                   f"({self.num_microbatches}) to be a multiple of pp ({self.pp}); "
                                   f"set --microbatches {self.pp * max(1, self.num_microbatches // self.pp)}")
-        elif self.pp > 1 and self.schedule in ("zbv", "dualpipev"):
+        elif self.pp > 1 and self.schedule in V_SCHEDULES:
             if self.virtual_stages != 2:
                 raise ConfigError(f"parallel.schedule = '{self.schedule}' runs two stages per rank in a V, so it needs "
                                   f"parallel.virtual_stages = 2 (got {self.virtual_stages}); set --virtual-stages 2 "

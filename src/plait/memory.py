@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from plait.errors import ConfigError
 from plait.parallel.buckets import STAGING_BUFFERS
-from plait.parallel.schedule import (Action, ScheduleError, make_schedule, rank_stages, schedule_layout,
+from plait.parallel.schedule import (V_SCHEDULES, Action, ScheduleError, make_schedule, rank_stages, schedule_layout,
                                      stage_rank)
 
 MIB, GIB = 2**20, 2**30
@@ -338,7 +338,7 @@ def _options(gpt, layout: Layout) -> list[tuple[str, Layout]]:
     """Each single change that lowers memory, with the layout it gives, least intrusive first."""
     options = []
     most_stages = gpt.n_layer + 2
-    virtual = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "zbv", "dualpipev") else 1
+    virtual = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", *V_SCHEDULES) else 1
     for pp in range(layout.pp + 1, most_stages // virtual + 1):
         if layout.schedule == "interleaved-1f1b" and layout.num_microbatches % pp:
             continue
